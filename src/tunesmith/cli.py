@@ -1,0 +1,141 @@
+"""The `tunesmith` command: parse, call the library, print.  Nothing here that a test or notebook
+could not do by calling the library function directly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from tunesmith.errors import UserError
+
+EXAMPLES = """examples:
+  tunesmith train examples/quickstart.yaml
+  tunesmith train examples/dialogsum.yaml --set training.epochs=1 --set training.learning_rate=3e-4
+  tunesmith data inspect examples/data/dates-train.jsonl
+"""
+
+
+def _default_run_dir(config_path: str | None) -> Path:
+    stem = Path(config_path).stem if config_path else "run"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def choose_run_dir(config_path: str | None, cfg_dir: str | None, output: str | None) -> Path:
+    """--output wins over output.dir, which wins over runs/<config>-<time>; an existing run is never overwritten."""
+    run_dir = Path(output or cfg_dir or _default_run_dir(config_path))
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UserError(
+            f"{run_dir} already exists and is not empty; tunesmith never writes over an earlier run. "
+            "Pick another folder with --output DIR (or leave it out for a fresh runs/<name>-<time> folder)."
+        )
+    return run_dir
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    run_dir = choose_run_dir(args.config, cfg.output.dir, args.output)
+    cfg.output.dir = str(run_dir)
+    from tunesmith.train.loop import run_training
+
+    print(f"tunesmith: training into {run_dir}")
+    summary = run_training(cfg, run_dir)
+    train = summary["train"]
+    print()
+    print(f"run folder: {run_dir}")
+    print(
+        f"loss {train['first_loss']:.4f} -> {train['final_loss']:.4f} over {train['steps']} steps, "
+        f"{train['trained_tokens_per_s']:.1f} trained tokens/s, peak RSS {summary['memory']['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
+    print(("healthy: " if summary["health"]["healthy"] else "check this run: ") + " ".join(summary["health"]["findings"]))
+    if "eval" in summary:
+        base, tuned = summary["eval"]["base"], summary["eval"]["tuned"]
+        print(f"before/after on {base.get('rows', '?')} held-out rows:")
+        for key in [k for k in base if k != "rows"]:
+            print(f"  {key:12s} base {base[key]:.4g}   tuned {tuned.get(key, float('nan')):.4g}")
+        for sample in summary.get("eval_samples", []):
+            print(f"sample prompt: {sample['prompt']}")
+            print(f"  reference: {sample['reference']}")
+            print(f"  base:      {sample['base']}")
+            print(f"  tuned:     {sample['tuned']}")
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.data import format_inspection, inspect_file
+
+    cfg = load_config(args.config, args.set)
+    tokenizer = None
+    if not args.no_tokens:
+        from tunesmith.models import load_tokenizer, resolve_model_source
+
+        tokenizer = load_tokenizer(resolve_model_source(cfg.model.name), cfg.model)
+    print(format_inspection(inspect_file(args.file, tokenizer, cfg.data)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunesmith",
+        description="Fine-tune, evaluate and ship language models on the hardware you have.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train a model as a YAML config says",
+        description="Train as CONFIG says and write a run folder: config.yaml, metrics.jsonl, adapter/ or model/, "
+        "training.png, summary.json, report.md. With an eval: section (on by default) the base and tuned "
+        "models are compared on the held-out rows.",
+    )
+    train.add_argument("config", help="YAML run config, e.g. examples/quickstart.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (dotted), e.g. --set training.epochs=1; repeatable")
+    train.add_argument("--output", metavar="DIR", help="run folder (default: runs/<config name>-<date>-<time>)")
+    train.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="look at a data file before training on it",
+                          description="Work with data files.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    inspect = data_sub.add_parser(
+        "inspect",
+        help="detected format, rows, token lengths and problems of a data file",
+        description="Print a data file's detected format, row count, token-length percentiles (with the "
+        "config's model tokenizer; the built-in model's by default) and the problems found.",
+    )
+    inspect.add_argument("file", help="JSON, JSONL, CSV or Parquet file")
+    inspect.add_argument("--config", help="a run config whose data: and model: sections apply (column mapping, max_length)")
+    inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    inspect.add_argument("--no-tokens", action="store_true", help="skip token counts (no tokenizer is loaded)")
+    inspect.set_defaults(func=cmd_data_inspect)
+    data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"tunesmith: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunesmith: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

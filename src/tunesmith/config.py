@@ -1,0 +1,231 @@
+"""The run config: schema, YAML loading, `--set` overrides and defaults.
+
+One YAML file describes a run.  Every key has a default (SPEC step 3 takes its
+training defaults from Intel's Edge AI Tuning Kit: batch size 2, eval batch
+size 1, gradient accumulation 1, learning rate 1e-4, cosine schedule, 3 epochs,
+AdamW).  Unknown keys and bad values fail with the key's dotted path, what was
+given and what is allowed.  `resolved_yaml()` writes every default out, and
+loading that text back gives the same config.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunesmith.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="A built-in model name, a local Hugging Face folder, a .gguf file, or a hub id.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and compute precision; auto picks what this device does fast."
+    )
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model.")
+
+
+class DataConfig(_Section):
+    path: str = Field("examples/data/dates-train.jsonl", description="Training data file.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map our field names to the file's columns, e.g. {prompt: dialogue, completion: summary}.",
+    )
+    system_prompt: str | None = Field(None, description="System message put before every conversation.")
+    max_length: int = Field(512, ge=8, description="Rows longer than this many tokens are truncated.")
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: masked).")
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for validation.")
+    validation_path: str | None = Field(None, description="A separate validation file (overrides validation_split).")
+    test_path: str | None = Field(
+        None, description="Held-out rows for the before/after evaluation; default: the validation rows."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows of the training file.")
+    seed: int = 42
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names such as [q_proj, v_proj]."
+    )
+
+
+class TrainingConfig(_Section):
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    batch_size: int = Field(2, ge=1)
+    eval_batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null turns it off.")
+    optimizer: Literal["adamw"] = "adamw"
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    eval_each_epoch: bool = True
+    seed: int = 42
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+
+
+class EvalConfig(_Section):
+    enabled: bool = Field(True, description="Compare base and tuned on the held-out rows after training.")
+    limit: int | None = Field(50, ge=1, description="Evaluate at most this many held-out rows.")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+    answer_regex: str | None = Field(
+        None, description="Compare only what this regex's first group captures (e.g. '#### (.+)')."
+    )
+
+
+class OutputConfig(_Section):
+    dir: str | None = Field(None, description="Run folder; default runs/<config name>-<date>-<time>.")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _lower_method(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+def _allowed(err: dict) -> str:
+    """What a value may be, in words, from a pydantic error record."""
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind == "literal_error":
+        return "one of " + ctx.get("expected", "")
+    if kind == "extra_forbidden":
+        return "no such key here"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return err["msg"].lower()
+    if kind.startswith("int_"):
+        return "a whole number"
+    if kind.startswith("float_"):
+        return "a number"
+    if kind.startswith("bool_"):
+        return "true or false"
+    if kind.startswith("string_"):
+        return "text"
+    if kind.startswith("dict_") or kind == "model_type":
+        return "a mapping of keys to values"
+    return err["msg"]
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        # Skip the union's internal branch names (e.g. 'str', 'list[str]') from the path.
+        key = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float"))))
+        given = err.get("input")
+        if err["type"] == "extra_forbidden":
+            section = key.rsplit(".", 1)[0] if "." in key else ""
+            known = _known_keys(section)
+            lines.append(f"unknown config key `{key}`; the keys allowed here are: {', '.join(known)}.")
+        else:
+            lines.append(f"config key `{key}`: given {given!r}; allowed: {_allowed(err)}.")
+    return f"{source}: " + " ".join(lines)
+
+
+def _known_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in [p for p in section.split(".") if p]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value is read as YAML, so 3e-4, true, null and [q_proj, v_proj] mean what they say."""
+    try:
+        # YAML 1.1 reads '3e-4' as a string; give numbers a chance first.
+        return float(text) if _looks_like_float(text) else yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return not text.strip().lstrip("+-").isdigit() and text.strip().lower() not in ("nan", "inf", "-inf", "infinity")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `KEY=VALUE` strings with dotted keys (training.epochs=1) to a raw config mapping."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: write it as KEY=VALUE, e.g. --set training.epochs=1.")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {key}: `{part}` is a value, not a section, so it has no key `{parts[-1]}`.")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return out
+
+
+def config_from_dict(raw: dict | None, source: str = "config") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the top level must be a mapping of sections (model:, data:, training:, ...).")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_explain(exc, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from the defaults when `path` is None) and apply `--set` overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"{p}: no such config file; give the path to a YAML file such as examples/quickstart.yaml.")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{p}: not valid YAML ({exc}); fix the line it names.") from None
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source)
+
+
+def resolved_yaml(cfg: Config) -> str:
+    """Every key with its value, defaults included, as YAML that `load_config` reads back to an equal config."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,109 @@
+"""The before/after check that ends every training run: the same held-out rows, the same greedy
+decoding, the base model and the tuned one side by side.
+
+Metrics here: exact match (after normalisation, optionally on what `eval.answer_regex`
+extracts) and the held-out loss / perplexity, masked exactly as in training.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+
+import torch
+from tqdm.auto import tqdm
+
+from tunesmith.train.batching import collate, iter_batches
+from tunesmith.train.loss import token_nll_sum
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation at the edges and articles, collapse whitespace
+    (the SQuAD-style normalisation of Rajpurkar et al., 2016, minus removal of inner punctuation,
+    which would make '2021-03-04' equal '20210304')."""
+    text = text.strip().lower()
+    text = _ARTICLES.sub(" ", text)
+    text = " ".join(text.split())
+    return text.strip(string.punctuation + " ")
+
+
+def extract_answer(text: str, answer_regex: str | None) -> str:
+    if not answer_regex:
+        return text
+    found = re.search(answer_regex, text)
+    if not found:
+        return ""
+    return found.group(1) if found.groups() else found.group(0)
+
+
+def exact_match(prediction: str, reference: str, answer_regex: str | None = None) -> bool:
+    pred = normalize_answer(extract_answer(prediction, answer_regex))
+    ref = normalize_answer(extract_answer(reference, answer_regex))
+    return pred == ref and ref != ""
+
+
+@torch.no_grad()
+def heldout_loss(model, rows, batch_size: int, pad_token_id: int, device) -> dict:
+    """Token-weighted mean NLL over the rows (labels masked as in training) and its perplexity."""
+    was_training = model.training
+    model.eval()
+    nll_total, token_total = 0.0, 0
+    for batch_rows in iter_batches(rows, batch_size, order=None):
+        batch = {k: v.to(device) for k, v in collate(batch_rows, pad_token_id).items()}
+        nll, n = token_nll_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        nll_total += float(nll)
+        token_total += n
+    model.train(was_training)
+    loss = nll_total / max(token_total, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": token_total}
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy answers for token-id prompts, batched with left padding (so every row's last prompt
+    token sits at the same position) and the KV cache on; a row stops at its end-of-turn token."""
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    answers: list[str] = [""] * len(prompts)
+    # Longest first: rows of similar length share a batch, so less padding is computed.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    with tqdm(total=len(prompts), desc=desc, unit="row", leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # [b, width]
+            attention = torch.zeros((len(idx), width), dtype=torch.long)  # [b, width]
+            for row, i in enumerate(idx):
+                ids = prompts[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention[row, width - len(ids) :] = 1
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                use_cache=True,
+            )  # [b, width + new]
+            for row, i in enumerate(idx):
+                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            bar.update(len(idx))
+    model.train(was_training)
+    return answers
+
+
+def score_answers(answers: list[str], references: list[str], answer_regex: str | None) -> dict:
+    hits = [exact_match(a, r, answer_regex) for a, r in zip(answers, references)]
+    return {"exact_match": sum(hits) / max(len(hits), 1), "rows": len(hits)}

@@ -1,0 +1,6 @@
+"""Where models come from: built-in names, local folders, GGUF files, hub ids; and the adapters put on them."""
+
+from tunesmith.models.builtin import BUILTIN_MODELS, builtin_path, tunesmith_home
+from tunesmith.models.loader import load_model, load_tokenizer, resolve_model_source
+
+__all__ = ["BUILTIN_MODELS", "builtin_path", "load_model", "load_tokenizer", "resolve_model_source", "tunesmith_home"]

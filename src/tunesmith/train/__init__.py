@@ -1,0 +1,1 @@
+"""The training loop, its loss, batching, metrics and the run folder it writes."""

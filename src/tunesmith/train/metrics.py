@@ -1,0 +1,59 @@
+"""Per-step numbers: memory readings and the metrics.jsonl writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def memory_snapshot(device: str) -> dict[str, int]:
+    snap = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+    if device == "cuda":
+        snap["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        snap["reserved_bytes"] = int(torch.cuda.memory_reserved())
+    elif device == "xpu":
+        snap["peak_allocated_bytes"] = int(torch.xpu.max_memory_allocated())
+        snap["reserved_bytes"] = int(torch.xpu.memory_reserved())
+    return snap
+
+
+class MetricsLog:
+    """Appends one JSON object a line to metrics.jsonl, flushed at once so a crash loses nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

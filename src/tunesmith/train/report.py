@@ -1,0 +1,135 @@
+"""What a finished run says about itself: training.png, a health verdict and report.md."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def health_check(train_records: list[dict]) -> dict:
+    """Plain-words checks on the step records: loss falling, gradient norm stable, no NaN, memory flat."""
+    losses = [r["loss"] for r in train_records]
+    findings: list[str] = []
+    ok = True
+    if not losses:
+        return {"healthy": False, "findings": ["no training step finished."]}
+    if any(not math.isfinite(x) for x in losses):
+        return {"healthy": False, "findings": ["the loss became NaN or infinite: lower training.learning_rate."]}
+    # Compare the mean of the first and last tenth of steps (at least one step each): single steps are noisy.
+    k = max(1, len(losses) // 10)
+    first, last = _mean(losses[:k]), _mean(losses[-k:])
+    if last < first:
+        findings.append(f"loss fell from {first:.3f} to {last:.3f} ({100 * (1 - last / first):.0f}% lower).")
+    else:
+        ok = False
+        findings.append(
+            f"loss did not fall ({first:.3f} at the start, {last:.3f} at the end): "
+            "try a higher training.learning_rate or more steps."
+        )
+    norms = [r["grad_norm"] for r in train_records if r.get("grad_norm") is not None]
+    if norms:
+        median = statistics.median(norms)
+        spikes = [n for n in norms if not math.isfinite(n) or (median > 0 and n > 10 * median)]
+        if spikes:
+            ok = False
+            findings.append(
+                f"gradient norm spiked {len(spikes)} time(s) above 10x its median ({median:.3g}): "
+                "consider a lower learning rate or training.max_grad_norm."
+            )
+        else:
+            findings.append(f"gradient norm stayed stable (median {median:.3g}, max {max(norms):.3g}).")
+    rss = [r["rss_bytes"] for r in train_records if "rss_bytes" in r]
+    if len(rss) >= 4:
+        half = len(rss) // 2
+        early, late = max(rss[:half]), max(rss[half:])
+        growth = (late - early) / max(early, 1)
+        if growth > 0.25:
+            ok = False
+            findings.append(f"memory kept growing ({early / 2**30:.2f} GiB -> {late / 2**30:.2f} GiB): a leak?")
+        else:
+            findings.append(f"memory stayed flat (about {late / 2**30:.2f} GiB resident).")
+    return {"healthy": ok, "findings": findings}
+
+
+def plot_training(train_records: list[dict], val_records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in train_records]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(steps, [r["loss"] for r in train_records], label="train loss", linewidth=1)
+    if val_records:
+        axes[0].plot([r["step"] for r in val_records], [r["val_loss"] for r in val_records], "o-", label="validation loss")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in train_records], color="tab:green")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("learning rate")
+    axes[2].plot(steps, [r.get("grad_norm") or float("nan") for r in train_records], color="tab:red", linewidth=1)
+    axes[2].set_xlabel("step")
+    axes[2].set_title("gradient norm")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_report(summary: dict, samples: list[dict]) -> str:
+    """A short human-readable report.md."""
+    train = summary["train"]
+    health = summary["health"]
+    lines = [
+        f"# tunesmith run: {summary['run_dir']}",
+        "",
+        f"Model `{summary['model']['name']}`, method `{summary['method']}`, "
+        f"{summary['model']['trainable_parameters']:,} of {summary['model']['parameters']:,} parameters trained, "
+        f"on {summary['hardware']['device']} in {summary['hardware']['dtype']}.",
+        "",
+        "## Did training look healthy?",
+        "",
+        ("**Yes.** " if health["healthy"] else "**Not entirely.** ") + " ".join(health["findings"]),
+        "",
+        f"{train['steps']} steps in {train['wall_s']:.0f} s; loss {train['first_loss']:.4f} -> {train['final_loss']:.4f}; "
+        f"{train['trained_tokens_per_s']:.1f} trained tokens/s; peak memory "
+        f"{summary['memory']['peak_rss_bytes'] / 2**30:.2f} GiB resident.",
+    ]
+    if summary.get("validation"):
+        val = summary["validation"]
+        lines += ["", f"Final validation loss {val['loss']:.4f} (perplexity {val['perplexity']:.2f})."]
+    ev = summary.get("eval")
+    if ev:
+        names = [k for k in ev["base"] if k != "rows"]
+        lines += [
+            "",
+            f"## Before and after, on {ev['base'].get('rows', '?')} held-out rows",
+            "",
+            "| metric | base | tuned |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {name} | {_fmt(ev['base'][name])} | {_fmt(ev['tuned'].get(name))} |" for name in names]
+        for sample in samples:
+            lines += [
+                "",
+                "**Prompt:** " + sample["prompt"].replace("\n", " "),
+                "",
+                f"- reference: {sample['reference']}",
+                f"- base: {sample['base']}",
+                f"- tuned: {sample['tuned']}",
+            ]
+    lines += ["", "## Next", ""] + [f"    {cmd}" for cmd in summary["next_commands"]] + [""]
+    return "\n".join(lines)
