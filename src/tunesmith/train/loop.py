@@ -31,10 +31,10 @@ from tunesmith.errors import UserError
 from tunesmith.evaluate.quick import generate_answers, heldout_loss, score_answers
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
 from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
-from tunesmith.models import load_model, load_tokenizer, resolve_model_source
+from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
 from tunesmith.models.adapters import count_parameters, prepare_trainable
 from tunesmith.train.batching import collate, epoch_order, iter_batches
-from tunesmith.train.loss import token_nll_sum
+from tunesmith.train.loss import IGNORE_INDEX, token_nll_sum
 from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes
 from tunesmith.train.report import health_check, plot_training, render_report
 
@@ -89,6 +89,8 @@ def _before_after_inputs(bundle, tokenizer, cfg: Config):
     """Prompts (token ids), references and readable prompts of the held-out rows used before and after."""
     samples = bundle.test_samples[: cfg.eval.limit] if cfg.eval.limit else bundle.test_samples
     prompts, references, texts = [], [], []
+    if bundle.format == "text":  # plain text has no answers to generate; held-out loss still compares
+        return prompts, references, texts
     for sample in samples:
         messages, reference = prompt_and_reference(sample)
         prompts.append(encode_prompt(messages, tokenizer))
@@ -120,8 +122,6 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
 
     started = time.time()
     t = cfg.training
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", resolved_yaml(cfg))
     seed_everything(t.seed)
     device = detect_device()
     if device == "cpu":
@@ -133,10 +133,14 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     # --- model source and tokenizer, then data (tokenising needs the tokenizer's chat template)
     source = resolve_model_source(cfg.model.name)
     tokenizer = load_tokenizer(source, cfg.model)
-    bundle = build_datasets(cfg.data, tokenizer)
+    # Tokenised rows are cached by a hash of the data and every setting that changes tokens.
+    bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized")
     if not bundle.train:
         raise UserError(f"data.path: {cfg.data.path} gave no trainable rows; `tunesmith data inspect` shows why.")
     stats = bundle.stats
+    # The run folder appears only once the model and data are known to be readable.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", resolved_yaml(cfg))
     log(
         f"data: {stats.get('format', bundle.format)} format, {len(bundle.train)} train / "
         f"{len(bundle.validation)} validation / {len(bundle.test)} held-out rows"
@@ -150,7 +154,7 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     model.config.use_cache = False
 
     # --- before: the base model on the held-out rows
-    do_eval = cfg.eval.enabled and bool(bundle.test_samples)
+    do_eval = cfg.eval.enabled and bool(bundle.test_samples or bundle.test)
     eval_inputs = _before_after_inputs(bundle, tokenizer, cfg) if do_eval else None
     base_metrics: dict = {}
     base_answers: list[str] = []
@@ -252,7 +256,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
                 break
             tick = time.perf_counter()
             window = [collate(b, pad_id) for b in batches[window_start : window_start + t.gradient_accumulation]]
-            window_tokens = sum(int((w["labels"][:, 1:] != -100).sum()) for w in window)
+            window_tokens = sum(int((w["labels"][:, 1:] != IGNORE_INDEX).sum()) for w in window)
             if window_tokens == 0:
                 continue
             step_nll = 0.0

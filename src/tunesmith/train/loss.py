@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from tunesmith.data.tokens import IGNORE_INDEX
+
 LOSS_CHUNK_TOKENS = 1024  # rows of the output projection computed at once
 
 

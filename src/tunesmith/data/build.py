@@ -1,0 +1,241 @@
+"""From the data config to tokenised train / validation / test rows.
+
+    read the training file → first `limit` rows → one row shape → seeded split
+    (or data.validation_path) → test rows (data.test_path, else the validation rows)
+    → tokenise with prompt masking → drop rows with nothing left to train on (counted)
+
+With a `cache_dir`, the tokenised rows are stored there keyed by a hash of the
+normalised samples (which covers the files, format, columns, system prompt, limit,
+split and seed), the tokenizer, max_length and train_on_prompt, so a second run on
+the same data skips tokenising.  The cache holds plain integer arrays (.npz, no pickle)
+and is written to a temporary name, then renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunesmith.config import DataConfig
+from tunesmith.data.formats import normalise_rows
+from tunesmith.data.read import read_records, where
+from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow, ensure_chat_template, tokenize_sample
+from tunesmith.errors import UserError
+
+_CACHE_VERSION = 1
+
+
+@dataclass
+class DataBundle:
+    train: list[TokenizedRow]
+    validation: list[TokenizedRow]
+    test_samples: list[dict]  # untokenised held-out samples, for generating answers before/after
+    test: list[TokenizedRow]  # the same rows tokenised (rows with nothing to train on left out), for perplexity
+    format: str
+    stats: dict = field(default_factory=dict)
+
+
+def resolve_data_path(value: str, key: str) -> Path:
+    """A data file named by config key `key`; relative paths start from the current folder."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(
+            f"{key}: {value} {what} (looked for {path.absolute()}); give the path of a JSON, JSONL, CSV or "
+            "Parquet file, relative to the folder you run tunesmith from."
+        )
+    return path
+
+
+def split_indices(n: int, validation_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices): a seeded shuffle holds out round(split × n) rows, at least 1 when n ≥ 2."""
+    if validation_split <= 0 or n < 2:
+        return list(range(n)), []
+    held = min(max(round(validation_split * n), 1), n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    """p50/p90/p99/max by nearest rank ({} for no values)."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def rank(p: float) -> int:
+        return ordered[max(math.ceil(p / 100 * len(ordered)) - 1, 0)]
+
+    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1]}
+
+
+def has_trained_tokens(row: TokenizedRow) -> bool:
+    """Whether any label counts: the loss predicts token t from tokens < t, so label 0 never does."""
+    return any(label != IGNORE_INDEX for label in row.labels[1:])
+
+
+def _load_samples(value: str, key: str, cfg: DataConfig, limit: int | None = None):
+    """(format, samples, 'file, line N' of each sample, rows read) for the file named by config key `key`."""
+    records = read_records(resolve_data_path(value, key))
+    rows_read = len(records)
+    if limit is not None:
+        records = records[:limit]
+    fmt, samples, kept = normalise_rows(records, cfg)
+    return fmt, samples, [where(records, i) for i in kept], rows_read
+
+
+def _tokenize_all(
+    samples: list[dict], places: list[str], tokenizer, cfg: DataConfig
+) -> tuple[list[TokenizedRow], int, int]:
+    """(rows that have something to train on, truncated count, dropped count)."""
+    rows, truncated, dropped = [], 0, 0
+    for sample, place in zip(samples, places):
+        try:
+            row = tokenize_sample(sample, tokenizer, cfg)
+        except UserError as exc:
+            raise UserError(f"{place}: {exc}") from None
+        truncated += row.truncated
+        if has_trained_tokens(row):
+            rows.append(row)
+        else:
+            dropped += 1
+    return rows, truncated, dropped
+
+
+def build_datasets(cfg: DataConfig, tokenizer, cache_dir: str | Path | None = None) -> DataBundle:
+    """Read, normalise, split and tokenise the data the config names (see the module docstring)."""
+    fmt, samples, places, rows_read = _load_samples(cfg.path, "data.path", cfg, cfg.limit)
+    if cfg.validation_path:
+        train_samples, train_places = samples, places
+        _, val_samples, val_places, _ = _load_samples(cfg.validation_path, "data.validation_path", cfg)
+    else:
+        train_idx, val_idx = split_indices(len(samples), cfg.validation_split, cfg.seed)
+        train_samples, train_places = [samples[i] for i in train_idx], [places[i] for i in train_idx]
+        val_samples, val_places = [samples[i] for i in val_idx], [places[i] for i in val_idx]
+    if cfg.test_path:
+        _, test_samples, test_places, _ = _load_samples(cfg.test_path, "data.test_path", cfg)
+    else:
+        test_samples, test_places = val_samples, val_places
+
+    ensure_chat_template(tokenizer)  # before hashing: the template is part of the cache key
+    splits = {"train": (train_samples, train_places), "validation": (val_samples, val_places)}
+    if cfg.test_path:
+        splits["test"] = (test_samples, test_places)
+
+    cache_file = Path(cache_dir) / f"{_cache_key(splits, tokenizer, cfg)}.npz" if cache_dir is not None else None
+    tokenized = _read_cache(cache_file) if cache_file is not None else None
+    cache_state = "off" if cache_file is None else ("hit" if tokenized is not None else "miss")
+    if tokenized is None:
+        tokenized = {name: _tokenize_all(s, p, tokenizer, cfg) for name, (s, p) in splits.items()}
+        if cache_file is not None:
+            _write_cache(cache_file, tokenized)
+    if "test" not in tokenized:
+        tokenized["test"] = (tokenized["validation"][0], 0, 0)  # same rows; counted once
+
+    train, validation, test = tokenized["train"][0], tokenized["validation"][0], tokenized["test"][0]
+    truncated = sum(t for _, t, _ in tokenized.values())
+    dropped = sum(d for _, _, d in tokenized.values())
+    stats = {
+        "path": str(cfg.path),
+        "format": fmt,
+        "rows_read": rows_read,
+        "rows_used": len(samples),
+        "train": len(train),
+        "validation": len(validation),
+        "test": len(test),
+        "max_length": cfg.max_length,
+        "train_on_prompt": cfg.train_on_prompt,
+        "truncated": truncated,
+        "dropped": dropped,
+        "dropped_reason": (
+            f"nothing left to train on once cut to data.max_length={cfg.max_length} tokens; raise data.max_length "
+            "or shorten the prompts"
+            if dropped
+            else None
+        ),
+        "train_token_lengths": percentiles([len(r.input_ids) for r in train]),
+        "trained_tokens": sum(sum(1 for label in r.labels if label != IGNORE_INDEX) for r in train),
+        "cache": cache_state,
+    }
+    return DataBundle(train=train, validation=validation, test_samples=test_samples, test=test, format=fmt, stats=stats)
+
+
+# --- the tokenised-data cache ---------------------------------------------------------------
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything in a tokenizer that changes ids: its vocabulary and rules, special tokens, template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps(
+        [type(tokenizer).__name__, str(tokenizer.chat_template), tokenizer.special_tokens_map],
+        default=str,
+        sort_keys=True,
+    )
+    return hashlib.sha256((body + extra).encode("utf-8")).hexdigest()
+
+
+def _cache_key(splits: dict, tokenizer, cfg: DataConfig) -> str:
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256()
+    header = [_CACHE_VERSION, transformers.__version__, tokenizers.__version__, cfg.max_length, cfg.train_on_prompt]
+    digest.update(json.dumps(header).encode())
+    digest.update(_tokenizer_fingerprint(tokenizer).encode())
+    for name, (samples, _) in splits.items():
+        digest.update(name.encode())
+        digest.update(json.dumps(samples, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()[:32]
+
+
+def _write_cache(path: Path, tokenized: dict) -> None:
+    import numpy as np
+
+    arrays = {}
+    for name, (rows, truncated, dropped) in tokenized.items():
+        arrays[f"{name}_lengths"] = np.array([len(r.input_ids) for r in rows], dtype=np.int64)
+        arrays[f"{name}_ids"] = np.array([t for r in rows for t in r.input_ids], dtype=np.int64)
+        arrays[f"{name}_labels"] = np.array([t for r in rows for t in r.labels], dtype=np.int64)
+        arrays[f"{name}_truncated"] = np.array([r.truncated for r in rows], dtype=bool)
+        arrays[f"{name}_counts"] = np.array([truncated, dropped], dtype=np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_cache(path: Path) -> dict | None:
+    """The cached splits, or None when there is no (readable) cache file."""
+    import numpy as np
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = sorted({key.rsplit("_", 1)[0] for key in data.files})
+            out = {}
+            for name in names:
+                lengths = data[f"{name}_lengths"].tolist()
+                ids, labels = data[f"{name}_ids"].tolist(), data[f"{name}_labels"].tolist()
+                flags = data[f"{name}_truncated"].tolist()
+                rows, start = [], 0
+                for length, flag in zip(lengths, flags):
+                    rows.append(TokenizedRow(ids[start : start + length], labels[start : start + length], bool(flag)))
+                    start += length
+                truncated, dropped = data[f"{name}_counts"].tolist()
+                out[name] = (rows, truncated, dropped)
+            return out
+    except (OSError, ValueError, KeyError):
+        return None  # damaged or from an older layout: tokenise again

@@ -1,0 +1,297 @@
+"""Data formats → one row shape.
+
+Every row becomes either a conversation or a plain text:
+
+    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}   # chat-like formats
+    {"text": str}                                                                    # continued pre-training
+
+Formats and the fields they need (after `data.columns` renames the file's columns):
+
+    alpaca             instruction, output, optional input  (user = instruction + "\\n\\n" + input)
+    messages           messages: [{role, content}, ...]      (OpenAI style)
+    sharegpt           conversations: [{from, value}, ...]   (from: human/user, gpt/assistant/model, system)
+    prompt_completion  prompt, completion  (or question, answer)
+    text               text
+
+Chat-like rows may also carry a `system` field; `data.system_prompt` is used when a
+row has no system message of its own.  Detection looks at every column in the file
+and takes the first format in the order above (messages first) whose fields are there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunesmith.config import DataConfig
+from tunesmith.data.read import _kind, where
+from tunesmith.errors import UserError
+
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+
+# The field names `data.columns` may map to (our names, not the file's).
+MAPPABLE_FIELDS = (
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+    "messages",
+    "conversations",
+    "text",
+    "system",
+)
+
+CHAT_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+
+_EXPECTED = (
+    "alpaca (instruction, output, optional input), messages (a `messages` list of {role, content}), "
+    "sharegpt (a `conversations` list of {from, value}), prompt_completion (prompt and completion, or question "
+    "and answer), text (text)"
+)
+
+
+class RowError(Exception):
+    """What is wrong with one row; the caller puts the file and row number in front."""
+
+
+def column_names(records) -> list[str]:
+    """Every column seen in any row, in first-seen order."""
+    seen: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def _check_columns(columns: dict[str, str], found: list[str], path) -> None:
+    unknown = [ours for ours in columns if ours not in MAPPABLE_FIELDS]
+    if unknown:
+        raise UserError(
+            f"data.columns: {', '.join(repr(u) for u in unknown)} is not a field tunesmith reads; the keys of "
+            f"data.columns are our field names ({', '.join(MAPPABLE_FIELDS)}) and the values are your file's "
+            "column names, e.g. {prompt: dialogue, completion: summary}."
+        )
+    for ours, theirs in columns.items():
+        if theirs not in found:
+            raise UserError(
+                f"data.columns maps {ours} to the column {theirs!r}, but {path or 'the data'} has no such column; "
+                f"its columns are: {', '.join(found)}."
+            )
+
+
+def _mapped_names(found: list[str], columns: dict[str, str]) -> list[str]:
+    """The column names as the rest of the code sees them once `columns` has renamed them."""
+    renamed = set(columns.values())
+    return [name for name in found if name not in renamed] + list(columns)
+
+
+def _rename(record: dict, columns: dict[str, str]) -> dict:
+    """A row with the file's columns renamed to our field names (a mapped column missing here stays missing)."""
+    if not columns:
+        return record
+    row = {key: value for key, value in record.items() if key not in columns.values()}
+    for ours, theirs in columns.items():
+        if theirs in record:
+            row[ours] = record[theirs]
+    return row
+
+
+def _format_from_names(names) -> str | None:
+    names = set(names)
+    if "messages" in names:
+        return "messages"
+    if "conversations" in names:
+        return "sharegpt"
+    if {"instruction", "output"} <= names:
+        return "alpaca"
+    if {"prompt", "completion"} <= names or {"question", "answer"} <= names:
+        return "prompt_completion"
+    if "text" in names:
+        return "text"
+    return None
+
+
+def detect_format(records, columns: dict[str, str] | None = None, path: str | Path | None = None) -> str:
+    """Which format the rows are in, after `columns` (our field → file column) renames the columns."""
+    columns = columns or {}
+    path = path if path is not None else getattr(records, "path", None)
+    found = column_names(records)
+    _check_columns(columns, found, path)
+    fmt = _format_from_names(_mapped_names(found, columns))
+    if fmt is not None:
+        return fmt
+    hint = ""
+    if {"input", "output"} <= set(found):
+        hint = (
+            " Your columns input and output read as prompt/completion with "
+            "data.columns: {prompt: input, completion: output}."
+        )
+    raise UserError(
+        f"{path or 'the data'}: cannot tell the data format from its columns ({', '.join(found) or 'none'}). "
+        f"tunesmith reads: {_EXPECTED}. Set data.format to one of these and map your column names to its fields "
+        f"with data.columns, e.g. data.columns: {{prompt: <question column>, completion: <answer column>}}.{hint}"
+    )
+
+
+def _label(name: str, columns: dict[str, str]) -> str:
+    """How to name a field in an error: 'field "prompt" (column "dialogue")'."""
+    if name in columns and columns[name] != name:
+        return f'field "{name}" (column "{columns[name]}")'
+    return f'field "{name}"'
+
+
+def _text_field(row: dict, name: str, columns: dict[str, str], required: bool = True) -> str | None:
+    value = row.get(name)
+    if name not in row or value is None:
+        if not required:
+            return None
+        state = "is null" if name in row else "is missing"
+        raise RowError(
+            f'{_label(name, columns)} {state}; add "{name}" (text) to this row, or map the column that holds it '
+            f"with data.columns (this row has: {', '.join(row) or 'no fields'})."
+        )
+    if not isinstance(value, str):
+        fix = f'write it as text, e.g. "{value}"' if _kind(value) in ("a number", "true/false") else "it must be text"
+        raise RowError(f"{_label(name, columns)} is {_kind(value)}; {fix}.")
+    return value
+
+
+def _conversation(row: dict, fmt: str, columns: dict[str, str]) -> list[dict]:
+    """A messages/sharegpt row's conversation as [{role, content}, ...], checked message by message."""
+    name, role_key, content_key = (
+        ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+    )
+    allowed = CHAT_ROLES if fmt == "messages" else tuple(SHAREGPT_ROLES)
+    label = _label(name, columns)
+    shape = f'a list of {{"{role_key}": ..., "{content_key}": ...}} objects'
+    value = row.get(name)
+    if value is None:
+        raise RowError(f"{label} is {'null' if name in row else 'missing'}; give this row {shape}.")
+    if isinstance(value, str):
+        # CSV and some Parquet files hold the conversation as JSON text in one cell.
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RowError(f"{label} is text that is not a JSON list; it must be {shape}.") from None
+    if not isinstance(value, list):
+        raise RowError(f"{label} is {_kind(value)}; it must be {shape}.")
+    if not value:
+        raise RowError(f"{label} is an empty conversation; give it at least a user message and the assistant's reply.")
+    messages = []
+    for number, message in enumerate(value, start=1):
+        where_here = f"{label}, message {number}"
+        if not isinstance(message, dict):
+            raise RowError(
+                f"{where_here} is {_kind(message)}; every message must be an object with {role_key} and {content_key}."
+            )
+        role = message.get(role_key)
+        if not isinstance(role, str):
+            state = "missing" if role is None else _kind(role)
+            raise RowError(f'{where_here}: "{role_key}" is {state}; use one of {", ".join(allowed)}.')
+        role = role.strip().lower()
+        if role not in allowed:
+            raise RowError(f'{where_here}: "{role_key}" is {message[role_key]!r}; use one of {", ".join(allowed)}.')
+        content = message.get(content_key)
+        if not isinstance(content, str):
+            state = "missing" if content_key not in message else _kind(content)
+            raise RowError(f'{where_here}: "{content_key}" is {state}; it must be the message text.')
+        messages.append({"role": role if fmt == "messages" else SHAREGPT_ROLES[role], "content": content})
+    if messages[0]["role"] == "assistant":
+        raise RowError(f"{label} starts with the assistant; a conversation must start with a system or user message.")
+    if messages[-1]["role"] != "assistant":
+        raise RowError(
+            f"{label} ends with a {messages[-1]['role']} message; a training conversation must end with the "
+            "assistant's reply, so add the reply or remove the last message."
+        )
+    return messages
+
+
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """Put `system` first unless the conversation already has a system message."""
+    if not system or any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system}] + messages
+
+
+def _row_to_sample(row: dict, fmt: str, cfg: DataConfig, pair: tuple[str, str]) -> dict:
+    """One renamed row → {"messages": [...]} or {"text": ...}; raises RowError when it is malformed."""
+    columns = cfg.columns
+    if fmt == "text":
+        return {"text": _text_field(row, "text", columns)}
+    if fmt == "alpaca":
+        instruction = _text_field(row, "instruction", columns)
+        extra = _text_field(row, "input", columns, required=False) or ""
+        user = instruction + ("\n\n" + extra if extra.strip() else "")
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _text_field(row, "output", columns)},
+        ]
+    elif fmt == "prompt_completion":
+        prompt_name, answer_name = pair
+        messages = [
+            {"role": "user", "content": _text_field(row, prompt_name, columns)},
+            {"role": "assistant", "content": _text_field(row, answer_name, columns)},
+        ]
+    else:
+        messages = _conversation(row, fmt, columns)
+    system = _text_field(row, "system", columns, required=False) or cfg.system_prompt
+    return {"messages": _with_system(messages, system)}
+
+
+def normalise_rows(
+    records, cfg: DataConfig, path=None, problems: list[str] | None = None
+) -> tuple[str, list[dict], list[int]]:
+    """(format, samples, indices of the rows they came from).
+
+    Without `problems`, the first malformed row raises a UserError naming file, row and field;
+    with it, each malformed row's sentence is appended there and the row is left out.
+    """
+    path = path if path is not None else getattr(records, "path", None)
+    found = column_names(records)
+    _check_columns(cfg.columns, found, path)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(records, cfg.columns, path)
+    names = set(_mapped_names(found, cfg.columns))
+    # prompt/completion, or question/answer when the file uses those names
+    pair = (
+        ("question", "answer")
+        if "prompt" not in names and {"question", "answer"} <= names
+        else ("prompt", "completion")
+    )
+    samples, kept = [], []
+    for i, record in enumerate(records):
+        try:
+            samples.append(_row_to_sample(_rename(record, cfg.columns), fmt, cfg, pair))
+            kept.append(i)
+        except RowError as exc:
+            message = f"{where(records, i, path)}: {exc}"
+            if problems is None:
+                raise UserError(message) from None
+            problems.append(message)
+    return fmt, samples, kept
+
+
+def to_samples(records, cfg: DataConfig, path: str | Path | None = None) -> list[dict]:
+    """Every row in one shape ({"messages": [...]} or {"text": ...}); a malformed row raises a UserError."""
+    return normalise_rows(records, cfg, path)[1]
+
+
+def prompt_and_reference(sample: dict) -> tuple[list[dict], str]:
+    """(the conversation before the last assistant reply, that reply) for generation and scoring."""
+    if "messages" not in sample:
+        raise UserError(
+            "before/after generation needs prompt/answer rows, but these rows are plain text (format text); "
+            "give data.test_path a file of prompt/answer rows, or set eval.enabled: false."
+        )
+    messages = sample["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise UserError("before/after generation needs each held-out conversation to end with the assistant's reply.")
+    return messages[:-1], messages[-1]["content"]

@@ -1,0 +1,180 @@
+"""`tunesmith data inspect FILE`: what a data file holds and what is wrong with it, before training on it.
+
+Unlike training, which stops at the first bad row, inspection collects the problems
+(up to MAX_PROBLEMS sentences, then a count) so one look shows them all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunesmith.config import DataConfig
+from tunesmith.data.build import has_trained_tokens, percentiles
+from tunesmith.data.formats import column_names, normalise_rows
+from tunesmith.data.read import _read
+from tunesmith.data.tokens import tokenize_sample
+from tunesmith.errors import UserError
+
+MAX_PROBLEMS = 20
+_SHOWN_PLACES = 5  # rows named in a summary sentence such as "3 rows have an empty answer (...)"
+
+
+def _places(places: list[str]) -> str:
+    shown = ", ".join(places[:_SHOWN_PLACES])
+    return shown + (f" and {len(places) - _SHOWN_PLACES} more" if len(places) > _SHOWN_PLACES else "")
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" + ("" if n == 1 else "s")
+
+
+def inspect_file(path: str | Path, tokenizer=None, cfg: DataConfig | None = None) -> dict:
+    """A report on one data file: format, rows, columns, token lengths (with a tokenizer) and problems."""
+    cfg = cfg or DataConfig()
+    path = Path(path)
+    row_problems: list[str] = []
+    records = _read(path, problems=row_problems)  # bad JSONL lines are noted, not raised
+    bad_lines = len(row_problems)
+    report: dict = {
+        "path": str(path),
+        "format": None,
+        "rows": len(records) + bad_lines,
+        "valid_rows": 0,
+        "malformed_rows": bad_lines,
+        "columns": column_names(records),
+        "duplicates": 0,
+        "empty_answers": 0,
+        "token_lengths": None,
+        "max_length": cfg.max_length,
+        "truncated": None,
+        "untrainable": None,
+        "example": None,
+        "problems": [],
+    }
+    try:
+        fmt, samples, kept = normalise_rows(records, cfg, path, problems=row_problems)
+    except UserError as exc:  # no recognisable format, or data.columns names a missing column
+        report["problems"] = _capped(row_problems) + [str(exc)]
+        return report
+    report.update(
+        format=fmt, valid_rows=len(samples), malformed_rows=len(row_problems), example=samples[0] if samples else None
+    )
+    problems = _capped(row_problems)
+    places = [records.label(i) for i in kept]  # 'line 7': the file is named at the top of the report
+
+    empty = [places[j] for j, s in enumerate(samples) if _has_empty_answer(s)]
+    report["empty_answers"] = len(empty)
+    if empty:
+        what = "an empty text" if fmt == "text" else "an empty answer"
+        verb = "has" if len(empty) == 1 else "have"
+        problems.append(f"{_rows(len(empty))} {verb} {what} ({_places(empty)}); fill or remove them.")
+
+    repeats = _duplicates(records)
+    report["duplicates"] = len(repeats)
+    if repeats:
+        examples = [f"{records.label(i)} repeats {records.label(first)}" for i, first in repeats]
+        problems.append(
+            f"{_rows(len(repeats))} {'is an exact duplicate' if len(repeats) == 1 else 'are exact duplicates'} of "
+            f"earlier rows ({_places(examples)}); duplicates weigh those rows more in training."
+        )
+
+    if tokenizer is not None and samples:
+        _measure_tokens(report, problems, samples, places, tokenizer, cfg)
+    report["problems"] = problems
+    return report
+
+
+def _capped(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_PROBLEMS:
+        return list(problems)
+    return problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more malformed rows like these."]
+
+
+def _has_empty_answer(sample: dict) -> bool:
+    if "text" in sample:
+        return not sample["text"].strip()
+    return any(m["role"] == "assistant" and not m["content"].strip() for m in sample["messages"])
+
+
+def _duplicates(records) -> list[tuple[int, int]]:
+    """(row index, index of the earlier identical row) for every row that repeats an earlier one."""
+    first_seen: dict[str, int] = {}
+    repeats = []
+    for i, record in enumerate(records):
+        key = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+        if key in first_seen:
+            repeats.append((i, first_seen[key]))
+        else:
+            first_seen[key] = i
+    return repeats
+
+
+def _measure_tokens(report: dict, problems: list[str], samples, places, tokenizer, cfg: DataConfig) -> None:
+    """Token lengths before truncation, and how many rows max_length would cut or leave with nothing to train on."""
+    uncut = cfg.model_copy(update={"max_length": 10**9})
+    lengths, truncated, untrainable, refused = [], [], [], []
+    for sample, place in zip(samples, places):
+        try:
+            row = tokenize_sample(sample, tokenizer, uncut)
+        except UserError as exc:  # e.g. the chat template refuses the conversation
+            refused.append(f"{report['path']}, {place}: {exc}")
+            continue
+        lengths.append(len(row.input_ids))
+        if len(row.input_ids) > cfg.max_length:
+            truncated.append(place)
+            row.labels = row.labels[: cfg.max_length]
+            if not has_trained_tokens(row):
+                untrainable.append(place)
+    problems.extend(_capped(refused))
+    report["token_lengths"] = percentiles(lengths)
+    report["truncated"] = len(truncated)
+    report["untrainable"] = len(untrainable)
+    if untrainable:
+        problems.append(
+            f"{_rows(len(untrainable))} would have no answer tokens left at data.max_length={cfg.max_length} "
+            f"({_places(untrainable)}) and would be dropped; raise data.max_length or shorten those prompts."
+        )
+
+
+def format_inspection(report: dict) -> str:
+    """The report as text for the terminal."""
+    lines = [report["path"]]
+    lines.append(f"  format:   {report['format'] or 'not recognised'}")
+    rows = f"  rows:     {report['rows']}"
+    if report["malformed_rows"]:
+        rows += f" ({report['valid_rows']} usable, {report['malformed_rows']} malformed)"
+    lines.append(rows)
+    lines.append(f"  columns:  {', '.join(report['columns']) or 'none'}")
+    lengths = report.get("token_lengths")
+    if lengths:
+        lines.append(
+            f"  tokens:   p50 {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, max {lengths['max']} "
+            "(per row, as the model sees it)"
+        )
+        lines.append(
+            f"  max_length {report['max_length']}: {_rows(report['truncated'])} would be truncated, "
+            f"{report['untrainable']} would have nothing left to train on"
+        )
+    else:
+        lines.append("  tokens:   not counted (give a model to count tokens)")
+    if report.get("example"):
+        lines.append("  first row as tunesmith reads it:")
+        for line in _describe_sample(report["example"]):
+            lines.append("    " + line)
+    if report["problems"]:
+        lines.append("problems:")
+        lines.extend(f"  - {p}" for p in report["problems"])
+    else:
+        lines.append("no problems found.")
+    return "\n".join(lines)
+
+
+def _describe_sample(sample: dict, width: int = 100) -> list[str]:
+    def short(text: str) -> str:
+        text = text.replace("\n", "\\n")
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    if "text" in sample:
+        return [f"text: {short(sample['text'])}"]
+    return [f"{m['role']}: {short(m['content'])}" for m in sample["messages"]]

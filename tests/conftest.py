@@ -1,0 +1,175 @@
+"""Shared test fixtures: a tiny in-memory tokenizer and Llama model, the real built-in tokenizer, data writers.
+
+Everything here builds in milliseconds except `builtin_tokenizer`, which loads the
+real SmolLM2-135M-Instruct tokenizer once per session (and skips when the models
+package cannot provide it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+# Text the tiny tokenizer learns its merges from: the words the tests use, plus enough prose
+# that common English pieces merge.  It is byte-level, so any other text still round-trips.
+TINY_CORPUS = """
+What is the capital of France? The capital of France is Paris.
+What is the capital of Italy? The capital of Italy is Rome.
+Translate to French: good morning. Bonjour.
+Summarise the dialogue. Person one asks person two about the weather, and person two says it will rain.
+Write a short poem about the sea. The sea is blue and wide, the waves roll in with the tide.
+Add two numbers: 2 + 3 = 5. Multiply: 4 * 6 = 24. The answer is 42.
+You are a helpful assistant. You are a tiny helpful assistant. Answer briefly and politely.
+Hello! How can I help you today? Thank you very much. Good bye and have a nice day.
+The instruction tells the model what to do, the input gives it context, and the output is the answer.
+A user asks a question, the assistant replies, then the user asks again and the assistant answers again.
+Tell me a joke. Why did the chicken cross the road? To get to the other side.
+Name three colours: red, green and blue. Name three fruits: apple, banana and cherry.
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with one step.
+Doctor: How are you feeling today? Patient: I have trouble breathing when I run.
+The meeting is at three thirty on Friday. Please bring the report and the numbers.
+System prompt, user prompt, completion, conversation, message, role, content, value, human, model.
+First paragraph of a document.
+
+Second paragraph of the document, after a blank line.
+
+Third paragraph with a list:
+- one
+- two
+- three
+"""
+
+TINY_SYSTEM = "You are a tiny helpful assistant."
+
+# ChatML with a default system message, the way SmolLM2's template does it.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + TINY_SYSTEM + "<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE, vocab_size: int = 700):
+    """A byte-level BPE tokenizer trained in memory on TINY_CORPUS, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = TINY_CORPUS.split("\n")
+    core.train_from_iterator(lines + ["\n\n".join(lines)] * 3, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token=None, unk_token=None
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE, a few hundred tokens, `<|im_end|>` as eos and pad, ChatML template with a default system message.
+
+    Session-scoped: do not change it in a test (copy it with `build_tiny_tokenizer()` instead).
+    """
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama_config(tiny_tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=1024,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+
+
+@pytest.fixture
+def tiny_llama(tiny_llama_config):
+    """A fresh, randomly initialised (seed 0) two-layer Llama that matches `tiny_tokenizer`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config)
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (ChatML with a default system prompt)."""
+    try:
+        from tunesmith.models import builtin_path
+    except ImportError:
+        pytest.skip("tunesmith.models.builtin_path is not available")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(builtin_path("smollm2-135m-instruct"))
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Write rows as JSON, JSONL, CSV or Parquet, chosen by the file extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    elif suffix == ".csv":
+        names = list(dict.fromkeys(key for row in rows for key in row))
+        with path.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=names)
+            writer.writeheader()
+            writer.writerows(rows)
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        raise ValueError(f"write_rows: no writer for {suffix}")
+    return path
+
+
+@pytest.fixture
+def write_data(tmp_path):
+    """`write_data(rows, name="data.jsonl") -> Path`: rows written into the test's tmp folder (format by extension)."""
+
+    def write(rows: list[dict], name: str = "data.jsonl") -> Path:
+        return write_rows(tmp_path / name, rows)
+
+    return write
+
+
+@pytest.fixture
+def write_jsonl(write_data):
+    """`write_jsonl(rows, name="data.jsonl") -> Path`: one JSON object per line in the test's tmp folder."""
+
+    def write(rows: list[dict], name: str = "data.jsonl") -> Path:
+        if not name.endswith(".jsonl"):
+            raise ValueError(f"write_jsonl writes .jsonl files, not {name}; use write_data for other formats")
+        return write_data(rows, name)
+
+    return write

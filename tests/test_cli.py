@@ -1,0 +1,62 @@
+"""The command line: errors are sentences with exit code 2, runs are never written over."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tunesmith.cli import choose_run_dir, main
+
+
+def test_help_on_every_subcommand():
+    for argv in (["--help"], ["train", "--help"], ["data", "inspect", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "tunesmith.cli", *argv], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "usage: tunesmith" in result.stdout
+
+
+def test_a_config_error_is_one_sentence_naming_the_key(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("training:\n  learning_rate: fast\n")
+    code = main(["train", str(cfg), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "training.learning_rate" in err and "'fast'" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_no_model_names_model_name(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model:\n  name: {tmp_path}\n")
+    code = main(["train", str(cfg), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "model.name" in err and "config.json" in err and "Traceback" not in err
+
+
+def test_a_missing_data_file_names_data_path(tmp_path, capsys, tiny_llama, tiny_tokenizer):
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    missing = tmp_path / "nope.jsonl"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model:\n  name: {folder}\ndata:\n  path: {missing}\n")
+    code = main(["train", str(cfg), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data.path" in err and "nope.jsonl" in err and "Traceback" not in err
+
+
+def test_an_existing_run_folder_is_never_written_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"keep": True}))
+    with pytest.raises(Exception, match="already exists"):
+        choose_run_dir(None, None, str(run))
+    assert json.loads((run / "summary.json").read_text()) == {"keep": True}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert choose_run_dir(None, None, str(empty)) == empty
+    assert choose_run_dir("examples/quickstart.yaml", None, None).name.startswith("quickstart-")
