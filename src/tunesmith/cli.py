@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from tunesmith.errors import UserError
@@ -58,7 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key in [k for k in base if k != "rows"]:
             print(f"  {key:12s} base {base[key]:.4g}   tuned {tuned.get(key, float('nan')):.4g}")
         for sample in summary.get("eval_samples", []):
-            print(f"sample prompt: {sample['prompt']}")
+            prompt = " ".join(sample["prompt"].split())
+            print(f"sample prompt: {prompt[:200] + ' ...' if len(prompt) > 200 else prompt}")
             print(f"  reference: {sample['reference']}")
             print(f"  base:      {sample['base']}")
             print(f"  tuned:     {sample['tuned']}")
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # PEFT calls a transformers method that transformers 5 renamed; the notice is theirs, not the user's.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -219,11 +219,10 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
         "memory": {"peak_rss_bytes": peak_rss_bytes(), **{k: v for k, v in memory_snapshot(device).items() if k != "rss_bytes"}},
         "health": health,
         "wall_s": time.time() - started,
+        # Only commands that exist today; eval, chat, merge and export join this list as they land.
         "next_commands": [
-            f"tunesmith eval {run_dir}",
-            f"tunesmith chat {run_dir}",
-            f"tunesmith merge {run_dir} --out {run_dir}/merged",
-            f"tunesmith export {run_dir} --format gguf --quant q8_0 --out {run_dir}/model.gguf --ollama",
+            f"tunesmith train {run_dir / 'config.yaml'} --output {run_dir}-again   # the same run again",
+            f"tunesmith train {run_dir / 'config.yaml'} --output {run_dir}-longer --set training.epochs=2 --set training.max_steps=null",
         ],
     }
     if eval_section:
