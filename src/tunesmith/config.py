@@ -80,6 +80,16 @@ class TrainingConfig(_Section):
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_epsilon: float = Field(1e-8, gt=0)
     eval_each_epoch: bool = True
+    eval_steps: int | None = Field(None, ge=1, description="Also compute validation loss every N steps.")
+    save_steps: int | None = Field(
+        None, ge=1, description="Save a checkpoint every N steps (one is always saved at each epoch end)."
+    )
+    save_total_limit: int = Field(2, ge=1, description="Keep only the newest K checkpoints.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement; null turns it off."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0.0, description="Improvement smaller than this does not count.")
+    load_best_at_end: bool = Field(False, description="End with the weights of the best validation loss.")
     seed: int = 42
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
 

@@ -60,3 +60,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += param.numel()
     return trainable, total
+
+
+def after_optimizer_step(model: torch.nn.Module, step: int) -> None:
+    """Work an adapter method needs after each optimiser step (none for LoRA and full fine-tuning)."""
+    return None

@@ -32,9 +32,10 @@ from tunesmith.evaluate.quick import generate_answers, heldout_loss, score_answe
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
 from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
 from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
-from tunesmith.models.adapters import count_parameters, prepare_trainable
+from tunesmith.models.adapters import after_optimizer_step, count_parameters, prepare_trainable
 from tunesmith.train.batching import collate, epoch_order, iter_batches
 from tunesmith.train.loss import IGNORE_INDEX, token_nll_sum
+from tunesmith.train.optim import make_optimizer
 from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes
 from tunesmith.train.report import health_check, plot_training, render_report
 
@@ -59,19 +60,6 @@ def _make_scheduler(optimizer, cfg: Config, total_steps: int):
     warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.lr_scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def _make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.training
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Weight decay on matrices only: decaying biases and norm gains pulls them to zero for no benefit
-    # (the split most LLM recipes use, e.g. nanoGPT's configure_optimizers).
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
 
 
 def plan_steps(n_train_rows: int, cfg: Config) -> tuple[int, int]:
@@ -167,7 +155,7 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     model = prepare_trainable(model, cfg)
     trainable, total_params = count_parameters(model)
     log(f"model: {cfg.model.name}, {cfg.method}, {trainable:,} of {total_params:,} parameters trainable; {device}, {dtype}")
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     per_epoch, total_steps = plan_steps(len(bundle.train), cfg)
     scheduler = _make_scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -269,6 +257,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
             grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            after_optimizer_step(model, step + 1)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - tick
