@@ -15,6 +15,7 @@ from tunesmith.errors import UserError
 EXAMPLES = """examples:
   tunesmith train examples/quickstart.yaml
   tunesmith train examples/dialogsum.yaml --set training.epochs=1 --set training.learning_rate=3e-4
+  tunesmith train runs/quickstart-20260101-120000/config.yaml --resume
   tunesmith data inspect examples/data/dates-train.jsonl
 """
 
@@ -39,12 +40,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
 
     cfg = load_config(args.config, args.set)
-    run_dir = choose_run_dir(args.config, cfg.output.dir, args.output)
+    if args.resume:
+        if not (args.output or cfg.output.dir):
+            raise UserError("--resume needs the run folder: give --output DIR, or the run's own config.yaml.")
+        run_dir = Path(args.output or cfg.output.dir)
+        if not run_dir.is_dir():
+            raise UserError(f"--resume: {run_dir} does not exist; give the folder of the run to continue.")
+    else:
+        run_dir = choose_run_dir(args.config, cfg.output.dir, args.output)
     cfg.output.dir = str(run_dir)
     from tunesmith.train.loop import run_training
 
-    print(f"tunesmith: training into {run_dir}")
-    summary = run_training(cfg, run_dir)
+    print(f"tunesmith: {'resuming' if args.resume else 'training into'} {run_dir}")
+    summary = run_training(cfg, run_dir, resume=args.resume)
     train = summary["train"]
     print()
     print(f"run folder: {run_dir}")
@@ -102,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key (dotted), e.g. --set training.epochs=1; repeatable")
     train.add_argument("--output", metavar="DIR", help="run folder (default: runs/<config name>-<date>-<time>)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --output DIR (or the config's output.dir) from its newest valid checkpoint")
     train.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="look at a data file before training on it",
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"tunesmith: {exc}", file=sys.stderr)
-        return 2
+        return 130 if type(exc).__name__ == "TrainingInterrupted" else 2
     except KeyboardInterrupt:
         print("tunesmith: interrupted.", file=sys.stderr)
         return 130

@@ -17,8 +17,12 @@ Memory levers, and what they cost:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -34,9 +38,18 @@ from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
 from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
 from tunesmith.models.adapters import after_optimizer_step, count_parameters, prepare_trainable
 from tunesmith.train.batching import collate, epoch_order, iter_batches
+from tunesmith.train.checkpoint import (
+    STATE_FILE,
+    list_checkpoints,
+    load_checkpoint,
+    load_trainable,
+    newest_valid_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from tunesmith.train.loss import IGNORE_INDEX, token_nll_sum
 from tunesmith.train.optim import make_optimizer
-from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes
+from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes, read_metrics
 from tunesmith.train.report import health_check, plot_training, render_report
 
 SAMPLES_IN_REPORT = 1
@@ -104,8 +117,11 @@ def evaluate_model(model, tokenizer, bundle, inputs, cfg: Config, device: str, l
     return metrics, answers
 
 
-def run_training(cfg: Config, run_dir: Path) -> dict:
-    """Train as the config says and fill `run_dir`; returns the summary written to summary.json."""
+def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    """Train as the config says and fill `run_dir`; returns the summary written to summary.json.
+
+    With `resume`, continue from the newest valid checkpoint in `run_dir/checkpoints`.
+    """
     from accelerate import Accelerator
 
     started = time.time()
@@ -117,6 +133,17 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     dtype = resolve_dtype(cfg.model.dtype, device)
     accelerator = Accelerator(cpu=device == "cpu")
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+
+    checkpoint = None
+    if resume:
+        checkpoint = newest_valid_checkpoint(run_dir, report=log)
+        if checkpoint is None:
+            raise UserError(
+                f"--resume: {run_dir / 'checkpoints'} holds no complete checkpoint to continue from; "
+                "run again without --resume (into a new --output folder)."
+            )
+        log(f"resuming from {checkpoint}")
+        progress = json.loads((checkpoint / STATE_FILE).read_text())["progress"]
 
     # --- model source and tokenizer, then data (tokenising needs the tokenizer's chat template)
     source = resolve_model_source(cfg.model.name)
@@ -144,9 +171,9 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     # --- before: the base model on the held-out rows
     do_eval = cfg.eval.enabled and bool(bundle.test_samples or bundle.test)
     eval_inputs = _before_after_inputs(bundle, tokenizer, cfg) if do_eval else None
-    base_metrics: dict = {}
-    base_answers: list[str] = []
-    if do_eval:
+    base_metrics: dict = progress.get("base_metrics", {}) if checkpoint else {}
+    base_answers: list[str] = progress.get("base_answers", []) if checkpoint else []
+    if do_eval and not base_metrics:
         log(f"before: evaluating the base model on {len(eval_inputs[0])} held-out rows")
         base_metrics, base_answers = evaluate_model(model, tokenizer, bundle, eval_inputs, cfg, accelerator.device, "base")
         log("before: " + ", ".join(f"{k}={v:.4g}" for k, v in base_metrics.items() if k != "rows"))
@@ -160,18 +187,34 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     scheduler = _make_scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
+    if checkpoint is not None:
+        progress = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        # The killed run may have logged steps past its last checkpoint: those are redone.
+        kept = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= progress["step"]]
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    else:
+        progress = new_progress(base_metrics, base_answers)
+
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     try:
-        train_stats, val_records = _train_steps(
-            model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch, total_steps, metrics_log
-        )
+        with stop_on_signals() as stop_requested:
+            _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch,
+                         total_steps, metrics_log, progress, run_dir, stop_requested)
     finally:
         metrics_log.close()
+    metrics_log.records = read_metrics(run_dir / "metrics.jsonl")
+    val_records = progress["val_records"]
+    train_stats = _train_stats(progress, per_epoch)
+    if t.load_best_at_end and progress["best_step"] is not None and progress["best_step"] != progress["step"]:
+        best = run_dir / "checkpoints" / f"step-{progress['best_step']:08d}"
+        load_trainable(best, accelerator.unwrap_model(model))
+        log(f"loaded the best weights (step {progress['best_step']}, validation loss {progress['best_val']:.4f})")
+        train_stats["best_step"] = progress["best_step"]
     train_records = [r for r in metrics_log.records if r["type"] == "train"]
 
     # --- save what was trained (safetensors only, written then renamed)
     unwrapped = accelerator.unwrap_model(model)
-    out_name = "adapter" if cfg.method == "lora" else "model"
+    out_name = "model" if cfg.method == "full" else "adapter"
 
     def _save(folder: Path) -> None:
         unwrapped.save_pretrained(folder, safe_serialization=True)
@@ -223,88 +266,191 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     return summary
 
 
-def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch, total_steps, metrics_log):
-    """The loop: micro-batches -> token-weighted loss -> backward -> clip -> step; log every step."""
+class TrainingInterrupted(UserError):
+    """SIGINT/SIGTERM arrived: a checkpoint was saved and the run stopped cleanly."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While training, SIGINT and SIGTERM only raise a flag; the loop saves a checkpoint and stops at the
+    end of the step.  A second Ctrl-C interrupts at once."""
+    requested = {"signal": None}
+    previous = {}
+
+    def handler(signum, frame):
+        if requested["signal"] is not None:
+            raise KeyboardInterrupt
+        requested["signal"] = signal.Signals(signum).name
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def new_progress(base_metrics: dict, base_answers: list[str]) -> dict:
+    """The loop's position and running totals: all of it goes into every checkpoint."""
+    return {
+        "step": 0, "epoch": 0, "window_start": 0,
+        "first_loss": None, "final_loss": None,
+        "trained_tokens": 0, "all_tokens": 0, "train_time": 0.0,
+        "val_records": [], "best_val": None, "best_step": None, "bad_validations": 0, "stopped_early": False,
+        "base_metrics": base_metrics, "base_answers": base_answers,
+    }
+
+
+def _train_stats(progress: dict, per_epoch: int) -> dict:
+    p = progress
+    return {
+        "first_loss": p["first_loss"],
+        "final_loss": p["final_loss"],
+        "steps": p["step"],
+        "epochs": round(p["step"] / per_epoch, 4),
+        "trained_tokens": p["trained_tokens"],
+        "trained_tokens_per_s": p["trained_tokens"] / p["train_time"] if p["train_time"] else 0.0,
+        "all_tokens_per_s": p["all_tokens"] / p["train_time"] if p["train_time"] else 0.0,
+        "wall_s": p["train_time"],
+        "stopped_early": p["stopped_early"],
+    }
+
+
+def _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log, bar) -> bool:
+    """Validation loss now; updates the best-so-far record.  True when early stopping says stop."""
+    t = cfg.training
+    held = heldout_loss(model, bundle.validation, t.eval_batch_size, tokenizer.pad_token_id, accelerator.device)
+    val = {"type": "validation", "step": progress["step"], "epoch": progress["epoch"],
+           "val_loss": held["loss"], "val_perplexity": held["perplexity"]}
+    metrics_log.write(val)
+    progress["val_records"].append(val)
+    bar.write(f"step {progress['step']}: validation loss {held['loss']:.4f}, perplexity {held['perplexity']:.2f}")
+    best = progress["best_val"]
+    if best is None or held["loss"] < best - t.early_stopping_threshold:
+        progress["best_val"], progress["best_step"], progress["bad_validations"] = held["loss"], progress["step"], 0
+        return False
+    progress["bad_validations"] += 1
+    if t.early_stopping_patience is not None and progress["bad_validations"] >= t.early_stopping_patience:
+        bar.write(
+            f"early stopping: {progress['bad_validations']} validations without improvement on the best "
+            f"validation loss {best:.4f} (step {progress['best_step']})."
+        )
+        progress["stopped_early"] = True
+        return True
+    return False
+
+
+def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch, total_steps,
+                 metrics_log, progress, run_dir, stop_requested):
+    """The loop: micro-batches -> token-weighted loss -> backward -> clip -> step; log every step;
+    validate, checkpoint and stop when the config says.  Position and totals live in `progress`."""
     t = cfg.training
     pad_id = tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
+    unwrapped = accelerator.unwrap_model(model)
+    last_saved = {"step": progress["step"]}
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process and last_saved["step"] != progress["step"]:
+            save_checkpoint(run_dir, unwrapped, optimizer, scheduler, progress)
+            best = run_dir / "checkpoints" / f"step-{progress['best_step']:08d}" if progress["best_step"] else None
+            prune_checkpoints(run_dir, t.save_total_limit, protect=best if t.load_best_at_end else None)
+            last_saved["step"] = progress["step"]
+
+    def validate_and_maybe_stop() -> bool:
+        done = progress["val_records"]
+        if not bundle.validation or (done and done[-1]["step"] == progress["step"]):
+            return False  # nothing to validate on, or eval_steps already did it at this step
+        stop = _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log, bar)
+        if t.load_best_at_end and progress["best_step"] == progress["step"]:
+            checkpoint()  # the best weights must stay on disk to be loaded at the end
+        return stop
+
     model.train()
-    step = 0
-    epoch = 0
-    first_loss = final_loss = None
-    trained_tokens = all_tokens = 0
-    train_time = 0.0
-    val_records: list[dict] = []
-    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not accelerator.is_main_process)
-    while step < total_steps:
-        batches = list(iter_batches(bundle.train, t.batch_size, epoch_order(len(bundle.train), t.seed, epoch)))
-        for window_start in range(0, len(batches), t.gradient_accumulation):
-            if step >= total_steps:
-                break
-            tick = time.perf_counter()
-            window = [collate(b, pad_id) for b in batches[window_start : window_start + t.gradient_accumulation]]
-            window_tokens = sum(int((w["labels"][:, 1:] != IGNORE_INDEX).sum()) for w in window)
-            if window_tokens == 0:
-                continue
-            step_nll = 0.0
-            for micro in window:
-                micro = {k: v.to(accelerator.device) for k, v in micro.items()}
-                nll, _ = token_nll_sum(model, micro["input_ids"], micro["attention_mask"], micro["labels"])
-                accelerator.backward(nll / window_tokens)
-                step_nll += float(nll.detach())
-                all_tokens += int(micro["attention_mask"].sum())
-            max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            after_optimizer_step(model, step + 1)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - tick
-            train_time += elapsed
-            step += 1
-            trained_tokens += window_tokens
-            loss = step_nll / window_tokens
-            if not math.isfinite(loss):
-                bar.close()
-                raise UserError(
-                    f"training stopped at step {step}: the loss became {loss}; lower training.learning_rate "
-                    "(or set training.max_grad_norm) and run again."
-                )
-            first_loss = loss if first_loss is None else first_loss
-            final_loss = loss
-            record = {
-                "type": "train",
-                "step": step,
-                "epoch": round(epoch + (window_start + len(window)) / len(batches), 4),
-                "loss": loss,
-                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                "lr": lr,
-                "trained_tokens": window_tokens,
-                "tokens_per_s": window_tokens / elapsed,
-                "step_s": elapsed,
-                **memory_snapshot(device),
-            }
-            metrics_log.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            rss=f"{record['rss_bytes'] / 2**30:.2f}G")
-            bar.update(1)
-        epoch += 1  # an epoch ended, or max_steps cut it short: either way, validate
-        if bundle.validation and t.eval_each_epoch:
-            held = heldout_loss(model, bundle.validation, t.eval_batch_size, pad_id, accelerator.device)
-            val = {"type": "validation", "step": step, "epoch": epoch, "val_loss": held["loss"], "val_perplexity": held["perplexity"]}
-            metrics_log.write(val)
-            val_records.append(val)
-            bar.write(f"epoch {epoch}: validation loss {held['loss']:.4f}, perplexity {held['perplexity']:.2f}")
-    bar.close()
-    stats = {
-        "first_loss": first_loss,
-        "final_loss": final_loss,
-        "steps": step,
-        "epochs": round(step / per_epoch, 4),
-        "trained_tokens": trained_tokens,
-        "trained_tokens_per_s": trained_tokens / train_time if train_time else 0.0,
-        "all_tokens_per_s": all_tokens / train_time if train_time else 0.0,
-        "wall_s": train_time,
-    }
-    return stats, val_records
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="training", unit="step",
+               disable=not accelerator.is_main_process)
+    try:
+        while progress["step"] < total_steps:
+            epoch = progress["epoch"]
+            batches = list(iter_batches(bundle.train, t.batch_size, epoch_order(len(bundle.train), t.seed, epoch)))
+            for window_start in range(progress["window_start"], len(batches), t.gradient_accumulation):
+                if progress["step"] >= total_steps:
+                    break
+                tick = time.perf_counter()
+                window = [collate(b, pad_id) for b in batches[window_start : window_start + t.gradient_accumulation]]
+                window_tokens = sum(int((w["labels"][:, 1:] != IGNORE_INDEX).sum()) for w in window)
+                progress["window_start"] = window_start + t.gradient_accumulation
+                if window_tokens == 0:
+                    continue
+                step_nll = 0.0
+                for micro in window:
+                    micro = {k: v.to(accelerator.device) for k, v in micro.items()}
+                    nll, _ = token_nll_sum(model, micro["input_ids"], micro["attention_mask"], micro["labels"])
+                    accelerator.backward(nll / window_tokens)
+                    step_nll += float(nll.detach())
+                    progress["all_tokens"] += int(micro["attention_mask"].sum())
+                loss = step_nll / window_tokens
+                if not math.isfinite(loss):
+                    saved = list_checkpoints(run_dir)
+                    raise UserError(
+                        f"training stopped at step {progress['step'] + 1}: the loss became {loss}; "
+                        + (f"the last good checkpoint is {saved[-1]}. " if saved else "")
+                        + "Lower training.learning_rate (or set training.max_grad_norm) and run again."
+                    )
+                max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+                grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                after_optimizer_step(model, progress["step"] + 1)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                elapsed = time.perf_counter() - tick
+                progress["step"] += 1
+                progress["train_time"] += elapsed
+                progress["trained_tokens"] += window_tokens
+                if progress["first_loss"] is None:
+                    progress["first_loss"] = loss
+                progress["final_loss"] = loss
+                record = {
+                    "type": "train",
+                    "step": progress["step"],
+                    "epoch": round(epoch + min(progress["window_start"], len(batches)) / len(batches), 4),
+                    "loss": loss,
+                    "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                    "lr": lr,
+                    "trained_tokens": window_tokens,
+                    "tokens_per_s": window_tokens / elapsed,
+                    "step_s": elapsed,
+                    **memory_snapshot(device),
+                }
+                metrics_log.write(record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                rss=f"{record['rss_bytes'] / 2**30:.2f}G")
+                bar.update(1)
+                stop = False
+                if t.eval_steps and progress["step"] % t.eval_steps == 0 and progress["step"] < total_steps:
+                    stop = validate_and_maybe_stop()
+                if t.save_steps and progress["step"] % t.save_steps == 0:
+                    checkpoint()
+                if stop:
+                    return
+                if stop_requested["signal"]:
+                    checkpoint()
+                    saved = list_checkpoints(run_dir)[-1]
+                    raise TrainingInterrupted(
+                        f"{stop_requested['signal']} received: stopped after step {progress['step']} and saved "
+                        f"{saved}. Continue with: "
+                        f"tunesmith train {run_dir / 'config.yaml'} --resume"
+                    )
+            # An epoch ended, or max_steps cut it short: validate, then checkpoint.
+            progress["epoch"] += 1
+            progress["window_start"] = 0
+            stop = validate_and_maybe_stop() if t.eval_each_epoch else False
+            checkpoint()
+            if stop:
+                return
+    finally:
+        bar.close()

@@ -1,0 +1,171 @@
+"""Checkpoints: everything an exact resume needs, in safetensors and JSON (no pickle).
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
+- `trainable.safetensors`: the parameters that train (the adapter, or the whole model),
+- `optimizer.safetensors` + the optimiser's hyper-parameters in `state.json`,
+- `rng.safetensors`: torch's CPU (and CUDA) generator states, for dropout,
+- `state.json`: step, epoch and batch position in the epoch's order, the scheduler, Python's
+  RNG state, running totals, the early-stopping record, and a SHA-256 of every file above.
+It is written into a temporary folder and renamed, so a crash never leaves a half-written
+checkpoint under the final name; a folder whose files do not match their checksums is
+reported and skipped on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith.fileio import atomic_write_dir
+
+STATE_FILE = "state.json"
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split the optimiser's state into tensors (for safetensors) and plain values (for JSON)."""
+    full = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
+    for index, slots in full["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": full["param_groups"], "plain_state": plain}
+
+
+def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, slots in meta["plain_state"].items():
+        state.setdefault(int(index), {}).update(slots)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            states[f"torch_cuda_{i}"] = torch.cuda.get_rng_state(i)
+    return states
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict) -> Path:
+    """Write checkpoints/step-NNNNNNNN atomically; `progress` is the loop's JSON-able position and totals."""
+    folder = run_dir / "checkpoints" / f"step-{progress['step']:08d}"
+
+    def fill(tmp: Path) -> None:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(_rng_tensors(), tmp / "rng.safetensors")
+        py_state = random.getstate()
+        state = {
+            "progress": progress,
+            "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(),
+            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+            "sha256": {name: _sha256(tmp / name) for name in TENSOR_FILES},
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+
+    atomic_write_dir(folder, fill)
+    return folder
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when it is complete and intact."""
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        return "it has no state.json (written partly?)"
+    try:
+        state = json.loads(state_path.read_text())
+        expected = state["sha256"]
+    except (ValueError, KeyError):
+        return "its state.json is unreadable"
+    for name in TENSOR_FILES:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != expected.get(name):
+            return f"{name} does not match its checksum (corrupt)"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (temporary folders start with a dot and are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def newest_valid_checkpoint(run_dir: Path, report=print) -> Path | None:
+    for folder in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        report(f"skipping checkpoint {folder}: {problem}.")
+    return None
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimiser, scheduler and RNGs from `folder`; returns the saved progress."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    load_trainable(folder, model)
+    device_of = {id(p): p.device for p in model.parameters()}
+    opt_state = _optimizer_state_dict(load_file(folder / "optimizer.safetensors"), state["optimizer"])
+    optimizer.load_state_dict(opt_state)
+    for group in optimizer.param_groups:  # keep optimiser state beside its parameter (GPU runs)
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    optimizer.state[p][key] = value.to(device_of[id(p)])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    for name, value in rng.items():
+        if name.startswith("torch_cuda_") and torch.cuda.is_available():
+            torch.cuda.set_rng_state(value, int(name.rsplit("_", 1)[1]))
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return state["progress"]
+
+
+def load_trainable(folder: Path, model) -> None:
+    saved = load_file(folder / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints (never `protect`, the best one)."""
+    folders = list_checkpoints(run_dir)
+    for folder in folders[:-keep] if keep else folders:
+        if protect is not None and folder.resolve() == protect.resolve():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
