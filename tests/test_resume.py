@@ -131,3 +131,28 @@ def test_early_stopping_and_load_best_at_end(setup):
         match = [k for k in best if k.endswith(name.replace(".weight", ".default.weight")) or k == name]
         assert match, name
         torch.testing.assert_close(best[match[0]], value)
+
+
+def test_a_nan_loss_stops_with_a_sentence_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
+    import tunesmith.train.loop as loop
+    from tunesmith.errors import UserError
+
+    tmp_path, overrides = setup
+    calls = {"n": 0}
+    real = loop.token_nll_sum
+
+    def poisoned(model, *args, **kwargs):  # the 5th training micro-batch's loss is NaN
+        nll, n = real(model, *args, **kwargs)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                nll = nll * float("nan")
+        return nll, n
+
+    monkeypatch.setattr(loop, "token_nll_sum", poisoned)
+    cfg = load_config(None, overrides + ["training.save_steps=2", "training.max_steps=30"])
+    with pytest.raises(UserError, match="step 5: the loss became nan.*last good checkpoint") as err:
+        run_training(cfg, tmp_path / "nan")
+    good = list_checkpoints(tmp_path / "nan")
+    assert good[-1].name == "step-00000004" and str(good[-1]) in str(err.value)
+    assert "Traceback" not in str(err.value)
