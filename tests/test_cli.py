@@ -10,7 +10,7 @@ from tunesmith.cli import choose_run_dir, main
 
 
 def test_help_on_every_subcommand():
-    for argv in (["--help"], ["train", "--help"], ["data", "inspect", "--help"], ["models", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["data", "inspect", "--help"], ["models", "--help"], ["doctor", "--help"]):
         result = subprocess.run([sys.executable, "-m", "tunesmith.cli", *argv], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert "usage: tunesmith" in result.stdout

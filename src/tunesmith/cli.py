@@ -4,6 +4,7 @@ could not do by calling the library function directly."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -103,6 +104,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from tunesmith.doctor import doctor_report, format_doctor
+
+    report = doctor_report()
+    print(json.dumps(report, indent=2, default=str) if args.json else format_doctor(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunesmith",
@@ -150,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
         "tests/test_matrix.py trained successfully.",
     )
     models.set_defaults(func=cmd_models)
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="what this machine can do: devices, precision, 4-bit, memory, versions",
+        description="Report the devices (CUDA with compute capability, Intel XPU, Apple MPS, the CPU and its "
+        "vector extensions), the precision `model.dtype: auto` picks and why, whether 4-bit (QLoRA) works, "
+        "memory and library versions.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 
