@@ -30,9 +30,13 @@ ROWS = [
 ]
 
 METHODS = list(typing.get_args(Config.model_fields["method"].annotation))
-# learning rates that move a tiny random model visibly in 20 steps
-LEARNING_RATE = {"full": "1e-3"}
-DEFAULT_LR = "5e-3"
+# settings that move a tiny random model visibly in 20 steps; AdaLoRA's update is a product of three small
+# factors (P, the singular values E starting at zero, Q), so it gets a higher rate, a larger alpha and 30 steps
+METHOD_SETTINGS = {
+    "full": ["training.learning_rate=1e-3"],
+    "adalora": ["training.learning_rate=2e-2", "lora.alpha=64", "training.max_steps=30"],
+}
+DEFAULT_SETTINGS = ["training.learning_rate=5e-3"]
 
 
 def tiny_config(family: str, vocab: int):
@@ -92,9 +96,9 @@ def test_method_trains_family(tmp_path, tiny_tokenizer, family, method):
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     cfg = load_config(None, [
         f"model.name={folder}", f"data.path={data}", "data.validation_split=0", "method=" + method,
-        f"training.learning_rate={LEARNING_RATE.get(method, DEFAULT_LR)}", "training.lr_scheduler=constant",
+        "training.lr_scheduler=constant",
         "training.max_steps=20", "training.epochs=100", "training.batch_size=6",  # one batch: every step sees the same rows
-        "lora.dropout=0.0", "eval.enabled=false",
+        "lora.dropout=0.0", "eval.enabled=false", *METHOD_SETTINGS.get(method, DEFAULT_SETTINGS),
     ])
     summary = run_training(cfg, tmp_path / "run")
     first, final = summary["train"]["first_loss"], summary["train"]["final_loss"]

@@ -55,11 +55,51 @@ class DataConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, ge=1)
+    r: int = Field(16, ge=1, description="Adapter rank (for adalora: the average rank it ends with).")
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear' or a list of module names such as [q_proj, v_proj]."
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto",
+        description="auto (the family's attention and MLP projections), all-linear, or module names such as "
+        "[q_proj, v_proj].",
+    )
+    use_dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale adapters by alpha/sqrt(r) instead of alpha/r.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _names_from_text(cls, value: Any) -> Any:
+        """`q_proj` or `q_proj,v_proj` (handy with --set) mean the list of those names."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.lower() in ("auto", "all-linear"):
+                return text.lower()
+            value = [part.strip() for part in text.split(",") if part.strip()]
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list targets nothing; give module names, auto or all-linear")
+        return value
+
+
+class QloraConfig(_Section):
+    fallback: Literal["lora", "error"] = Field(
+        "lora",
+        description="Where 4-bit cannot run (no bitsandbytes, no kernels for this device): train plain LoRA "
+        "with a notice, or stop with an error.",
+    )
+
+
+class AdaloraConfig(_Section):
+    init_r: int | None = Field(
+        None, ge=1, description="Rank every layer starts with; default 1.5 x lora.r (lora.r is the average it ends with)."
+    )
+    tinit: int | None = Field(None, ge=0, description="Steps before ranks start to shrink; default 10% of the run.")
+    tfinal: int | None = Field(None, ge=0, description="Last steps with ranks fixed; default 20% of the run.")
+    delta_t: int = Field(1, ge=1, description="Reallocate ranks every this many steps.")
+    beta1: float = Field(0.85, ge=0.0, lt=1.0, description="Smoothing of the importance scores.")
+    beta2: float = Field(0.85, ge=0.0, lt=1.0, description="Smoothing of their uncertainty.")
+    orth_reg_weight: float = Field(0.5, ge=0.0, description="Weight of the loss that keeps the factors orthogonal.")
+    total_step: int | None = Field(
+        None, ge=1, description="Length of the rank schedule in steps; default the run's planned steps."
     )
 
 
@@ -75,7 +115,19 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null turns it off.")
-    optimizer: Literal["adamw"] = "adamw"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="8-bit and paged AdamW come from bitsandbytes; where it cannot run, AdamW."
+    )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute layer activations in the backward pass instead of keeping them: less memory, about "
+        "a third more compute. auto: on when one micro-batch's activations would take over half the free memory.",
+    )
+    autocast: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run matmuls in bf16/fp16 while trained weights stay in their own precision. auto: on where "
+        "the device is fast in 16-bit (GPUs, CPUs with AMX/AVX512-BF16), off on other CPUs.",
+    )
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_epsilon: float = Field(1e-8, gt=0)
@@ -111,8 +163,10 @@ class OutputConfig(_Section):
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "qlora", "dora", "rslora", "adalora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QloraConfig = Field(default_factory=QloraConfig)
+    adalora: AdaloraConfig = Field(default_factory=AdaloraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

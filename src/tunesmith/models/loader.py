@@ -1,4 +1,10 @@
-"""Load a model and its tokenizer from a built-in name, a local folder, a .gguf file or a hub id."""
+"""Load a model and its tokenizer from a built-in name, a local folder, a .gguf file or a hub id.
+
+With `method: qlora` the model's linear layers load as 4-bit NF4 with double quantisation
+(bitsandbytes): about 0.5 bytes a weight instead of 4 (fp32) or 2 (bf16), at the cost of
+dequantising each weight on every forward and backward pass.  Where 4-bit cannot run,
+`qlora.fallback` decides between plain LoRA on the unquantised weights and a stop.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import ModelConfig
+from tunesmith.config import Config, ModelConfig
 from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_dir
+from tunesmith.hardware import four_bit_status
 from tunesmith.models.builtin import BUILTIN_MODELS, _convert_gguf, builtin_path, tunesmith_home
 
 
@@ -60,23 +67,70 @@ def load_tokenizer(source: str, cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(source: str, cfg: ModelConfig, dtype: torch.dtype):
+def load_model(source: str, cfg: Config, dtype: torch.dtype):
+    """The model for `cfg.method`; `dtype` is the precision it computes in (and stores unquantised weights in)."""
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if cfg.method == "qlora":
+        quantization = four_bit_config(cfg, dtype)
+        if quantization is not None:
+            extra["quantization_config"] = quantization
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, low_cpu_mem_usage=True
+            source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, low_cpu_mem_usage=True, **extra
         )
     except OSError as exc:
-        raise UserError(_unreadable(source, cfg, exc)) from None
+        raise UserError(_unreadable(source, cfg.model, exc)) from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise UserError(
-                f"model.name: {cfg.name} needs Python code shipped with the model; if you trust it, "
+                f"model.name: {cfg.model.name} needs Python code shipped with the model; if you trust it, "
                 "set model.trust_remote_code: true."
             ) from None
         raise
+    if "quantization_config" in extra:
+        _release_checkpoint_map(model)
     return model
+
+
+def _release_checkpoint_map(model) -> None:
+    """Copy the unquantised CPU tensors (embeddings, norms, output layer) out of the checkpoint file's memory
+    map.  They are views of that map, and while one view lives the whole map stays resident, holding every
+    weight that quantisation read: about 4 bytes a weight, more than the 4-bit model itself."""
+    from bitsandbytes.nn import Params4bit
+
+    with torch.no_grad():
+        for param in model.parameters():  # tied weights are one parameter, copied once
+            if param.device.type == "cpu" and not isinstance(param, Params4bit):
+                param.data = param.data.clone()
+
+
+def four_bit_config(cfg: Config, dtype: torch.dtype, report=print):
+    """bitsandbytes' NF4 + double-quantisation settings, computing in `dtype`; None where 4-bit cannot run here
+    and `qlora.fallback: lora` (the reason is reported), a UserError where `qlora.fallback: error`."""
+    available, detail = four_bit_status()
+    if not available:
+        reason = detail.rstrip(".")
+        if cfg.qlora.fallback == "error":
+            raise UserError(
+                f"method: qlora needs 4-bit (NF4) quantisation, which cannot run here: {reason}. "
+                "Install bitsandbytes (pip install 'bitsandbytes>=0.50,<0.51', the range tunesmith is tested with; it "
+                "runs on CPUs too), or train with method: lora, or set qlora.fallback: lora to do that by itself."
+            )
+        report(
+            f"method: qlora: 4-bit cannot run here ({reason}); training plain LoRA on the unquantised weights "
+            "instead, which needs more memory (qlora.fallback: error stops instead)."
+        )
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",  # 4-bit NormalFloat: levels at the quantiles of a normal distribution
+        bnb_4bit_use_double_quant=True,  # the per-block scales are quantised too: ~0.37 bits a weight saved
+        bnb_4bit_compute_dtype=dtype,  # weights are dequantised to this for each matmul
+    )
 
 
 def _unreadable(source: str, cfg: ModelConfig, exc: Exception) -> str:

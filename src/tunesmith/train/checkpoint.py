@@ -4,6 +4,8 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
 - `trainable.safetensors`: the parameters that train (the adapter, or the whole model),
 - `optimizer.safetensors` + the optimiser's hyper-parameters in `state.json`,
 - `rng.safetensors`: torch's CPU (and CUDA) generator states, for dropout,
+- `method.safetensors` (AdaLoRA only): what the method keeps outside the weights, its
+  importance scores; the chosen ranks go into `state.json`,
 - `state.json`: step, epoch and batch position in the epoch's order, the scheduler, Python's
   RNG state, running totals, the early-stopping record, and a SHA-256 of every file above.
 It is written into a temporary folder and renamed, so a crash never leaves a half-written
@@ -23,9 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.fileio import atomic_write_dir
+from tunesmith.models.adapters import load_method_state, method_state
 
 STATE_FILE = "state.json"
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+METHOD_FILE = "method.safetensors"  # written only by methods with state beyond weights (AdaLoRA)
 
 
 def _sha256(path: Path) -> str:
@@ -81,13 +85,19 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict) 
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file(_rng_tensors(), tmp / "rng.safetensors")
+        files = list(TENSOR_FILES)
+        method_tensors, method_values = method_state(model)
+        if method_tensors or method_values:
+            save_file(method_tensors, tmp / METHOD_FILE)
+            files.append(METHOD_FILE)
         py_state = random.getstate()
         state = {
             "progress": progress,
             "optimizer": opt_meta,
             "scheduler": scheduler.state_dict(),
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-            "sha256": {name: _sha256(tmp / name) for name in TENSOR_FILES},
+            "method": method_values,
+            "sha256": {name: _sha256(tmp / name) for name in files},
         }
         (tmp / STATE_FILE).write_text(json.dumps(state))
 
@@ -105,7 +115,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         expected = state["sha256"]
     except (ValueError, KeyError):
         return "its state.json is unreadable"
-    for name in TENSOR_FILES:
+    for name in dict.fromkeys([*TENSOR_FILES, *expected]):
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
@@ -135,6 +145,8 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimiser, scheduler and RNGs from `folder`; returns the saved progress."""
     state = json.loads((folder / STATE_FILE).read_text())
     load_trainable(folder, model)
+    if (folder / METHOD_FILE).is_file():
+        load_method_state(model, load_file(folder / METHOD_FILE), state.get("method") or {})
     device_of = {id(p): p.device for p in model.parameters()}
     opt_state = _optimizer_state_dict(load_file(folder / "optimizer.safetensors"), state["optimizer"])
     optimizer.load_state_dict(opt_state)

@@ -36,7 +36,7 @@ from tunesmith.evaluate.quick import generate_answers, heldout_loss, score_answe
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
 from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
 from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
-from tunesmith.models.adapters import after_optimizer_step, count_parameters, prepare_trainable
+from tunesmith.models.adapters import after_optimizer_step, count_parameters, extra_loss, prepare_trainable
 from tunesmith.train.batching import collate, epoch_order, iter_batches
 from tunesmith.train.checkpoint import (
     STATE_FILE,
@@ -46,6 +46,11 @@ from tunesmith.train.checkpoint import (
     newest_valid_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+)
+from tunesmith.train.compute import (
+    autocast_dtype,
+    enable_gradient_checkpointing,
+    want_gradient_checkpointing,
 )
 from tunesmith.train.loss import IGNORE_INDEX, token_nll_sum
 from tunesmith.train.optim import make_optimizer
@@ -131,6 +136,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     if device == "cpu":
         torch.set_num_threads(t.num_threads or cpu_threads())
     dtype = resolve_dtype(cfg.model.dtype, device)
+    half = autocast_dtype(t.autocast, device, dtype)
+    # Autocast is ours (torch.autocast in the loop), not accelerate's mixed_precision: accelerate keeps that
+    # setting in a process-wide singleton that refuses to change, and one process may train twice.
     accelerator = Accelerator(cpu=device == "cpu")
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
 
@@ -164,7 +172,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     )
 
     # --- model
-    model = load_model(source, cfg.model, dtype)
+    model = load_model(source, cfg, dtype)
     model.to(accelerator.device)
     model.config.use_cache = False
 
@@ -179,11 +187,16 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         log("before: " + ", ".join(f"{k}={v:.4g}" for k, v in base_metrics.items() if k != "rows"))
 
     # --- what trains, the optimiser and the schedule
-    model = prepare_trainable(model, cfg)
-    trainable, total_params = count_parameters(model)
-    log(f"model: {cfg.model.name}, {cfg.method}, {trainable:,} of {total_params:,} parameters trainable; {device}, {dtype}")
-    optimizer = make_optimizer(model, cfg)
+    checkpointing, why = want_gradient_checkpointing(cfg, model, device, dtype)
+    log(why)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
     per_epoch, total_steps = plan_steps(len(bundle.train), cfg)
+    model = prepare_trainable(model, cfg, total_steps)  # AdaLoRA's rank schedule spans the planned steps
+    trainable, total_params = count_parameters(model)
+    log(f"model: {cfg.model.name}, {cfg.method}, {trainable:,} of {total_params:,} parameters trainable; {device}, {dtype}"
+        + (f", autocast {str(half).replace('torch.', '')}" if half is not None else ""))
+    optimizer = make_optimizer(model, cfg, report=log)
     scheduler = _make_scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -199,7 +212,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     try:
         with stop_on_signals() as stop_requested:
             _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch,
-                         total_steps, metrics_log, progress, run_dir, stop_requested)
+                         total_steps, metrics_log, progress, run_dir, stop_requested, half)
     finally:
         metrics_log.close()
     metrics_log.records = read_metrics(run_dir / "metrics.jsonl")
@@ -243,7 +256,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         "run_dir": str(run_dir),
         "method": cfg.method,
         "model": {"name": cfg.model.name, "source": source, "parameters": total_params, "trainable_parameters": trainable},
-        "hardware": {"device": device, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()},
+        "hardware": {"device": device, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                     "autocast": str(half).replace("torch.", "") if half is not None else None,
+                     "gradient_checkpointing": checkpointing},
         "data": stats,
         "train": train_stats,
         "validation": {"loss": val_final["val_loss"], "perplexity": val_final["val_perplexity"]} if val_final else None,
@@ -344,7 +359,7 @@ def _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log,
 
 
 def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch, total_steps,
-                 metrics_log, progress, run_dir, stop_requested):
+                 metrics_log, progress, run_dir, stop_requested, half=None):
     """The loop: micro-batches -> token-weighted loss -> backward -> clip -> step; log every step;
     validate, checkpoint and stop when the config says.  Position and totals live in `progress`."""
     t = cfg.training
@@ -352,6 +367,13 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
     params = [p for p in model.parameters() if p.requires_grad]
     unwrapped = accelerator.unwrap_model(model)
     last_saved = {"step": progress["step"]}
+    autocast = torch.autocast(accelerator.device.type, dtype=half, enabled=half is not None) if half else contextlib.nullcontext()
+    # fp16 has too few exponent bits for small gradients: scale the loss up, and the gradients back down before
+    # clipping (Micikevicius et al., "Mixed Precision Training", 2018).  It needs fp32 trained weights.
+    use_scaler = half is torch.float16 and all(p.dtype == torch.float32 for p in params)
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=use_scaler)
+    if use_scaler and progress.get("grad_scaler"):
+        scaler.load_state_dict(progress["grad_scaler"])
 
     def checkpoint() -> None:
         if accelerator.is_main_process and last_saved["step"] != progress["step"]:
@@ -388,10 +410,14 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
                 step_nll = 0.0
                 for micro in window:
                     micro = {k: v.to(accelerator.device) for k, v in micro.items()}
-                    nll, _ = token_nll_sum(model, micro["input_ids"], micro["attention_mask"], micro["labels"])
-                    accelerator.backward(nll / window_tokens)
+                    with autocast:
+                        nll, _ = token_nll_sum(model, micro["input_ids"], micro["attention_mask"], micro["labels"])
+                    accelerator.backward(scaler.scale(nll / window_tokens))
                     step_nll += float(nll.detach())
                     progress["all_tokens"] += int(micro["attention_mask"].sum())
+                penalty = extra_loss(model)  # AdaLoRA's orthogonality term, once per optimiser step
+                if penalty is not None:
+                    accelerator.backward(scaler.scale(penalty))
                 loss = step_nll / window_tokens
                 if not math.isfinite(loss):
                     saved = list_checkpoints(run_dir)
@@ -401,9 +427,13 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
                         + "Lower training.learning_rate (or set training.max_grad_norm) and run again."
                     )
                 max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+                scaler.unscale_(optimizer)
                 grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
+                scaler.step(optimizer)  # a plain optimizer.step() when the scaler is off
+                scaler.update()
+                if use_scaler:
+                    progress["grad_scaler"] = scaler.state_dict()
                 after_optimizer_step(model, progress["step"] + 1)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
