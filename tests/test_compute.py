@@ -68,6 +68,8 @@ def test_activation_estimate_follows_the_formula_and_auto_decides_on_it(tiny_lla
     monkeypatch.setattr(compute, "_memory_left", lambda device, model: need)  # would take all of it
     on, why = compute.want_gradient_checkpointing(cfg, tiny_llama, "cpu", torch.float32)
     assert on and "more than half" in why
+    qlora = load_config(None, ["method=qlora"])
+    assert compute.want_gradient_checkpointing(qlora, tiny_llama, "cpu", torch.float32)[0] is True
     forced = load_config(None, ["training.gradient_checkpointing=false"])
     assert compute.want_gradient_checkpointing(forced, tiny_llama, "cpu", torch.float32)[0] is False
     forced = load_config(None, ["training.gradient_checkpointing=true"])

@@ -33,6 +33,11 @@ class ModelConfig(_Section):
         "auto", description="Weight and compute precision; auto picks what this device does fast."
     )
     trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model.")
+    task: Literal["auto", "causal_lm", "seq2seq", "masked_lm"] = Field(
+        "auto",
+        description="What the model learns: causal_lm (next token: Llama, Qwen, GPT-2, ...), seq2seq (input -> output: "
+        "T5, BART), masked_lm (fill in hidden tokens: BERT, RoBERTa); auto reads it from the model's config.",
+    )
 
 
 class DataConfig(_Section):
@@ -121,7 +126,8 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
         description="Recompute layer activations in the backward pass instead of keeping them: less memory, about "
-        "a third more compute. auto: on when one micro-batch's activations would take over half the free memory.",
+        "a third more compute. auto: on for qlora, and when one micro-batch's activations would take over half the "
+        "free memory.",
     )
     autocast: bool | Literal["auto"] = Field(
         "auto",

@@ -75,9 +75,10 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1]}
 
 
-def has_trained_tokens(row: TokenizedRow) -> bool:
-    """Whether any label counts: the loss predicts token t from tokens < t, so label 0 never does."""
-    return any(label != IGNORE_INDEX for label in row.labels[1:])
+def has_trained_tokens(row: TokenizedRow, task: str = "causal_lm") -> bool:
+    """Whether any label counts: a causal loss predicts token t from tokens < t, so there label 0 never does."""
+    labels = row.labels[1:] if task == "causal_lm" else row.labels
+    return any(label != IGNORE_INDEX for label in labels)
 
 
 def _load_samples(value: str, key: str, cfg: DataConfig, limit: int | None = None):
@@ -91,25 +92,28 @@ def _load_samples(value: str, key: str, cfg: DataConfig, limit: int | None = Non
 
 
 def _tokenize_all(
-    samples: list[dict], places: list[str], tokenizer, cfg: DataConfig
+    samples: list[dict], places: list[str], tokenizer, cfg: DataConfig, task: str = "causal_lm"
 ) -> tuple[list[TokenizedRow], int, int]:
     """(rows that have something to train on, truncated count, dropped count)."""
     rows, truncated, dropped = [], 0, 0
     for sample, place in zip(samples, places):
         try:
-            row = tokenize_sample(sample, tokenizer, cfg)
+            row = tokenize_sample(sample, tokenizer, cfg, task)
         except UserError as exc:
             raise UserError(f"{place}: {exc}") from None
         truncated += row.truncated
-        if has_trained_tokens(row):
+        if has_trained_tokens(row, task):
             rows.append(row)
         else:
             dropped += 1
     return rows, truncated, dropped
 
 
-def build_datasets(cfg: DataConfig, tokenizer, cache_dir: str | Path | None = None) -> DataBundle:
-    """Read, normalise, split and tokenise the data the config names (see the module docstring)."""
+def build_datasets(
+    cfg: DataConfig, tokenizer, cache_dir: str | Path | None = None, task: str = "causal_lm"
+) -> DataBundle:
+    """Read, normalise, split and tokenise the data the config names (see the module docstring), for a
+    model of kind `task` (causal_lm, seq2seq or masked_lm; see tunesmith.tasks)."""
     fmt, samples, places, rows_read = _load_samples(cfg.path, "data.path", cfg, cfg.limit)
     if cfg.validation_path:
         train_samples, train_places = samples, places
@@ -123,16 +127,17 @@ def build_datasets(cfg: DataConfig, tokenizer, cache_dir: str | Path | None = No
     else:
         test_samples, test_places = val_samples, val_places
 
-    ensure_chat_template(tokenizer)  # before hashing: the template is part of the cache key
+    if task == "causal_lm":
+        ensure_chat_template(tokenizer)  # before hashing: the template is part of the cache key
     splits = {"train": (train_samples, train_places), "validation": (val_samples, val_places)}
     if cfg.test_path:
         splits["test"] = (test_samples, test_places)
 
-    cache_file = Path(cache_dir) / f"{_cache_key(splits, tokenizer, cfg)}.npz" if cache_dir is not None else None
+    cache_file = Path(cache_dir) / f"{_cache_key(splits, tokenizer, cfg, task)}.npz" if cache_dir is not None else None
     tokenized = _read_cache(cache_file) if cache_file is not None else None
     cache_state = "off" if cache_file is None else ("hit" if tokenized is not None else "miss")
     if tokenized is None:
-        tokenized = {name: _tokenize_all(s, p, tokenizer, cfg) for name, (s, p) in splits.items()}
+        tokenized = {name: _tokenize_all(s, p, tokenizer, cfg, task) for name, (s, p) in splits.items()}
         if cache_file is not None:
             _write_cache(cache_file, tokenized)
     if "test" not in tokenized:
@@ -181,12 +186,14 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + extra).encode("utf-8")).hexdigest()
 
 
-def _cache_key(splits: dict, tokenizer, cfg: DataConfig) -> str:
+def _cache_key(splits: dict, tokenizer, cfg: DataConfig, task: str = "causal_lm") -> str:
     import tokenizers
     import transformers
 
     digest = hashlib.sha256()
     header = [_CACHE_VERSION, transformers.__version__, tokenizers.__version__, cfg.max_length, cfg.train_on_prompt]
+    if task != "causal_lm":  # (causal keys stay as they were, so existing caches still hit)
+        header.append(task)
     digest.update(json.dumps(header).encode())
     digest.update(_tokenizer_fingerprint(tokenizer).encode())
     for name, (samples, _) in splits.items():
@@ -201,6 +208,8 @@ def _write_cache(path: Path, tokenized: dict) -> None:
     arrays = {}
     for name, (rows, truncated, dropped) in tokenized.items():
         arrays[f"{name}_lengths"] = np.array([len(r.input_ids) for r in rows], dtype=np.int64)
+        # labels are as long as the ids except for seq2seq, where they are the decoder's side
+        arrays[f"{name}_labellengths"] = np.array([len(r.labels) for r in rows], dtype=np.int64)
         arrays[f"{name}_ids"] = np.array([t for r in rows for t in r.input_ids], dtype=np.int64)
         arrays[f"{name}_labels"] = np.array([t for r in rows for t in r.labels], dtype=np.int64)
         arrays[f"{name}_truncated"] = np.array([r.truncated for r in rows], dtype=bool)
@@ -229,11 +238,14 @@ def _read_cache(path: Path) -> dict | None:
             for name in names:
                 lengths = data[f"{name}_lengths"].tolist()
                 ids, labels = data[f"{name}_ids"].tolist(), data[f"{name}_labels"].tolist()
+                label_lengths = data[f"{name}_labellengths"].tolist()
                 flags = data[f"{name}_truncated"].tolist()
-                rows, start = [], 0
-                for length, flag in zip(lengths, flags):
-                    rows.append(TokenizedRow(ids[start : start + length], labels[start : start + length], bool(flag)))
+                rows, start, label_start = [], 0, 0
+                for length, label_length, flag in zip(lengths, label_lengths, flags):
+                    row_labels = labels[label_start : label_start + label_length]
+                    rows.append(TokenizedRow(ids[start : start + length], row_labels, bool(flag)))
                     start += length
+                    label_start += label_length
                 truncated, dropped = data[f"{name}_counts"].tolist()
                 out[name] = (rows, truncated, dropped)
             return out

@@ -160,8 +160,18 @@ def _text_ids(text: str, tokenizer) -> list[int]:
     return ids
 
 
-def tokenize_sample(sample: dict, tokenizer, cfg: DataConfig) -> TokenizedRow:
-    """One sample ({"messages": ...} or {"text": ...}) → ids and labels, truncated to `cfg.max_length`."""
+def tokenize_sample(sample: dict, tokenizer, cfg: DataConfig, task: str = "causal_lm") -> TokenizedRow:
+    """One sample ({"messages": ...} or {"text": ...}) → ids and labels, truncated to `cfg.max_length`.
+
+    For `task` seq2seq the ids are the encoder's and the labels the decoder's (see tunesmith.tasks);
+    for masked_lm the labels mark which tokens may be hidden (the hiding happens per batch).
+    """
+    if task != "causal_lm":
+        from tunesmith.tasks import SEQ2SEQ, masked_lm_ids, seq2seq_ids
+
+        make = seq2seq_ids if task == SEQ2SEQ else masked_lm_ids
+        ids, labels, truncated = make(sample, tokenizer, cfg.max_length)
+        return TokenizedRow(input_ids=ids, labels=labels, truncated=truncated)
     if "messages" in sample:
         ensure_chat_template(tokenizer)
         ids = chat_ids(tokenizer, sample["messages"])

@@ -46,14 +46,22 @@ def exact_match(prediction: str, reference: str, answer_regex: str | None = None
 
 
 @torch.no_grad()
-def heldout_loss(model, rows, batch_size: int, pad_token_id: int, device) -> dict:
-    """Token-weighted mean NLL over the rows (labels masked as in training) and its perplexity."""
+def heldout_loss(model, rows, batch_size: int, pad_token_id: int, device, objective=None) -> dict:
+    """Token-weighted mean NLL over the rows (labels masked as in training) and its perplexity.
+
+    `objective` (a tunesmith.tasks.Objective) batches and scores seq2seq and masked-LM rows; without it
+    the rows are causal.  A masked-LM batch hides the same tokens every time it is scored here.
+    """
     was_training = model.training
     model.eval()
     nll_total, token_total = 0.0, 0
-    for batch_rows in iter_batches(rows, batch_size, order=None):
-        batch = {k: v.to(device) for k, v in collate(batch_rows, pad_token_id).items()}
-        nll, n = token_nll_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    for index, batch_rows in enumerate(iter_batches(rows, batch_size, order=None)):
+        if objective is None:
+            batch = {k: v.to(device) for k, v in collate(batch_rows, pad_token_id).items()}
+            nll, n = token_nll_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        else:
+            batch = {k: v.to(device) for k, v in objective.collate(batch_rows, key=("heldout", index)).items()}
+            nll, n = objective.nll_sum(model, batch)
         nll_total += float(nll)
         token_total += n
     model.train(was_training)
@@ -72,7 +80,9 @@ def generate_answers(
     desc: str = "generating",
 ) -> list[str]:
     """Greedy answers for token-id prompts, batched with left padding (so every row's last prompt
-    token sits at the same position) and the KV cache on; a row stops at its end-of-turn token."""
+    token sits at the same position) and the KV cache on; a row stops at its end-of-turn token.
+    Encoder-decoder models read right-padded prompts, and all they generate is the answer."""
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id
@@ -87,8 +97,9 @@ def generate_answers(
             attention = torch.zeros((len(idx), width), dtype=torch.long)  # [b, width]
             for row, i in enumerate(idx):
                 ids = prompts[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention[row, width - len(ids) :] = 1
+                start = 0 if encoder_decoder else width - len(ids)
+                input_ids[row, start : start + len(ids)] = torch.tensor(ids)
+                attention[row, start : start + len(ids)] = 1
             out = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
@@ -96,9 +107,10 @@ def generate_answers(
                 do_sample=False,
                 pad_token_id=pad_id,
                 use_cache=True,
-            )  # [b, width + new]
+            )  # [b, width + new]; encoder-decoder: [b, 1 + new], the decoder start token first
             for row, i in enumerate(idx):
-                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+                answer = out[row] if encoder_decoder else out[row, width:]
+                answers[i] = tokenizer.decode(answer, skip_special_tokens=True).strip()
             bar.update(len(idx))
     model.train(was_training)
     return answers

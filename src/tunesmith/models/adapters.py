@@ -130,13 +130,20 @@ def prepare_trainable(model: torch.nn.Module, cfg: Config, total_steps: int | No
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     transposed = _targets_only_conv1d(model, targets)
     if cfg.method == "adalora":
-        peft_config = _adalora_config(cfg, targets, transposed, total_steps)
+        peft_config = _adalora_config(cfg, model, targets, transposed, total_steps)
     else:
-        peft_config = _lora_config(cfg, targets, transposed)
+        peft_config = _lora_config(cfg, model, targets, transposed)
     return get_peft_model(model, peft_config)
 
 
-def _lora_config(cfg: Config, targets: str | list[str], transposed: bool):
+def _peft_task_type(model) -> str | None:
+    """PEFT's task type for this model (CAUSAL_LM, SEQ_2_SEQ_LM, or None for masked LM)."""
+    from tunesmith.tasks import detect_task, peft_task_type
+
+    return peft_task_type(detect_task(getattr(model, "config", None)))
+
+
+def _lora_config(cfg: Config, model, targets: str | list[str], transposed: bool):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -147,11 +154,11 @@ def _lora_config(cfg: Config, targets: str | list[str], transposed: bool):
         fan_in_fan_out=transposed,
         use_dora=cfg.lora.use_dora or cfg.method == "dora",
         use_rslora=cfg.lora.use_rslora or cfg.method == "rslora",
-        task_type="CAUSAL_LM",
+        task_type=_peft_task_type(model),
     )
 
 
-def _adalora_config(cfg: Config, targets: str | list[str], transposed: bool, total_steps: int | None):
+def _adalora_config(cfg: Config, model, targets: str | list[str], transposed: bool, total_steps: int | None):
     from peft import AdaLoraConfig as PeftAdaLoraConfig
 
     a = cfg.adalora
@@ -188,7 +195,7 @@ def _adalora_config(cfg: Config, targets: str | list[str], transposed: bool, tot
         beta2=a.beta2,
         orth_reg_weight=a.orth_reg_weight,
         total_step=total,
-        task_type="CAUSAL_LM",
+        task_type=_peft_task_type(model),
     )
 
 

@@ -67,9 +67,25 @@ def load_tokenizer(source: str, cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(source: str, cfg: Config, dtype: torch.dtype):
-    """The model for `cfg.method`; `dtype` is the precision it computes in (and stores unquantised weights in)."""
-    from transformers import AutoModelForCausalLM
+def model_task(source: str, cfg: Config) -> str:
+    """`model.task` for this model: as configured, or (auto) from its config.json (see tunesmith.tasks)."""
+    from transformers import AutoConfig
+
+    from tunesmith.tasks import detect_task
+
+    if cfg.model.task != "auto":
+        return cfg.model.task
+    try:
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        model_config = None  # load_model reports what is wrong with the source
+    return detect_task(model_config)
+
+
+def load_model(source: str, cfg: Config, dtype: torch.dtype, task: str = "causal_lm"):
+    """The model for `cfg.method` and `task`; `dtype` is the precision it computes in (and stores unquantised
+    weights in)."""
+    from tunesmith.tasks import auto_model_class
 
     extra = {}
     if cfg.method == "qlora":
@@ -77,7 +93,7 @@ def load_model(source: str, cfg: Config, dtype: torch.dtype):
         if quantization is not None:
             extra["quantization_config"] = quantization
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model_class(task).from_pretrained(
             source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, low_cpu_mem_usage=True, **extra
         )
     except OSError as exc:

@@ -33,7 +33,8 @@ def format_matrix(matrix: dict) -> str:
     lines.append("")
     lines.append(
         f"ok = a tiny random {', '.join(families)} model trained with that method and its loss fell "
-        f"(final <= 0.9 x first over 20 steps); from {matrix.get('generated_by')} at {matrix.get('generated_at')} "
+        "(final <= 0.9 x first over 20 steps; for masked-LM families such as BERT, the held-out loss on the same "
+        f"hidden tokens fell by 0.1 or more); from {matrix.get('generated_by')} at {matrix.get('generated_at')} "
         f"({', '.join(f'{k} {v}' for k, v in matrix.get('versions', {}).items())})."
     )
     return "\n".join(lines)

@@ -7,8 +7,9 @@ AMX-BF16/AVX512-BF16; on other CPUs bf16 is emulated and slower than fp32, so it
 
 `training.gradient_checkpointing` keeps only each decoder layer's input during the forward pass
 and recomputes the rest in the backward pass: about a third more compute for activation
-memory that no longer grows with the number of layers.  `auto` turns it on when the estimated
-activations of one micro-batch would take more than half of the memory left beside the weights.
+memory that no longer grows with the number of layers.  `auto` turns it on for QLoRA (a method
+picked to save memory) and when the estimated activations of one micro-batch would take more
+than half of the memory left beside the weights.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def want_gradient_checkpointing(cfg: Config, model: torch.nn.Module, device: str
         return True, "gradient checkpointing: on (training.gradient_checkpointing: true)"
     if setting is False:
         return False, "gradient checkpointing: off (training.gradient_checkpointing: false)"
+    if cfg.method == "qlora":
+        # QLoRA is chosen to save memory, and its recipe checkpoints (Dettmers et al., "QLoRA", 2023, section 4)
+        return True, "gradient checkpointing: on (auto: method qlora trades compute for memory)"
     need = activation_bytes(getattr(model, "config", None), cfg.training.batch_size, cfg.data.max_length, dtype)
     left = _memory_left(device, model)
     if not need or left is None:

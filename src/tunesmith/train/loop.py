@@ -36,8 +36,9 @@ from tunesmith.evaluate.quick import generate_answers, heldout_loss, score_answe
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
 from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
 from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
+from tunesmith.models.loader import model_task
 from tunesmith.models.adapters import after_optimizer_step, count_parameters, extra_loss, prepare_trainable
-from tunesmith.train.batching import collate, epoch_order, iter_batches
+from tunesmith.train.batching import epoch_order, iter_batches
 from tunesmith.train.checkpoint import (
     STATE_FILE,
     list_checkpoints,
@@ -52,10 +53,11 @@ from tunesmith.train.compute import (
     enable_gradient_checkpointing,
     want_gradient_checkpointing,
 )
-from tunesmith.train.loss import IGNORE_INDEX, token_nll_sum
+
 from tunesmith.train.optim import make_optimizer
 from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes, read_metrics
 from tunesmith.train.report import health_check, plot_training, render_report
+from tunesmith.tasks import CAUSAL_LM, MASKED_LM, SEQ2SEQ, Objective, plain_prompt
 
 SAMPLES_IN_REPORT = 1
 
@@ -91,27 +93,32 @@ def plan_steps(n_train_rows: int, cfg: Config) -> tuple[int, int]:
     return per_epoch, total
 
 
-def _before_after_inputs(bundle, tokenizer, cfg: Config):
+def _before_after_inputs(bundle, tokenizer, cfg: Config, task: str = CAUSAL_LM):
     """Prompts (token ids), references and readable prompts of the held-out rows used before and after."""
     samples = bundle.test_samples[: cfg.eval.limit] if cfg.eval.limit else bundle.test_samples
     prompts, references, texts = [], [], []
-    if bundle.format == "text":  # plain text has no answers to generate; held-out loss still compares
+    # Plain text has no answers to generate, and a masked LM does not generate: held-out loss still compares.
+    if bundle.format == "text" or task == MASKED_LM:
         return prompts, references, texts
     for sample in samples:
         messages, reference = prompt_and_reference(sample)
-        prompts.append(encode_prompt(messages, tokenizer))
+        if task == SEQ2SEQ:
+            prompts.append(list(tokenizer(plain_prompt(messages))["input_ids"])[: cfg.data.max_length])
+        else:
+            prompts.append(encode_prompt(messages, tokenizer))
         references.append(reference)
         texts.append(messages[-1]["content"])
     return prompts, references, texts
 
 
-def evaluate_model(model, tokenizer, bundle, inputs, cfg: Config, device: str, label: str) -> tuple[dict, list[str]]:
+def evaluate_model(model, tokenizer, bundle, inputs, cfg: Config, device: str, label: str,
+                   objective: Objective | None = None) -> tuple[dict, list[str]]:
     """Held-out loss/perplexity and exact match of greedy answers, for one model state."""
     prompts, references, _ = inputs
     rows = bundle.test[: cfg.eval.limit] if cfg.eval.limit else bundle.test
     metrics: dict = {}
     if rows:
-        held = heldout_loss(model, rows, cfg.training.eval_batch_size, tokenizer.pad_token_id, device)
+        held = heldout_loss(model, rows, cfg.training.eval_batch_size, tokenizer.pad_token_id, device, objective)
         metrics.update({"loss": held["loss"], "perplexity": held["perplexity"]})
     answers: list[str] = []
     if prompts:
@@ -135,6 +142,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     device = detect_device()
     if device == "cpu":
         torch.set_num_threads(t.num_threads or cpu_threads())
+        # Values below fp32's normal range (~1e-38) take a slow microcode path on x86 CPUs, tens of times slower
+        # per multiply; tiny LoRA products hit it.  Flushing them to zero changes results by less than 1e-38.
+        torch.set_flush_denormal(True)
     dtype = resolve_dtype(cfg.model.dtype, device)
     half = autocast_dtype(t.autocast, device, dtype)
     # Autocast is ours (torch.autocast in the loop), not accelerate's mixed_precision: accelerate keeps that
@@ -156,8 +166,14 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     # --- model source and tokenizer, then data (tokenising needs the tokenizer's chat template)
     source = resolve_model_source(cfg.model.name)
     tokenizer = load_tokenizer(source, cfg.model)
+    task = model_task(source, cfg)
+    if task == MASKED_LM and tokenizer.mask_token_id is None:
+        raise UserError(
+            f"model.name: {cfg.model.name} is a masked-language model, but its tokenizer has no mask token to hide "
+            "words with; use the tokenizer the model was trained with, or set model.task to what the model is."
+        )
     # Tokenised rows are cached by a hash of the data and every setting that changes tokens.
-    bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized")
+    bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized", task=task)
     if not bundle.train:
         raise UserError(f"data.path: {cfg.data.path} gave no trainable rows; `tunesmith data inspect` shows why.")
     stats = bundle.stats
@@ -172,18 +188,22 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     )
 
     # --- model
-    model = load_model(source, cfg, dtype)
+    model = load_model(source, cfg, dtype, task)
     model.to(accelerator.device)
     model.config.use_cache = False
+    objective = Objective(task, tokenizer)
 
     # --- before: the base model on the held-out rows
     do_eval = cfg.eval.enabled and bool(bundle.test_samples or bundle.test)
-    eval_inputs = _before_after_inputs(bundle, tokenizer, cfg) if do_eval else None
+    eval_inputs = _before_after_inputs(bundle, tokenizer, cfg, task) if do_eval else None
     base_metrics: dict = progress.get("base_metrics", {}) if checkpoint else {}
     base_answers: list[str] = progress.get("base_answers", []) if checkpoint else []
     if do_eval and not base_metrics:
-        log(f"before: evaluating the base model on {len(eval_inputs[0])} held-out rows")
-        base_metrics, base_answers = evaluate_model(model, tokenizer, bundle, eval_inputs, cfg, accelerator.device, "base")
+        held_rows = len(bundle.test[: cfg.eval.limit] if cfg.eval.limit else bundle.test)
+        log(f"before: evaluating the base model on {max(held_rows, len(eval_inputs[0]))} held-out rows")
+        base_metrics, base_answers = evaluate_model(
+            model, tokenizer, bundle, eval_inputs, cfg, accelerator.device, "base", objective
+        )
         log("before: " + ", ".join(f"{k}={v:.4g}" for k, v in base_metrics.items() if k != "rows"))
 
     # --- what trains, the optimiser and the schedule
@@ -212,7 +232,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     try:
         with stop_on_signals() as stop_requested:
             _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch,
-                         total_steps, metrics_log, progress, run_dir, stop_requested, half)
+                         total_steps, metrics_log, progress, run_dir, stop_requested, half, objective)
     finally:
         metrics_log.close()
     metrics_log.records = read_metrics(run_dir / "metrics.jsonl")
@@ -241,7 +261,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     if do_eval:
         log("after: evaluating the tuned model on the same rows")
         tuned_metrics, tuned_answers = evaluate_model(
-            unwrapped, tokenizer, bundle, eval_inputs, cfg, accelerator.device, "tuned"
+            unwrapped, tokenizer, bundle, eval_inputs, cfg, accelerator.device, "tuned", objective
         )
         eval_section = {"base": base_metrics, "tuned": tuned_metrics}
         _, references, prompt_texts = eval_inputs
@@ -334,10 +354,11 @@ def _train_stats(progress: dict, per_epoch: int) -> dict:
     }
 
 
-def _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log, bar) -> bool:
+def _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log, bar, objective) -> bool:
     """Validation loss now; updates the best-so-far record.  True when early stopping says stop."""
     t = cfg.training
-    held = heldout_loss(model, bundle.validation, t.eval_batch_size, tokenizer.pad_token_id, accelerator.device)
+    held = heldout_loss(model, bundle.validation, t.eval_batch_size, tokenizer.pad_token_id, accelerator.device,
+                        objective)
     val = {"type": "validation", "step": progress["step"], "epoch": progress["epoch"],
            "val_loss": held["loss"], "val_perplexity": held["perplexity"]}
     metrics_log.write(val)
@@ -359,11 +380,10 @@ def _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log,
 
 
 def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch, total_steps,
-                 metrics_log, progress, run_dir, stop_requested, half=None):
+                 metrics_log, progress, run_dir, stop_requested, half, objective):
     """The loop: micro-batches -> token-weighted loss -> backward -> clip -> step; log every step;
     validate, checkpoint and stop when the config says.  Position and totals live in `progress`."""
     t = cfg.training
-    pad_id = tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     unwrapped = accelerator.unwrap_model(model)
     last_saved = {"step": progress["step"]}
@@ -386,7 +406,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
         done = progress["val_records"]
         if not bundle.validation or (done and done[-1]["step"] == progress["step"]):
             return False  # nothing to validate on, or eval_steps already did it at this step
-        stop = _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log, bar)
+        stop = _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log, bar, objective)
         if t.load_best_at_end and progress["best_step"] == progress["step"]:
             checkpoint()  # the best weights must stay on disk to be loaded at the end
         return stop
@@ -402,8 +422,11 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
                 if progress["step"] >= total_steps:
                     break
                 tick = time.perf_counter()
-                window = [collate(b, pad_id) for b in batches[window_start : window_start + t.gradient_accumulation]]
-                window_tokens = sum(int((w["labels"][:, 1:] != IGNORE_INDEX).sum()) for w in window)
+                window = [
+                    objective.collate(b, key=(t.seed, epoch, window_start, j))  # the key seeds masked-LM masking
+                    for j, b in enumerate(batches[window_start : window_start + t.gradient_accumulation])
+                ]
+                window_tokens = sum(objective.trained_tokens(w) for w in window)
                 progress["window_start"] = window_start + t.gradient_accumulation
                 if window_tokens == 0:
                     continue
@@ -411,7 +434,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
                 for micro in window:
                     micro = {k: v.to(accelerator.device) for k, v in micro.items()}
                     with autocast:
-                        nll, _ = token_nll_sum(model, micro["input_ids"], micro["attention_mask"], micro["labels"])
+                        nll, _ = objective.nll_sum(model, micro)
                     accelerator.backward(scaler.scale(nll / window_tokens))
                     step_nll += float(nll.detach())
                     progress["all_tokens"] += int(micro["attention_mask"].sum())
