@@ -142,9 +142,6 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     device = detect_device()
     if device == "cpu":
         torch.set_num_threads(t.num_threads or cpu_threads())
-        # Values below fp32's normal range (~1e-38) take a slow microcode path on x86 CPUs, tens of times slower
-        # per multiply; tiny LoRA products hit it.  Flushing them to zero changes results by less than 1e-38.
-        torch.set_flush_denormal(True)
     dtype = resolve_dtype(cfg.model.dtype, device)
     half = autocast_dtype(t.autocast, device, dtype)
     # Autocast is ours (torch.autocast in the loop), not accelerate's mixed_precision: accelerate keeps that
