@@ -134,12 +134,12 @@ def test_early_stopping_and_load_best_at_end(setup):
 
 
 def test_a_nan_loss_stops_with_a_sentence_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
-    import tunesmith.train.loop as loop
+    import tunesmith.train.loss as loss
     from tunesmith.errors import UserError
 
     tmp_path, overrides = setup
     calls = {"n": 0}
-    real = loop.token_nll_sum
+    real = loss.token_nll_sum  # looked up at each call by tunesmith.tasks.Objective.nll_sum
 
     def poisoned(model, *args, **kwargs):  # the 5th training micro-batch's loss is NaN
         nll, n = real(model, *args, **kwargs)
@@ -149,7 +149,7 @@ def test_a_nan_loss_stops_with_a_sentence_and_keeps_the_last_good_checkpoint(set
                 nll = nll * float("nan")
         return nll, n
 
-    monkeypatch.setattr(loop, "token_nll_sum", poisoned)
+    monkeypatch.setattr(loss, "token_nll_sum", poisoned)
     cfg = load_config(None, overrides + ["training.save_steps=2", "training.max_steps=30"])
     with pytest.raises(UserError, match="step 5: the loss became nan.*last good checkpoint") as err:
         run_training(cfg, tmp_path / "nan")
