@@ -62,10 +62,10 @@ def test_activation_estimate_follows_the_formula_and_auto_decides_on_it(tiny_lla
 
     cfg = load_config(None, ["training.batch_size=2", "data.max_length=128"])
     need = compute.activation_bytes(config, 2, 128, torch.float32)
-    monkeypatch.setattr(compute, "_memory_left", lambda device, model: 100 * need)
+    monkeypatch.setattr(compute, "_memory_left", lambda device: 100 * need)
     on, why = compute.want_gradient_checkpointing(cfg, tiny_llama, "cpu", torch.float32)
     assert not on and "auto" in why
-    monkeypatch.setattr(compute, "_memory_left", lambda device, model: need)  # would take all of it
+    monkeypatch.setattr(compute, "_memory_left", lambda device: need)  # would take all of it
     on, why = compute.want_gradient_checkpointing(cfg, tiny_llama, "cpu", torch.float32)
     assert on and "more than half" in why
     qlora = load_config(None, ["method=qlora"])
@@ -73,7 +73,7 @@ def test_activation_estimate_follows_the_formula_and_auto_decides_on_it(tiny_lla
     forced = load_config(None, ["training.gradient_checkpointing=false"])
     assert compute.want_gradient_checkpointing(forced, tiny_llama, "cpu", torch.float32)[0] is False
     forced = load_config(None, ["training.gradient_checkpointing=true"])
-    monkeypatch.setattr(compute, "_memory_left", lambda device, model: 100 * need)
+    monkeypatch.setattr(compute, "_memory_left", lambda device: 100 * need)
     assert compute.want_gradient_checkpointing(forced, tiny_llama, "cpu", torch.float32)[0] is True
 
 

@@ -21,14 +21,10 @@ from tunesmith.config import Config, load_config
 from tunesmith.models.validated import MATRIX_FILE
 from tunesmith.train.loop import run_training
 
-ROWS = [
-    {"instruction": "Say the colour of the sky.", "input": "", "output": "The sky is blue."},
-    {"instruction": "Name a fruit.", "input": "yellow", "output": "A banana is yellow."},
-    {"instruction": "Count to three.", "input": "", "output": "one two three"},
-    {"instruction": "Greet the user.", "input": "Ana", "output": "Hello Ana, good to see you."},
-    {"instruction": "Answer yes or no.", "input": "Is fire hot?", "output": "yes"},
-    {"instruction": "Repeat the word.", "input": "river", "output": "river river"},
-]
+from test_train import ROWS as TRAIN_ROWS
+
+# test_train's rows without the two near-repeats (grass, animal): six rows, one batch
+ROWS = TRAIN_ROWS[:4] + TRAIN_ROWS[6:]
 
 METHODS = list(typing.get_args(Config.model_fields["method"].annotation))
 # settings that move a tiny random model visibly in 20 steps; AdaLoRA's update is a product of three small

@@ -24,6 +24,8 @@ from tunesmith.tasks import (
 )
 from tunesmith.train.loop import run_training
 
+from test_train import ROWS as TRAIN_ROWS
+
 PAD = 2  # <|im_end|>: the tiny tokenizer's pad and eos
 
 
@@ -136,12 +138,7 @@ def test_masked_lm_loss_is_the_models_own_loss():
     assert float(nll) / n == pytest.approx(float(reference), rel=1e-5)
 
 
-ROWS = [
-    {"instruction": "Say the colour of the sky.", "input": "", "output": "The sky is blue."},
-    {"instruction": "Name a fruit.", "input": "yellow", "output": "A banana is yellow."},
-    {"instruction": "Count to three.", "input": "", "output": "one two three"},
-    {"instruction": "Greet the user.", "input": "Ana", "output": "Hello Ana, good to see you."},
-] * 2
+ROWS = TRAIN_ROWS[:4] * 2
 
 
 @pytest.mark.parametrize("family", ["t5", "bert"])

@@ -22,10 +22,11 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from tunesmith.data.tokens import IGNORE_INDEX
+
 CAUSAL_LM, SEQ2SEQ, MASKED_LM = "causal_lm", "seq2seq", "masked_lm"
 TASKS = (CAUSAL_LM, SEQ2SEQ, MASKED_LM)
 MASK_FRACTION = 0.15  # BERT's rate (Devlin et al., 2019, section 3.1)
-IGNORE_INDEX = -100  # the same value as tunesmith.data.tokens.IGNORE_INDEX: cross-entropy skips it
 
 # model_type values whose checkpoints are encoders trained to fill in masked tokens
 MASKED_LM_TYPES = {
@@ -124,11 +125,11 @@ def _generator(key) -> torch.Generator:
 class Objective:
     """What one task does with tokenised rows: batch them, count their trained tokens, sum their loss."""
 
-    def __init__(self, task: str, tokenizer, vocab_size: int | None = None):
+    def __init__(self, task: str, tokenizer):
         self.task = task
         self.pad_id = tokenizer.pad_token_id
         self.mask_id = tokenizer.mask_token_id if task == MASKED_LM else None
-        self.vocab_size = vocab_size or len(tokenizer)
+        self.vocab_size = len(tokenizer)  # random replacements are tokens the tokenizer knows
         self.special_ids = sorted(set(tokenizer.all_special_ids))
 
     def collate(self, rows, key=None) -> dict[str, torch.Tensor]:

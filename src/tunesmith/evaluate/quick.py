@@ -14,8 +14,7 @@ import string
 import torch
 from tqdm.auto import tqdm
 
-from tunesmith.train.batching import collate, iter_batches
-from tunesmith.train.loss import token_nll_sum
+from tunesmith.train.batching import iter_batches
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -46,22 +45,18 @@ def exact_match(prediction: str, reference: str, answer_regex: str | None = None
 
 
 @torch.no_grad()
-def heldout_loss(model, rows, batch_size: int, pad_token_id: int, device, objective=None) -> dict:
+def heldout_loss(model, rows, batch_size: int, device, objective) -> dict:
     """Token-weighted mean NLL over the rows (labels masked as in training) and its perplexity.
 
-    `objective` (a tunesmith.tasks.Objective) batches and scores seq2seq and masked-LM rows; without it
-    the rows are causal.  A masked-LM batch hides the same tokens every time it is scored here.
+    `objective` (a tunesmith.tasks.Objective) batches and scores the rows for the model's task; a
+    masked-LM batch hides the same tokens every time it is scored here.
     """
     was_training = model.training
     model.eval()
     nll_total, token_total = 0.0, 0
     for index, batch_rows in enumerate(iter_batches(rows, batch_size, order=None)):
-        if objective is None:
-            batch = {k: v.to(device) for k, v in collate(batch_rows, pad_token_id).items()}
-            nll, n = token_nll_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        else:
-            batch = {k: v.to(device) for k, v in objective.collate(batch_rows, key=("heldout", index)).items()}
-            nll, n = objective.nll_sum(model, batch)
+        batch = {k: v.to(device) for k, v in objective.collate(batch_rows, key=("heldout", index)).items()}
+        nll, n = objective.nll_sum(model, batch)
         nll_total += float(nll)
         token_total += n
     model.train(was_training)

@@ -59,7 +59,7 @@ def activation_bytes(model_config, batch_size: int, seq_len: int, dtype: torch.d
     return int(per_layer_16bit * layers * scale)
 
 
-def _memory_left(device: str, model: torch.nn.Module) -> int | None:
+def _memory_left(device: str) -> int | None:
     """Bytes free for activations: free device memory (GPU) or available RAM (CPU), weights already loaded."""
     info = memory_info()
     if device in ("cuda", "xpu"):
@@ -87,7 +87,7 @@ def want_gradient_checkpointing(cfg: Config, model: torch.nn.Module, device: str
         # QLoRA is chosen to save memory, and its recipe checkpoints (Dettmers et al., "QLoRA", 2023, section 4)
         return True, "gradient checkpointing: on (auto: method qlora trades compute for memory)"
     need = activation_bytes(getattr(model, "config", None), cfg.training.batch_size, cfg.data.max_length, dtype)
-    left = _memory_left(device, model)
+    left = _memory_left(device)
     if not need or left is None:
         return False, "gradient checkpointing: off (auto: the activation size or free memory is unknown)"
     gib = 2**30

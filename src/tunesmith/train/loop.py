@@ -53,7 +53,6 @@ from tunesmith.train.compute import (
     enable_gradient_checkpointing,
     want_gradient_checkpointing,
 )
-
 from tunesmith.train.optim import make_optimizer
 from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes, read_metrics
 from tunesmith.train.report import health_check, plot_training, render_report
@@ -111,14 +110,19 @@ def _before_after_inputs(bundle, tokenizer, cfg: Config, task: str = CAUSAL_LM):
     return prompts, references, texts
 
 
+def _eval_rows(bundle, cfg: Config) -> list:
+    """The tokenised held-out rows the before/after loss is measured on (at most `eval.limit`)."""
+    return bundle.test[: cfg.eval.limit] if cfg.eval.limit else bundle.test
+
+
 def evaluate_model(model, tokenizer, bundle, inputs, cfg: Config, device: str, label: str,
                    objective: Objective | None = None) -> tuple[dict, list[str]]:
     """Held-out loss/perplexity and exact match of greedy answers, for one model state."""
     prompts, references, _ = inputs
-    rows = bundle.test[: cfg.eval.limit] if cfg.eval.limit else bundle.test
+    rows = _eval_rows(bundle, cfg)
     metrics: dict = {}
     if rows:
-        held = heldout_loss(model, rows, cfg.training.eval_batch_size, tokenizer.pad_token_id, device, objective)
+        held = heldout_loss(model, rows, cfg.training.eval_batch_size, device, objective)
         metrics.update({"loss": held["loss"], "perplexity": held["perplexity"]})
     answers: list[str] = []
     if prompts:
@@ -196,8 +200,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     base_metrics: dict = progress.get("base_metrics", {}) if checkpoint else {}
     base_answers: list[str] = progress.get("base_answers", []) if checkpoint else []
     if do_eval and not base_metrics:
-        held_rows = len(bundle.test[: cfg.eval.limit] if cfg.eval.limit else bundle.test)
-        log(f"before: evaluating the base model on {max(held_rows, len(eval_inputs[0]))} held-out rows")
+        log(f"before: evaluating the base model on {max(len(_eval_rows(bundle, cfg)), len(eval_inputs[0]))} held-out rows")
         base_metrics, base_answers = evaluate_model(
             model, tokenizer, bundle, eval_inputs, cfg, accelerator.device, "base", objective
         )
@@ -228,7 +231,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     try:
         with stop_on_signals() as stop_requested:
-            _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch,
+            _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch,
                          total_steps, metrics_log, progress, run_dir, stop_requested, half, objective)
     finally:
         metrics_log.close()
@@ -351,11 +354,10 @@ def _train_stats(progress: dict, per_epoch: int) -> dict:
     }
 
 
-def _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log, bar, objective) -> bool:
+def _validate(model, bundle, cfg, accelerator, progress, metrics_log, bar, objective) -> bool:
     """Validation loss now; updates the best-so-far record.  True when early stopping says stop."""
     t = cfg.training
-    held = heldout_loss(model, bundle.validation, t.eval_batch_size, tokenizer.pad_token_id, accelerator.device,
-                        objective)
+    held = heldout_loss(model, bundle.validation, t.eval_batch_size, accelerator.device, objective)
     val = {"type": "validation", "step": progress["step"], "epoch": progress["epoch"],
            "val_loss": held["loss"], "val_perplexity": held["perplexity"]}
     metrics_log.write(val)
@@ -376,7 +378,7 @@ def _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log,
     return False
 
 
-def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cfg, device, per_epoch, total_steps,
+def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch, total_steps,
                  metrics_log, progress, run_dir, stop_requested, half, objective):
     """The loop: micro-batches -> token-weighted loss -> backward -> clip -> step; log every step;
     validate, checkpoint and stop when the config says.  Position and totals live in `progress`."""
@@ -384,7 +386,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
     params = [p for p in model.parameters() if p.requires_grad]
     unwrapped = accelerator.unwrap_model(model)
     last_saved = {"step": progress["step"]}
-    autocast = torch.autocast(accelerator.device.type, dtype=half, enabled=half is not None) if half else contextlib.nullcontext()
+    autocast = torch.autocast(accelerator.device.type, dtype=half) if half is not None else contextlib.nullcontext()
     # fp16 has too few exponent bits for small gradients: scale the loss up, and the gradients back down before
     # clipping (Micikevicius et al., "Mixed Precision Training", 2018).  It needs fp32 trained weights.
     use_scaler = half is torch.float16 and all(p.dtype == torch.float32 for p in params)
@@ -403,7 +405,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, tokenizer, cf
         done = progress["val_records"]
         if not bundle.validation or (done and done[-1]["step"] == progress["step"]):
             return False  # nothing to validate on, or eval_steps already did it at this step
-        stop = _validate(model, bundle, tokenizer, cfg, accelerator, progress, metrics_log, bar, objective)
+        stop = _validate(model, bundle, cfg, accelerator, progress, metrics_log, bar, objective)
         if t.load_best_at_end and progress["best_step"] == progress["step"]:
             checkpoint()  # the best weights must stay on disk to be loaded at the end
         return stop
