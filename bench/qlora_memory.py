@@ -88,13 +88,14 @@ def child_tunesmith(method: str, steps: int, config: Path, run_dir: Path, extra:
     """tunesmith's own run_training, with a wrapper around its model loader that reads RSS after loading."""
     from tunesmith.config import load_config
     from tunesmith.train import loop
-    from tunesmith.train.metrics import peak_rss_bytes, read_metrics, rss_bytes
+    from tunesmith.train.metrics import peak_rss_bytes, read_metrics, release_free_memory, rss_bytes
 
     after_load: dict = {}
     load_model = loop.load_model
 
     def load_model_and_measure(*args, **kwargs):
         model = load_model(*args, **kwargs)
+        release_free_memory()  # what run_training does right after loading
         after_load.update(rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(), weight_bytes=weight_bytes(model))
         return model
 

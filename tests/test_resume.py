@@ -1,7 +1,6 @@
 """Checkpoints, exact resume after SIGKILL, clean stop on SIGTERM, corrupt checkpoints, early stopping."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

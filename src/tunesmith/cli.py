@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   tunesmith train examples/quickstart.yaml
   tunesmith train examples/dialogsum.yaml --set training.epochs=1 --set training.learning_rate=3e-4
   tunesmith train runs/quickstart-20260101-120000/config.yaml --resume
+  tunesmith eval runs/quickstart-20260101-120000 --limit 20
   tunesmith data inspect examples/data/dates-train.jsonl
 """
 
@@ -64,9 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(("healthy: " if summary["health"]["healthy"] else "check this run: ") + " ".join(summary["health"]["findings"]))
     if "eval" in summary:
         base, tuned = summary["eval"]["base"], summary["eval"]["tuned"]
-        print(f"before/after on {base.get('rows', '?')} held-out rows:")
-        for key in [k for k in base if k != "rows"]:
-            print(f"  {key:12s} base {base[key]:.4g}   tuned {tuned.get(key, float('nan')):.4g}")
+        print(f"before/after on {base.get('rows', '?')} held-out rows (all of it in {run_dir / 'eval'}):")
+        print_comparison(base, tuned)
         for sample in summary.get("eval_samples", []):
             prompt = " ".join(sample["prompt"].split())
             print(f"sample prompt: {prompt[:200] + ' ...' if len(prompt) > 200 else prompt}")
@@ -74,6 +74,29 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  base:      {sample['base']}")
             print(f"  tuned:     {sample['tuned']}")
     print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def print_comparison(base: dict, tuned: dict) -> None:
+    """Base vs tuned, one metric a line."""
+    for key in [k for k in {**base, **tuned} if k not in ("rows", "loss_tokens")]:
+        b, t = base.get(key), tuned.get(key)
+        shown = [f"{v:.4g}" if isinstance(v, (int, float)) else "-" for v in (b, t)]
+        print(f"  {key:20s} base {shown[0]:>10s}   tuned {shown[1]:>10s}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunesmith.evaluate.runner import evaluate_run
+
+    result = evaluate_run(args.run_dir, data=args.data, limit=args.limit, overrides=args.set)
+    print()
+    rows = result["tuned"].get("rows") or result["tuned"].get("loss_tokens", "?")
+    print(f"base vs tuned ({rows} {'rows' if 'rows' in result['tuned'] else 'tokens'}):")
+    print_comparison(result["base"], result["tuned"])
+    for name, why in result["notes"].items():
+        print(f"  {name}: skipped: {why}")
+    eval_dir = Path(result["eval_dir"])
+    print(f"written: {eval_dir / 'metrics.json'}, {eval_dir / 'predictions.jsonl'}, {eval_dir / 'report.md'}")
     return 0
 
 
@@ -135,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output DIR (or the config's output.dir) from its newest valid checkpoint")
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="score a run's base and tuned models side by side",
+        description="Compare the base model and the tuned one of RUN_DIR on the same rows with the same greedy "
+        "decoding: held-out loss and perplexity (masked as in training), ROUGE-1/2/L, BLEU, chrF, exact match "
+        "(eval.answer_regex extracts the answer first), embedding similarity, BERTScore where its model is "
+        "on this machine. Writes RUN_DIR/eval/metrics.json, predictions.jsonl and report.md (replacing an "
+        "earlier evaluation's). eval.* settings come from the run's config.yaml; change them with --set.",
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a folder that `tunesmith train` wrote")
+    evaluate.add_argument("--data", metavar="FILE",
+                          help="evaluate on every row of FILE, read with the run's data settings "
+                          "(default: the run's held-out rows)")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="at most N rows (default: the config's eval.limit)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config key, e.g. --set eval.max_new_tokens=128; repeatable")
+    evaluate.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="look at a data file before training on it",
                           description="Work with data files.")

@@ -152,6 +152,10 @@ class TrainingConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
 
 
+EVAL_METRICS = ("perplexity", "rouge", "bleu", "chrf", "exact_match", "similarity", "bertscore")
+EvalMetric = Literal["perplexity", "rouge", "bleu", "chrf", "exact_match", "similarity", "bertscore"]
+
+
 class EvalConfig(_Section):
     enabled: bool = Field(True, description="Compare base and tuned on the held-out rows after training.")
     limit: int | None = Field(50, ge=1, description="Evaluate at most this many held-out rows.")
@@ -160,6 +164,23 @@ class EvalConfig(_Section):
     answer_regex: str | None = Field(
         None, description="Compare only what this regex's first group captures (e.g. '#### (.+)')."
     )
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: list(EVAL_METRICS),
+        description="What to compute: perplexity (held-out loss), rouge (1/2/L), bleu, chrf, exact_match, "
+        "similarity (embedding cosine and the share above similarity_threshold), bertscore (only where its "
+        "model is on this machine already).",
+    )
+    similarity_threshold: float = Field(
+        0.75, gt=-1.0, le=1.0, description="An answer counts as similar when its cosine to a reference reaches this."
+    )
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metric_names_from_text(cls, value: Any) -> Any:
+        """`rouge,bleu` (handy with --set) means the list of those names."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
 
 class OutputConfig(_Section):

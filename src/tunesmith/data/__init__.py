@@ -9,7 +9,7 @@ inspect_file(path, tokenizer, cfg)     → a report for `tunesmith data inspect`
 """
 
 from tunesmith.data.build import DataBundle, build_datasets, percentiles, resolve_data_path, split_indices
-from tunesmith.data.formats import FORMATS, detect_format, prompt_and_reference, to_samples
+from tunesmith.data.formats import FORMATS, detect_format, prompt_and_reference, prompt_and_references, to_samples
 from tunesmith.data.inspection import format_inspection, inspect_file
 from tunesmith.data.read import Records, read_records
 from tunesmith.data.tokens import (
@@ -36,6 +36,7 @@ __all__ = [
     "mask_prompt_tokens",
     "percentiles",
     "prompt_and_reference",
+    "prompt_and_references",
     "read_records",
     "resolve_data_path",
     "split_indices",

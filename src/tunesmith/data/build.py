@@ -109,6 +109,18 @@ def _tokenize_all(
     return rows, truncated, dropped
 
 
+def load_eval_rows(path: str, key: str, cfg: DataConfig, tokenizer, task: str = "causal_lm"):
+    """(format, samples, tokenised rows) of every row of a file read with the run's data settings, for
+    evaluating on data other than the run's own held-out split (`tunesmith eval --data FILE`)."""
+    fmt, samples, places, _ = _load_samples(path, key, cfg)
+    if not samples:
+        raise UserError(f"{key}: {path} has no rows to evaluate on.")
+    if task == "causal_lm":
+        ensure_chat_template(tokenizer)
+    rows, _, _ = _tokenize_all(samples, places, tokenizer, cfg, task)
+    return fmt, samples, rows
+
+
 def build_datasets(
     cfg: DataConfig, tokenizer, cache_dir: str | Path | None = None, task: str = "causal_lm"
 ) -> DataBundle:

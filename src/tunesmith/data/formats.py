@@ -165,6 +165,22 @@ def _text_field(row: dict, name: str, columns: dict[str, str], required: bool = 
     return value
 
 
+def _answer_field(row: dict, name: str, columns: dict[str, str]) -> tuple[str, list[str] | None]:
+    """(the answer to train on, every reference when the field is a list of them, else None).
+
+    A list holds several acceptable answers (e.g. three human summaries): training uses the first,
+    evaluation scores against all of them."""
+    value = row.get(name)
+    if isinstance(value, list):
+        if not value or not all(isinstance(item, str) and item.strip() for item in value):
+            raise RowError(
+                f"{_label(name, columns)} is a list, which means several reference answers; each must be non-empty "
+                "text, and there must be at least one."
+            )
+        return value[0], list(value)
+    return _text_field(row, name, columns), None
+
+
 def _conversation(row: dict, fmt: str, columns: dict[str, str]) -> list[dict]:
     """A messages/sharegpt row's conversation as [{role, content}, ...], checked message by message."""
     name, role_key, content_key = (
@@ -231,20 +247,20 @@ def _row_to_sample(row: dict, fmt: str, cfg: DataConfig, pair: tuple[str, str]) 
         instruction = _text_field(row, "instruction", columns)
         extra = _text_field(row, "input", columns, required=False) or ""
         user = instruction + ("\n\n" + extra if extra.strip() else "")
-        messages = [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": _text_field(row, "output", columns)},
-        ]
+        answer, references = _answer_field(row, "output", columns)
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     elif fmt == "prompt_completion":
         prompt_name, answer_name = pair
-        messages = [
-            {"role": "user", "content": _text_field(row, prompt_name, columns)},
-            {"role": "assistant", "content": _text_field(row, answer_name, columns)},
-        ]
+        prompt = _text_field(row, prompt_name, columns)
+        answer, references = _answer_field(row, answer_name, columns)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     else:
-        messages = _conversation(row, fmt, columns)
+        messages, references = _conversation(row, fmt, columns), None
     system = _text_field(row, "system", columns, required=False) or cfg.system_prompt
-    return {"messages": _with_system(messages, system)}
+    sample = {"messages": _with_system(messages, system)}
+    if references is not None:
+        sample["references"] = references
+    return sample
 
 
 def normalise_rows(
@@ -282,6 +298,13 @@ def normalise_rows(
 def to_samples(records, cfg: DataConfig, path: str | Path | None = None) -> list[dict]:
     """Every row in one shape ({"messages": [...]} or {"text": ...}); a malformed row raises a UserError."""
     return normalise_rows(records, cfg, path)[1]
+
+
+def prompt_and_references(sample: dict) -> tuple[list[dict], list[str]]:
+    """(the conversation before the last assistant reply, every reference answer: that reply, or the
+    row's list of references when it gave several)."""
+    prompt, reply = prompt_and_reference(sample)
+    return prompt, list(sample.get("references") or [reply])
 
 
 def prompt_and_reference(sample: dict) -> tuple[list[dict], str]:

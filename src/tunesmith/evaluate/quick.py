@@ -1,47 +1,16 @@
-"""The before/after check that ends every training run: the same held-out rows, the same greedy
-decoding, the base model and the tuned one side by side.
-
-Metrics here: exact match (after normalisation, optionally on what `eval.answer_regex`
-extracts) and the held-out loss / perplexity, masked exactly as in training.
-"""
+"""The two measurements every evaluation makes of a model: held-out loss / perplexity (labels
+masked exactly as in training) and greedy answers to held-out prompts (batched, left-padded, KV
+cache on).  Scoring the answers is tunesmith.evaluate.metrics; putting base and tuned side by side
+is tunesmith.evaluate.suite."""
 
 from __future__ import annotations
 
 import math
-import re
-import string
 
 import torch
 from tqdm.auto import tqdm
 
 from tunesmith.train.batching import iter_batches
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation at the edges and articles, collapse whitespace
-    (the SQuAD-style normalisation of Rajpurkar et al., 2016, minus removal of inner punctuation,
-    which would make '2021-03-04' equal '20210304')."""
-    text = text.strip().lower()
-    text = _ARTICLES.sub(" ", text)
-    text = " ".join(text.split())
-    return text.strip(string.punctuation + " ")
-
-
-def extract_answer(text: str, answer_regex: str | None) -> str:
-    if not answer_regex:
-        return text
-    found = re.search(answer_regex, text)
-    if not found:
-        return ""
-    return found.group(1) if found.groups() else found.group(0)
-
-
-def exact_match(prediction: str, reference: str, answer_regex: str | None = None) -> bool:
-    pred = normalize_answer(extract_answer(prediction, answer_regex))
-    ref = normalize_answer(extract_answer(reference, answer_regex))
-    return pred == ref and ref != ""
 
 
 @torch.no_grad()
@@ -109,8 +78,3 @@ def generate_answers(
             bar.update(len(idx))
     model.train(was_training)
     return answers
-
-
-def score_answers(answers: list[str], references: list[str], answer_regex: str | None) -> dict:
-    hits = [exact_match(a, r, answer_regex) for a, r in zip(answers, references)]
-    return {"exact_match": sum(hits) / max(len(hits), 1), "rows": len(hits)}

@@ -30,9 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from tunesmith.config import Config, resolved_yaml
-from tunesmith.data import build_datasets, encode_prompt, prompt_and_reference
+from tunesmith.data import build_datasets
 from tunesmith.errors import UserError
-from tunesmith.evaluate.quick import generate_answers, heldout_loss, score_answers
+from tunesmith.evaluate.quick import heldout_loss
+from tunesmith.evaluate.suite import Scorer, build_inputs, evaluate_model, write_eval_folder
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
 from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
 from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
@@ -54,9 +55,9 @@ from tunesmith.train.compute import (
     want_gradient_checkpointing,
 )
 from tunesmith.train.optim import make_optimizer
-from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes, read_metrics
+from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes, read_metrics, release_free_memory
 from tunesmith.train.report import health_check, plot_training, render_report
-from tunesmith.tasks import CAUSAL_LM, MASKED_LM, SEQ2SEQ, Objective, plain_prompt
+from tunesmith.tasks import MASKED_LM, Objective
 
 SAMPLES_IN_REPORT = 1
 
@@ -90,47 +91,6 @@ def plan_steps(n_train_rows: int, cfg: Config) -> tuple[int, int]:
     if t.max_steps is not None:
         total = min(total, t.max_steps)
     return per_epoch, total
-
-
-def _before_after_inputs(bundle, tokenizer, cfg: Config, task: str = CAUSAL_LM):
-    """Prompts (token ids), references and readable prompts of the held-out rows used before and after."""
-    samples = bundle.test_samples[: cfg.eval.limit] if cfg.eval.limit else bundle.test_samples
-    prompts, references, texts = [], [], []
-    # Plain text has no answers to generate, and a masked LM does not generate: held-out loss still compares.
-    if bundle.format == "text" or task == MASKED_LM:
-        return prompts, references, texts
-    for sample in samples:
-        messages, reference = prompt_and_reference(sample)
-        if task == SEQ2SEQ:
-            prompts.append(list(tokenizer(plain_prompt(messages))["input_ids"])[: cfg.data.max_length])
-        else:
-            prompts.append(encode_prompt(messages, tokenizer))
-        references.append(reference)
-        texts.append(messages[-1]["content"])
-    return prompts, references, texts
-
-
-def _eval_rows(bundle, cfg: Config) -> list:
-    """The tokenised held-out rows the before/after loss is measured on (at most `eval.limit`)."""
-    return bundle.test[: cfg.eval.limit] if cfg.eval.limit else bundle.test
-
-
-def evaluate_model(model, tokenizer, bundle, inputs, cfg: Config, device: str, label: str,
-                   objective: Objective | None = None) -> tuple[dict, list[str]]:
-    """Held-out loss/perplexity and exact match of greedy answers, for one model state."""
-    prompts, references, _ = inputs
-    rows = _eval_rows(bundle, cfg)
-    metrics: dict = {}
-    if rows:
-        held = heldout_loss(model, rows, cfg.training.eval_batch_size, device, objective)
-        metrics.update({"loss": held["loss"], "perplexity": held["perplexity"]})
-    answers: list[str] = []
-    if prompts:
-        answers = generate_answers(
-            model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, device, desc=f"eval {label}"
-        )
-        metrics.update(score_answers(answers, references, cfg.eval.answer_regex))
-    return metrics, answers
 
 
 def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
@@ -190,21 +150,29 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     # --- model
     model = load_model(source, cfg, dtype, task)
+    release_free_memory()  # what loading (quantising above all) freed but the C heap still holds
     model.to(accelerator.device)
     model.config.use_cache = False
     objective = Objective(task, tokenizer)
 
     # --- before: the base model on the held-out rows
     do_eval = cfg.eval.enabled and bool(bundle.test_samples or bundle.test)
-    eval_inputs = _before_after_inputs(bundle, tokenizer, cfg, task) if do_eval else None
+    eval_inputs = (
+        build_inputs(bundle.test_samples, bundle.test, tokenizer, cfg.data.max_length, task,
+                     bundle.format == "text", cfg.eval.limit)
+        if do_eval else None
+    )
+    scorer = Scorer(cfg.eval, device=str(accelerator.device), report=log)
     base_metrics: dict = progress.get("base_metrics", {}) if checkpoint else {}
     base_answers: list[str] = progress.get("base_answers", []) if checkpoint else []
     if do_eval and not base_metrics:
-        log(f"before: evaluating the base model on {max(len(_eval_rows(bundle, cfg)), len(eval_inputs[0]))} held-out rows")
+        log(f"before: evaluating the base model on {max(len(eval_inputs.rows), len(eval_inputs.prompts))} held-out rows")
         base_metrics, base_answers = evaluate_model(
-            model, tokenizer, bundle, eval_inputs, cfg, accelerator.device, "base", objective
+            model, tokenizer, eval_inputs, cfg.eval, accelerator.device, "base", objective, scorer,
+            cfg.training.eval_batch_size,
         )
-        log("before: " + ", ".join(f"{k}={v:.4g}" for k, v in base_metrics.items() if k != "rows"))
+        log("before: " + ", ".join(f"{k}={v:.4g}" for k, v in base_metrics.items() if k not in ("rows", "loss_tokens")))
+        scorer.release()  # the embedding model need not sit in memory while training
 
     # --- what trains, the optimiser and the schedule
     checkpointing, why = want_gradient_checkpointing(cfg, model, device, dtype)
@@ -261,14 +229,18 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     if do_eval:
         log("after: evaluating the tuned model on the same rows")
         tuned_metrics, tuned_answers = evaluate_model(
-            unwrapped, tokenizer, bundle, eval_inputs, cfg, accelerator.device, "tuned", objective
+            unwrapped, tokenizer, eval_inputs, cfg.eval, accelerator.device, "tuned", objective, scorer,
+            cfg.training.eval_batch_size,
         )
         eval_section = {"base": base_metrics, "tuned": tuned_metrics}
-        _, references, prompt_texts = eval_inputs
-        for i in range(min(SAMPLES_IN_REPORT, len(references))):
-            samples.append(
-                {"prompt": prompt_texts[i], "reference": references[i], "base": base_answers[i], "tuned": tuned_answers[i]}
-            )
+        for i in range(min(SAMPLES_IN_REPORT, len(eval_inputs.references))):
+            samples.append({"prompt": eval_inputs.prompt_texts[i], "reference": eval_inputs.references[i][0],
+                            "base": base_answers[i], "tuned": tuned_answers[i]})
+        if accelerator.is_main_process:
+            about = {"run_dir": str(run_dir), "model": cfg.model.name, "what": f"base vs {cfg.method}-tuned",
+                     "data": "the run's held-out rows", "max_new_tokens": cfg.eval.max_new_tokens}
+            write_eval_folder(run_dir / "eval", base_metrics, tuned_metrics, eval_inputs, base_answers,
+                              tuned_answers, about, scorer.notes)
 
     health = health_check(train_records)
     val_final = val_records[-1] if val_records else None
@@ -285,8 +257,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         "memory": {"peak_rss_bytes": peak_rss_bytes(), **{k: v for k, v in memory_snapshot(device).items() if k != "rss_bytes"}},
         "health": health,
         "wall_s": time.time() - started,
-        # Only commands that exist today; eval, chat, merge and export join this list as they land.
+        # Only commands that exist today; chat, merge and export join this list as they land.
         "next_commands": [
+            f"tunesmith eval {run_dir}   # base vs tuned: loss, ROUGE, BLEU, chrF, exact match, similarity",
             f"tunesmith train {run_dir / 'config.yaml'} --output {run_dir}-again   # the same run again",
             f"tunesmith train {run_dir / 'config.yaml'} --output {run_dir}-longer --set training.epochs=2 --set training.max_steps=null",
         ],

@@ -20,6 +20,29 @@ def rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def release_free_memory() -> int:
+    """Hand the C heap's free pages back to the operating system; returns the bytes released (0 where not glibc).
+
+    glibc keeps freed memory in its heap for reuse.  After quantising a model (every weight read in
+    fp32, packed into 4 bits, the fp32 copy freed) that is hundreds of MiB the process keeps
+    resident for nothing; `malloc_trim(0)` returns the free pages inside the heap as well as at its
+    top (glibc >= 2.8, malloc/malloc.c: mtrim).  Cheap (a walk over the free lists), so safe to call
+    between phases, not in hot loops (pages given back are faulted in again when reused).
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl or another C library: nothing to do
+        return 0
+    before = rss_bytes()
+    trim(0)
+    return max(before - rss_bytes(), 0)
+
+
 def peak_rss_bytes() -> int:
     """The most resident memory this process has held (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -1,0 +1,109 @@
+"""`tunesmith eval RUN_DIR`: the run's base model and its tuned model on the same rows, with the same
+decoding, scored with every metric `eval.metrics` names; the results go to `RUN_DIR/eval/`.
+
+An adapter run loads the base model once: the base is scored with the adapter switched off, the
+tuned model with it on.  A full fine-tune loads the base, scores it, frees it, then loads the tuned
+weights from `RUN_DIR/model`.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import load_config
+from tunesmith.errors import UserError
+
+
+def _tuned_folder(run_dir: Path) -> tuple[str, Path]:
+    for kind in ("adapter", "model"):
+        folder = run_dir / kind
+        if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+            return kind, folder
+    raise UserError(
+        f"{run_dir} has no trained adapter/ or model/ folder: the run has not finished (resume it with "
+        f"`tunesmith train {run_dir / 'config.yaml'} --resume`) or this is not a tunesmith run folder."
+    )
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None = None,
+                 overrides: list[str] | tuple = (), report=print) -> dict:
+    """Score base and tuned on the run's held-out rows (or every row of `data`), at most `limit` rows
+    (default: the config's eval.limit); returns {"base", "tuned", "notes", "eval_dir"}."""
+    from tunesmith.data import build_datasets
+    from tunesmith.data.build import load_eval_rows
+    from tunesmith.evaluate.suite import Scorer, build_inputs, evaluate_model, write_eval_folder
+    from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
+    from tunesmith.models import load_tokenizer, resolve_model_source, tunesmith_home
+    from tunesmith.models.loader import load_model, model_task
+    from tunesmith.tasks import MASKED_LM, Objective
+    from tunesmith.train.metrics import release_free_memory
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give a number of rows of at least 1 (or leave it out for eval.limit).")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a folder; give the run folder that `tunesmith train` printed.")
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{run_dir} has no config.yaml, so it is not a tunesmith run folder; give the folder "
+                        "that `tunesmith train` printed (it holds config.yaml, summary.json and adapter/ or model/).")
+    cfg = load_config(config_file, list(overrides))
+    kind, tuned_dir = _tuned_folder(run_dir)
+
+    device = detect_device()
+    if device == "cpu":
+        torch.set_num_threads(cfg.training.num_threads or cpu_threads())
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    source = resolve_model_source(cfg.model.name)
+    has_tokenizer = (tuned_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(tuned_dir) if has_tokenizer else source, cfg.model)
+    task = model_task(source, cfg)
+
+    if data:
+        fmt, samples, rows = load_eval_rows(data, "--data", cfg.data, tokenizer, task)
+        where = f"{data} ({len(samples)} rows)"
+    else:
+        bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized", task=task)
+        fmt, samples, rows = bundle.format, bundle.test_samples, bundle.test
+        where = "the run's held-out rows" + (f" ({cfg.data.test_path})" if cfg.data.test_path else "")
+    limit = limit or cfg.eval.limit
+    inputs = build_inputs(samples, rows, tokenizer, cfg.data.max_length, task, fmt == "text", limit)
+    if not inputs.prompts and not inputs.rows:
+        raise UserError(f"nothing to evaluate: {where} gave no rows; give --data FILE with prompt/answer rows.")
+    report(f"eval: {cfg.model.name} ({kind}: {tuned_dir}) on {max(len(inputs.prompts), len(inputs.rows))} rows of "
+           f"{where}; {device}, {str(dtype).replace('torch.', '')}")
+    objective = Objective(task, tokenizer)
+    scorer = Scorer(cfg.eval, device=device, report=report)
+    loss_batch = cfg.training.eval_batch_size
+
+    def run(model, label: str):
+        result = evaluate_model(model, tokenizer, inputs, cfg.eval, device, label, objective, scorer, loss_batch)
+        report(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in result[0].items() if k not in ("rows", "loss_tokens")))
+        return result
+
+    base_model = load_model(source, cfg, dtype, task).to(device)
+    release_free_memory()
+    if kind == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base_model, str(tuned_dir), is_trainable=False)
+        with model.disable_adapter():
+            base, base_answers = run(model, "base")
+        tuned, tuned_answers = run(model, "tuned")
+    else:
+        base, base_answers = run(base_model, "base")
+        del base_model
+        gc.collect()
+        release_free_memory()
+        tuned, tuned_answers = run(load_model(str(tuned_dir), cfg, dtype, task).to(device), "tuned")
+    if task == MASKED_LM:
+        report("eval: a masked-language model does not generate; only the held-out loss is compared.")
+
+    about = {"run_dir": str(run_dir), "model": cfg.model.name, "what": f"base vs {cfg.method}-tuned ({kind}/)",
+             "data": where, "max_new_tokens": cfg.eval.max_new_tokens}
+    eval_dir = run_dir / "eval"
+    write_eval_folder(eval_dir, base, tuned, inputs, base_answers, tuned_answers, about, scorer.notes)
+    return {"base": base, "tuned": tuned, "notes": dict(scorer.notes), "eval_dir": str(eval_dir)}
