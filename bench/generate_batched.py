@@ -2,12 +2,13 @@
 
 Both runs use tunesmith's own generator (`tunesmith.evaluate.quick.generate_answers`: left padding,
 KV cache, greedy, stop at the end-of-turn token) on the same rows with the same max_new_tokens;
-only the batch size differs (1 vs --batch-size).  Rows come from the DialogSum dev file (dialogue
+only the batch size differs (1 vs each of --batch-sizes; the first is the headline, 16 being
+tunesmith's default `eval.batch_size`).  Rows come from the DialogSum dev file (dialogue
 prompts with the dialogsum example's system prompt) unless --data says otherwise.  Greedy decoding
 is deterministic, so both runs must give the same answers: the script counts the rows where they
 differ (padding changes float rounding, so a rare near-tie can flip a token).
 
-    .venv/bin/python bench/generate_batched.py                 # 32 rows, batch 32 vs 1, 48 new tokens
+    .venv/bin/python bench/generate_batched.py                 # 32 rows, batch 16, 8 and 32 vs 1, 48 new tokens
     .venv/bin/python bench/generate_batched.py --json          # the same, as JSON on stdout
 
 Results also go to bench/results/generate_batched.json (written then renamed).
@@ -30,7 +31,8 @@ DEFAULT_OUT = REPO / "bench" / "results" / "generate_batched.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=32, help="prompts to answer (default 32)")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows a batch in the batched run (default 32)")
+    parser.add_argument("--batch-sizes", default="16,8,32",
+                        help="batch sizes to compare with one at a time; the first is the headline (default 16,8,32)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL with `dialogue` and `summary` columns")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
@@ -65,9 +67,16 @@ def main() -> None:
         return time.perf_counter() - started, answers
 
     generate_answers(model, tokenizer, inputs.prompts[:2], 4, 2, "cpu", desc="warm-up")
+    sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     one_s, one = timed(1)
-    batched_s, batched = timed(args.batch_size)
-    new_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in batched)
+    batched = []
+    for size in sizes:
+        seconds, answers = timed(size)
+        batched.append({
+            "batch_size": size, "seconds": seconds, "speedup": one_s / seconds,
+            "answer_tokens": sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers),
+            "rows_answered_differently": sum(a != b for a, b in zip(one, answers)),
+        })
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -77,11 +86,8 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(),
         "one_at_a_time_s": one_s,
-        "batched_s": batched_s,
-        "batch_size": args.batch_size,
-        "speedup": one_s / batched_s,
-        "answer_tokens_batched": new_tokens,
-        "rows_answered_differently": sum(a != b for a, b in zip(one, batched)),
+        "batched": batched,
+        "speedup": batched[0]["speedup"],  # the headline: the first batch size
     }
     atomic_write_json(args.out, result)
     if args.json:
@@ -89,8 +95,9 @@ def main() -> None:
     else:
         print(f"{result['rows']} rows ({prompt_tokens} prompt tokens), at most {args.max_new_tokens} new tokens each:")
         print(f"  one at a time: {one_s:.1f} s")
-        print(f"  batch {args.batch_size}:      {batched_s:.1f} s")
-        print(f"  speed-up: {result['speedup']:.2f}x; rows whose answer differs: {result['rows_answered_differently']}")
+        for b in batched:
+            print(f"  batch {b['batch_size']:3d}: {b['seconds']:6.1f} s   speed-up {b['speedup']:.2f}x   "
+                  f"rows answered differently from one at a time: {b['rows_answered_differently']}")
         print(f"written: {args.out}")
 
 

@@ -10,22 +10,9 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-
 import torch
 
-from tunesmith.config import load_config
 from tunesmith.errors import UserError
-
-
-def _tuned_folder(run_dir: Path) -> tuple[str, Path]:
-    for kind in ("adapter", "model"):
-        folder = run_dir / kind
-        if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
-            return kind, folder
-    raise UserError(
-        f"{run_dir} has no trained adapter/ or model/ folder: the run has not finished (resume it with "
-        f"`tunesmith train {run_dir / 'config.yaml'} --resume`) or this is not a tunesmith run folder."
-    )
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None = None,
@@ -36,30 +23,25 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     from tunesmith.data.build import load_eval_rows
     from tunesmith.evaluate.suite import Scorer, build_inputs, evaluate_model, write_eval_folder
     from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
-    from tunesmith.models import load_tokenizer, resolve_model_source, tunesmith_home
+    from tunesmith.models import tunesmith_home
     from tunesmith.models.loader import load_model, model_task
+    from tunesmith.ship.load import load_base, load_tokenizer_for, open_run
     from tunesmith.tasks import MASKED_LM, Objective
     from tunesmith.train.metrics import release_free_memory
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a number of rows of at least 1 (or leave it out for eval.limit).")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a folder; give the run folder that `tunesmith train` printed.")
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"{run_dir} has no config.yaml, so it is not a tunesmith run folder; give the folder "
-                        "that `tunesmith train` printed (it holds config.yaml, summary.json and adapter/ or model/).")
-    cfg = load_config(config_file, list(overrides))
-    kind, tuned_dir = _tuned_folder(run_dir)
+    handle = open_run(run_dir, overrides)
+    if handle.kind == "folder":
+        raise UserError(f"{run_dir} is a model folder, not a run: eval compares a run's base model with its tuned "
+                        "one, so give the folder that `tunesmith train` printed.")
+    run_dir, cfg, kind, tuned_dir, source = handle.path, handle.cfg, handle.kind, handle.weights, handle.source
 
     device = detect_device()
     if device == "cpu":
         torch.set_num_threads(cfg.training.num_threads or cpu_threads())
     dtype = resolve_dtype(cfg.model.dtype, device)
-    source = resolve_model_source(cfg.model.name)
-    has_tokenizer = (tuned_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(tuned_dir) if has_tokenizer else source, cfg.model)
+    tokenizer = load_tokenizer_for(handle)
     task = model_task(source, cfg)
 
     if data:
@@ -84,7 +66,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
         report(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in result[0].items() if k not in ("rows", "loss_tokens")))
         return result
 
-    base_model = load_model(source, cfg, dtype, task).to(device)
+    base_model = load_base(handle, dtype, task).to(device)
     release_free_memory()
     if kind == "adapter":
         from peft import PeftModel
