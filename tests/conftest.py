@@ -89,22 +89,44 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
-@pytest.fixture
-def tiny_llama_config(tiny_tokenizer):
+def build_tiny_llama_config(tokenizer):
+    """A two-layer, 64-wide Llama config that matches `tokenizer`."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
+        vocab_size=len(tokenizer),
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=128,
         max_position_embeddings=1024,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
+
+
+def save_tiny_model_folder(root: Path, rows: list[dict]) -> tuple[Path, Path]:
+    """(model folder, data file): a fresh tiny Llama (seed 0) and its tokenizer saved under root/tiny-llama
+    as a Hugging Face folder, and `rows` written to root/train.jsonl: what a tiny training run needs."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(build_tiny_llama_config(tokenizer))
+    model_dir = root / "tiny-llama"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data
+
+
+@pytest.fixture
+def tiny_llama_config(tiny_tokenizer):
+    return build_tiny_llama_config(tiny_tokenizer)
 
 
 @pytest.fixture

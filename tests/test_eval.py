@@ -122,23 +122,10 @@ def test_perplexity_is_exp_of_the_mean_token_nll(tiny_llama, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One LoRA run of a tiny Llama (30 steps), shared by the tests below."""
-    from conftest import build_tiny_tokenizer
-
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import save_tiny_model_folder
 
     root = tmp_path_factory.mktemp("eval")
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    ))
-    model_dir = root / "tiny-llama"
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    model_dir, data = save_tiny_model_folder(root, ROWS)
     run_dir = root / "run"
     cfg = _config(model_dir, data, "training.max_steps=30", "training.learning_rate=1e-2", "lora.dropout=0.0",
                   "training.lr_scheduler=constant", "eval.metrics=perplexity,rouge,bleu,chrf,exact_match,bertscore")

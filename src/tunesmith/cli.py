@@ -18,6 +18,10 @@ EXAMPLES = """examples:
   tunesmith train examples/dialogsum.yaml --set training.epochs=1 --set training.learning_rate=3e-4
   tunesmith train runs/quickstart-20260101-120000/config.yaml --resume
   tunesmith eval runs/quickstart-20260101-120000 --limit 20
+  tunesmith chat runs/quickstart-20260101-120000
+  tunesmith merge runs/quickstart-20260101-120000 --out merged/
+  tunesmith export runs/quickstart-20260101-120000 --format gguf --quant q8_0 --out model.gguf --ollama
+  tunesmith serve runs/quickstart-20260101-120000 --port 8000
   tunesmith data inspect examples/data/dates-train.jsonl
 """
 
@@ -176,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config key, e.g. --set eval.max_new_tokens=128; repeatable")
     evaluate.set_defaults(func=cmd_eval)
+
+    # Using a run: each command's parser lives beside the library code it calls (tunesmith/ship/).
+    from tunesmith.ship import chat, gguf_export, merge, serve
+
+    chat.register(sub)  # chat and generate
+    merge.register(sub)
+    gguf_export.register(sub)
+    serve.register(sub)
 
     data = sub.add_parser("data", help="look at a data file before training on it",
                           description="Work with data files.")

@@ -48,3 +48,20 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_file(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """Let `fill` write a file at a temporary name beside `path`, then rename it to `path`.
+
+    For files written by a library that wants a path (a GGUF writer, say) rather than text.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        fill(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

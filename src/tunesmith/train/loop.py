@@ -257,9 +257,12 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         "memory": {"peak_rss_bytes": peak_rss_bytes(), **{k: v for k, v in memory_snapshot(device).items() if k != "rss_bytes"}},
         "health": health,
         "wall_s": time.time() - started,
-        # Only commands that exist today; chat, merge and export join this list as they land.
         "next_commands": [
             f"tunesmith eval {run_dir}   # base vs tuned: loss, ROUGE, BLEU, chrF, exact match, similarity",
+            f"tunesmith chat {run_dir}   # talk to the tuned model",
+            f"tunesmith merge {run_dir} --out {run_dir}/merged   # adapter folded into the base, a plain HF folder",
+            f"tunesmith export {run_dir} --format gguf --quant q8_0 --out {run_dir}/model-q8_0.gguf --ollama",
+            f"tunesmith serve {run_dir}   # OpenAI-compatible API on 127.0.0.1:8000",
             f"tunesmith train {run_dir / 'config.yaml'} --output {run_dir}-again   # the same run again",
             f"tunesmith train {run_dir / 'config.yaml'} --output {run_dir}-longer --set training.epochs=2 --set training.max_steps=null",
         ],

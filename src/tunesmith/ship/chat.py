@@ -1,0 +1,284 @@
+"""Talking to a trained model: `tunesmith chat RUN_DIR` (a terminal conversation, streamed) and
+`tunesmith generate RUN_DIR --prompt TEXT` (one answer on stdout, for scripts).
+
+Both take a run folder (base + adapter as a PeftModel, or a full fine-tune's model/) or a merged folder,
+format the conversation with the model's own chat template exactly as training did
+(tunesmith.data.tokens.encode_prompt), and decode greedily unless a temperature is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import UserError
+
+DEFAULT_MAX_NEW_TOKENS = 512
+CHAT_HELP = (
+    "/reset clears the history (the system prompt stays); /exit, Ctrl-D or Ctrl-C at the prompt quits; Ctrl-C during "
+    "an answer stops it."
+)
+
+
+def prompt_ids(messages: list[dict], tokenizer, task: str = "causal_lm") -> list[int]:
+    """The ids a model reads before answering: the chat template with the generation prompt (as in
+    training and evaluation); a seq2seq model's encoder reads the conversation as plain text instead."""
+    from tunesmith.data import encode_prompt
+    from tunesmith.tasks import SEQ2SEQ, plain_prompt
+
+    if task == SEQ2SEQ:
+        return list(tokenizer(plain_prompt(messages))["input_ids"])
+    return encode_prompt(messages, tokenizer)
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """Tokens that end an answer: the tokenizer's eos (the end-of-turn token, e.g. `<|im_end|>`, for chat
+    models) and whatever the model's generation config names as eos."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> int:
+    """The next token from one position's logits [vocab]: the most likely one when `temperature` is 0,
+    else a sample from softmax(logits / temperature) cut to the nucleus of `top_p` (the smallest set of
+    most likely tokens whose probabilities add up to top_p; Holtzman et al. 2019, "The Curious Case of
+    Neural Text Degeneration", section 3.1)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # [vocab]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)  # [vocab] each
+        keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p  # mass before a token < top_p; the first always stays
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])  # [vocab]
+    return int(torch.multinomial(probs, 1, generator=generator))  # multinomial normalises the weights itself
+
+
+@torch.no_grad()
+def stream_reply(model, tokenizer, messages: list[dict], task: str = "causal_lm",
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> Iterator[str]:
+    """Answer a conversation (a list of {"role", "content"}), yielding the text as it is generated.
+
+    Our own token loop with the KV cache rather than `model.generate` with TextIteratorStreamer on a
+    thread: there is no thread to stop when the user presses Ctrl-C (the KeyboardInterrupt simply leaves
+    the loop), and every step is visible.  The prompt is read once (prefill); then each step feeds only
+    the newest token and the cache of keys and values so far.  Greedy decoding picks the same tokens
+    as `model.generate(do_sample=False)`.  The loop ends at an end-of-turn/eos token (not shown) or
+    after `max_new_tokens`.
+
+    Each yielded piece is new text: everything generated so far is decoded again (special tokens
+    skipped) and what lies beyond the text already yielded is handed out, except while the text ends
+    in an incomplete UTF-8 character (the rest of its bytes are in later tokens).  The pieces joined
+    are the decoded answer wherever decoding more tokens only extends the text (byte-level BPE and
+    SentencePiece do); should a tokenizer rewrite text already shown, pieces pause until the text agrees with it again.  The whole conversation is read afresh on every call (no cache is kept
+    between turns), so a long conversation costs a longer prefill each turn.
+    """
+    from tunesmith.tasks import SEQ2SEQ
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(messages, tokenizer, task)], device=device)  # [1, prompt_len]
+    stops = stop_ids(model, tokenizer)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if task == SEQ2SEQ:
+        encoder_outputs = model.get_encoder()(input_ids=ids)  # the encoder reads the prompt once
+        start = torch.tensor([[model.config.decoder_start_token_id]], device=device)  # [1, 1]
+        feed = {"encoder_outputs": encoder_outputs, "decoder_input_ids": start}
+    else:
+        feed = {"input_ids": ids}
+    past = None
+    new_tokens: list[int] = []
+    shown = ""
+    for _ in range(max_new_tokens):
+        out = model(**feed, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = pick_token(out.logits[0, -1], temperature, top_p, generator)  # logits [1, len, vocab] -> [vocab]
+        if token in stops:
+            break
+        new_tokens.append(token)
+        step = torch.tensor([[token]], device=device)  # [1, 1]
+        feed = {**feed, "decoder_input_ids": step} if task == SEQ2SEQ else {"input_ids": step}
+        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(shown):
+            continue  # half a character (or a decode that rewrote earlier text): wait for more tokens
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def chat_repl(reply: Callable[[list[dict]], Iterator[str]], system: str | None = None,
+              stdin=None, out=None) -> int:
+    """A terminal conversation: read a line, stream `reply(messages)` to `out`, keep both in the history.
+
+    `messages` is the system prompt (when there is one), the turns so far, and the new user line.
+    `/reset` empties the history (the system prompt stays); `/exit`, end of input (Ctrl-D) and Ctrl-C at
+    the prompt end the conversation; Ctrl-C during an answer stops it, and that turn is not kept.
+    `stdin` is read line by line when given (tests, pipes); otherwise input() reads the terminal, with
+    line editing.  Returns 0.
+    """
+    out = out or sys.stdout
+
+    def read(prompt: str) -> str:
+        if stdin is None:
+            return input(prompt)  # EOFError at Ctrl-D
+        out.write(prompt)
+        out.flush()
+        line = stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    head = [{"role": "system", "content": system}] if system else []
+    history: list[dict] = []
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return 0
+        if not line:
+            continue
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            history.clear()
+            out.write("(history cleared)\n")
+            continue
+        user = {"role": "user", "content": line}
+        out.write("assistant> ")
+        out.flush()
+        pieces = []
+        try:
+            for piece in reply([*head, *history, user]):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write("\n(stopped; this turn is not kept)\n")
+            continue
+        except UserError as exc:  # e.g. a chat template that refuses a system message
+            out.write(f"\ntunesmith: {exc}\n")
+            continue
+        out.write("\n")
+        history += [user, {"role": "assistant", "content": "".join(pieces).strip()}]
+
+
+def load_for_chat(run_dir: str | Path, report=print):
+    """(model, tokenizer, task, default system prompt) for a run folder or a merged folder; a masked
+    language model is refused (it fills in blanks, it does not write answers)."""
+    from tunesmith.models.loader import model_task
+    from tunesmith.ship.load import load_for_inference, open_run
+    from tunesmith.ship.merge import MERGE_INFO
+    from tunesmith.tasks import MASKED_LM
+
+    handle = open_run(run_dir)
+    if model_task(handle.source, handle.cfg) == MASKED_LM:
+        raise UserError(f"{run_dir} holds a masked-language model (BERT-style), which fills in hidden words and "
+                        "cannot write answers; chat and generate need a causal or seq2seq model.")
+    system = handle.cfg.data.system_prompt
+    info_file = handle.path / MERGE_INFO
+    if handle.kind == "folder" and info_file.is_file():  # a merged run remembers its system prompt
+        try:
+            system = json.loads(info_file.read_text()).get("system_prompt")
+        except (ValueError, AttributeError):
+            system = None
+    report(f"tunesmith: loading {handle.path} ({handle.kind})")
+    with contextlib.redirect_stdout(sys.stderr):  # loading notices must not mix with answers on stdout
+        model, tokenizer, task = load_for_inference(handle)
+    return model, tokenizer, task, system
+
+
+def _check_decoding(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1.")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: give 0 (greedy) or more.")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: give a number above 0 and at most 1.")
+
+
+def _replier(model, tokenizer, task, args) -> Callable[[list[dict]], Iterator[str]]:
+    return lambda messages: stream_reply(model, tokenizer, messages, task, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _notice(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def cmd_chat(args) -> int:
+    _check_decoding(args)
+    with contextlib.suppress(ImportError):  # loading readline gives input() line editing and arrow-key history
+        importlib.import_module("readline")
+    model, tokenizer, task, system = load_for_chat(args.run_dir, report=_notice)
+    system = system if args.system is None else args.system
+    _notice(f"tunesmith: chatting with {args.run_dir}" + (f" (system prompt: {system!r})" if system else "")
+            + f". {CHAT_HELP}")
+    return chat_repl(_replier(model, tokenizer, task, args), system=system or None)
+
+
+def cmd_generate(args) -> int:
+    _check_decoding(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UserError("--prompt is empty; give the question to answer (or --prompt - to read it from stdin).")
+    model, tokenizer, task, system = load_for_chat(args.run_dir, report=_notice)
+    system = system if args.system is None else args.system
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    answer = "".join(_replier(model, tokenizer, task, args)(messages)).strip()
+    print(answer)
+    return 0
+
+
+def _decoding_flags(parser) -> None:
+    parser.add_argument("--system", metavar="TEXT",
+                        help="system prompt (default: the run's data.system_prompt, if it had one; --system '' "
+                        "sends none, leaving the chat template's own default)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                        help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS}); an answer also ends at "
+                        "the model's end-of-turn token")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="0 (default) answers greedily, the same every time; above 0 samples, more varied as T grows")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="when sampling, draw only from the most likely tokens that together hold P of the "
+                        "probability (default 1: all of them)")
+    parser.add_argument("--seed", type=int, metavar="N", help="seed for sampling, so a sampled answer can be repeated")
+
+
+def register(subparsers) -> None:
+    """Add `tunesmith chat` and `tunesmith generate` to the CLI's subparsers."""
+    chat = subparsers.add_parser(
+        "chat",
+        help="talk to a trained model in the terminal, answers streamed",
+        description="A conversation with RUN_DIR's model in the terminal: each answer is printed as it is "
+        "generated, and earlier turns are kept as context. The model's own chat template formats the "
+        f"conversation, as in training. {CHAT_HELP} RUN_DIR is a run folder (base + adapter, or model/) or a "
+        "folder written by `tunesmith merge`.",
+    )
+    chat.add_argument("run_dir", metavar="RUN_DIR", help="a run folder or a merged model folder")
+    _decoding_flags(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    generate = subparsers.add_parser(
+        "generate",
+        help="answer one prompt and print only the answer (for scripts)",
+        description="Answer --prompt with RUN_DIR's model and print the answer alone on stdout (loading "
+        "notices go to stderr), formatted with the model's chat template as in training. Greedy by default, "
+        "so the same prompt gives the same answer.",
+    )
+    generate.add_argument("run_dir", metavar="RUN_DIR", help="a run folder or a merged model folder")
+    generate.add_argument("--prompt", required=True, metavar="TEXT",
+                          help="the user's message; - reads it from stdin")
+    _decoding_flags(generate)
+    generate.set_defaults(func=cmd_generate)

@@ -1,0 +1,332 @@
+"""`tunesmith export --format gguf`: the file transformers' own GGUF loader reads back computes what the run's
+merged model computes (logits, greedy tokens, tokenization, chat template), q8_0 is smaller and close, the
+Ollama Modelfile carries the template, and what cannot be exported is refused with a sentence."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from tunesmith.errors import UserError
+from tunesmith.ship.gguf_export import (
+    chatml_layout,
+    export_gguf,
+    interleave_rotary_halves,
+    register,
+)
+
+PROMPT = "What is the capital of France? The capital of France is"
+
+
+def _tiny_folder(root, family: str, tokenizer=None, tie: bool = False):
+    """A random two-layer model of `family` saved as a Hugging Face folder (ship.load's "folder" kind), with
+    norms and biases moved off their initial ones and zeros so that a misplaced one shows."""
+    from conftest import build_tiny_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=1024, tie_word_embeddings=tie,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.05)
+    folder = root / f"tiny-{family}"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model.eval(), tokenizer
+
+
+def _read_back(path, tokenizer: bool = True):
+    """The GGUF file as transformers' own loader builds it: (model, tokenizer or None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if tokenizer else None
+
+
+def _metadata(path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+@torch.no_grad()
+def _greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@torch.no_grad()
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0]  # [T, V]
+
+
+def test_interleaving_makes_pairwise_rotation_equal_rotation_by_halves():
+    """The reason for the reorder: Hugging Face's rotary embedding (halves) on the original rows gives the
+    same attention scores as llama.cpp's (neighbouring pairs) on the reordered rows."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    heads, head_dim, width, positions = 2, 8, 16, 5
+    assert interleave_rotary_halves(torch.arange(8.0)[:, None], 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    torch.manual_seed(0)
+    w_q, w_k = torch.randn(heads * head_dim, width), torch.randn(heads * head_dim, width)
+    x = torch.randn(positions, width)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)  # [d/2]
+    angles = torch.arange(positions).float()[:, None] * inv_freq  # [T, d/2]
+
+    def by_halves(w):  # Hugging Face: [B, H, T, d]
+        return (x @ w.T).view(positions, heads, head_dim).transpose(0, 1)[None]
+
+    emb = torch.cat([angles, angles], dim=-1)  # [T, d]
+    q, k = apply_rotary_pos_emb(by_halves(w_q), by_halves(w_k), emb.cos()[None], emb.sin()[None])
+    hf_scores = q[0] @ k[0].transpose(-1, -2)  # [H, T, T]
+
+    def by_pairs(w):  # llama.cpp's normal rope: dimensions 2i and 2i+1 turn together by angle i
+        y = (x @ interleave_rotary_halves(w, heads).T).view(positions, heads, head_dim // 2, 2)
+        even, odd = y[..., 0], y[..., 1]
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [T, 1, d/2]
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).view(positions, heads, head_dim)
+
+    cpp_scores = torch.einsum("thd,shd->hts", by_pairs(w_q), by_pairs(w_k))
+    assert torch.allclose(hf_scores, cpp_scores, atol=1e-4)
+    # without the reorder the two disagree: the test can fail
+    plain = (x @ w_q.T).view(positions, heads, head_dim)
+    assert not torch.allclose(plain, by_pairs(w_q), atol=1e-2)
+
+
+@pytest.mark.parametrize("family,tie,pre", [("llama", False, "gpt-2"), ("mistral", False, "gpt-2"),
+                                            ("qwen2", True, "qwen2"), ("llama", True, "llama-bpe")])
+def test_f16_and_q8_0_read_back_by_transformers(tmp_path, family, tie, pre):
+    from conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    if pre != "gpt-2":  # a family's own split regex before the byte-level BPE, as Qwen2's and Llama 3's have
+        from tokenizers import Regex, pre_tokenizers
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        from tunesmith.ship.gguf_export import _LLAMA3_SPLIT
+
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX if pre == "qwen2" else _LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    folder, model, tokenizer = _tiny_folder(tmp_path, family, tokenizer, tie=tie)
+    ids = tokenizer(PROMPT)["input_ids"]
+    expected = _logits(model, ids)
+
+    f16 = export_gguf(folder, tmp_path / "out" / "model-f16.gguf", quant="f16", report=lambda _: None)
+    q8 = export_gguf(folder, tmp_path / "out" / "model-q8_0.gguf", quant="q8_0", report=lambda _: None)
+    # 2-D: embedding, output unless tied, 7 projections a layer; 1-D: 2 norms a layer, the final norm, and
+    # Qwen2's q/k/v biases
+    assert f16["tensor_types"] == {"F16": 1 + (not tie) + 7 * 2, "F32": 2 * 2 + 1 + 3 * 2 * (family == "qwen2")}
+    assert q8["tensor_types"] == {"Q8_0": 1 + (not tie) + 7 * 2, "F32": 2 * 2 + 1 + 3 * 2 * (family == "qwen2")}
+    assert q8["bytes"] < 0.75 * f16["bytes"]
+
+    meta = _metadata(tmp_path / "out" / "model-f16.gguf")
+    assert meta["general.architecture"] == ("qwen2" if family == "qwen2" else "llama")
+    arch = meta["general.architecture"]
+    assert (meta[f"{arch}.block_count"], meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"],
+            meta[f"{arch}.embedding_length"], meta[f"{arch}.feed_forward_length"]) == (2, 4, 2, 64, 128)
+    assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+    assert meta["tokenizer.ggml.pre"] == pre
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert meta["general.file_type"] == 1 and _metadata(tmp_path / "out" / "model-q8_0.gguf")["general.file_type"] == 7
+
+    scale = float(expected.std())
+    for path, tolerance in ((tmp_path / "out" / "model-f16.gguf", 0.01), (tmp_path / "out" / "model-q8_0.gguf", 0.1)):
+        loaded, loaded_tokenizer = _read_back(path)
+        for text in (PROMPT, "Tell me a joke. 2 + 3 = 5!\n\nBonjour.", "In 1999 and 2024, it's 12345 o'clock."):
+            assert loaded_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+        assert loaded_tokenizer.chat_template == tokenizer.chat_template
+        error = float((_logits(loaded, ids) - expected).abs().max())
+        assert error < tolerance * scale, (path.name, error, scale)
+        if "f16" in path.name:
+            assert error < 0.01 * scale
+            assert _greedy(loaded, ids, 12) == _greedy(model, ids, 12)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter_run(tmp_path_factory):
+    """A LoRA run of a tiny Llama (8 steps at a high learning rate, so the merged adapter matters), with a
+    system prompt."""
+    from test_train import ROWS, _config
+
+    from tunesmith.train.loop import run_training
+
+    root = tmp_path_factory.mktemp("gguf")
+    folder, _, _ = _tiny_folder(root, "llama")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = _config(folder, data, "training.max_steps=8", "training.learning_rate=1e-2", "lora.dropout=0.0",
+                  "eval.enabled=false", "data.system_prompt=You are terse.")
+    run_training(cfg, root / "run")
+    return root / "run", root
+
+
+def test_adapter_run_exports_merged_with_a_modelfile(tiny_adapter_run):
+    from tunesmith.data import encode_prompt
+    from tunesmith.ship.load import load_base, load_for_inference, open_run
+
+    run_dir, root = tiny_adapter_run
+    out = root / "export" / "tiny.gguf"
+    result = export_gguf(run_dir, out, quant="f16", ollama=True, report=lambda _: None)
+    assert result["modelfile"] == str(root / "export" / "Modelfile")
+
+    handle = open_run(run_dir)
+    merged, tokenizer, _ = load_for_inference(handle, dtype=torch.float32, device="cpu", merged=True)
+    ids = encode_prompt([{"role": "system", "content": "You are terse."},
+                         {"role": "user", "content": "Say the colour of the sky."}], tokenizer)
+    expected = _logits(merged, ids)
+    base = _logits(load_base(handle, torch.float32, "causal_lm").eval(), ids)
+    assert float((base - expected).abs().max()) > 0.05 * float(expected.std())  # the adapter changed the model
+
+    loaded, _ = _read_back(out)
+    assert float((_logits(loaded, ids) - expected).abs().max()) < 0.01 * float(expected.std())
+    assert _greedy(loaded, ids, 12) == _greedy(merged, ids, 12)
+
+    modelfile = (root / "export" / "Modelfile").read_text()
+    lines = modelfile.splitlines()
+    assert "FROM ./tiny.gguf" in lines
+    assert 'PARAMETER stop "<|im_end|>"' in lines and 'PARAMETER stop "<|im_start|>"' in lines
+    assert 'SYSTEM """You are terse."""' in lines  # data.system_prompt wins over the template's default
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert template.startswith("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}")
+    assert "{{- range .Messages }}" in template and "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in template
+    assert template.endswith("{{- end }}<|im_start|>assistant\n")
+
+
+def test_chatml_layout_reads_the_end_of_turn_and_default_system():
+    from conftest import TINY_SYSTEM, build_tiny_tokenizer
+
+    from tunesmith.data.tokens import ensure_chat_template
+
+    assert chatml_layout(build_tiny_tokenizer()) == ("<|im_end|>", TINY_SYSTEM)
+    plain = build_tiny_tokenizer(chat_template=None)
+    ensure_chat_template(plain)  # tunesmith's own ChatML, no default system message
+    assert chatml_layout(plain) == ("<|im_end|>", None)
+    llama2 = build_tiny_tokenizer(
+        chat_template="{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    assert chatml_layout(llama2) is None
+
+
+def test_modelfile_without_system_prompt_uses_the_templates_default(tmp_path):
+    from conftest import TINY_SYSTEM
+
+    folder, _, _ = _tiny_folder(tmp_path, "llama")
+    export_gguf(folder, tmp_path / "out" / "m.gguf", ollama=True, report=lambda _: None)
+    assert f'SYSTEM """{TINY_SYSTEM}"""' in (tmp_path / "out" / "Modelfile").read_text().splitlines()
+
+
+def test_refusals_are_sentences_and_write_nothing(tmp_path):
+    from conftest import build_tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tiny_tokenizer()
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    with pytest.raises(UserError, match=r"Llama family .*Mistral and Qwen2.* gpt2"):
+        export_gguf(gpt2, tmp_path / "a.gguf")
+
+    folder, _, _ = _tiny_folder(tmp_path, "llama")
+    existing = tmp_path / "existing.gguf"
+    existing.write_text("keep me")
+    with pytest.raises(UserError, match="already exists"):
+        export_gguf(folder, existing)
+    assert existing.read_text() == "keep me"
+    (tmp_path / "Modelfile").write_text("mine")
+    with pytest.raises(UserError, match="Modelfile already exists"):
+        export_gguf(folder, tmp_path / "new.gguf", ollama=True)
+    with pytest.raises(UserError, match="--quant"):
+        export_gguf(folder, tmp_path / "new.gguf", quant="q4_0")
+
+    llama2 = build_tiny_tokenizer(chat_template="{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    other, _, _ = _tiny_folder(tmp_path / "inst", "llama", llama2)
+    with pytest.raises(UserError, match="not ChatML"):
+        export_gguf(other, tmp_path / "inst" / "out" / "m.gguf", ollama=True)
+    assert not (tmp_path / "inst" / "out").exists()  # refused before anything was written
+
+    from tokenizers import pre_tokenizers
+
+    words = build_tiny_tokenizer()
+    words.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    odd, _, _ = _tiny_folder(tmp_path / "ws", "llama", words)
+    with pytest.raises(UserError, match="splits text"):
+        export_gguf(odd, tmp_path / "ws" / "m.gguf")
+    assert sorted(p.name for p in tmp_path.glob("*.gguf")) == ["existing.gguf"]
+
+
+def test_export_command_help_and_run(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="tunesmith")
+    register(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("RUN_DIR", "--format", "--quant", "--out FILE", "--ollama", "{f16,q8_0}", "Modelfile"):
+        assert flag in text
+    folder, _, _ = _tiny_folder(tmp_path, "llama")
+    args = parser.parse_args(["export", str(folder), "--format", "gguf", "--quant", "q8_0",
+                              "--out", str(tmp_path / "m.gguf")])
+    assert args.func(args) == 0
+    assert "q8_0" in capsys.readouterr().out
+    assert _metadata(tmp_path / "m.gguf")["general.file_type"] == 7
+
+
+@pytest.mark.slow
+def test_builtin_run_round_trips_through_gguf(tmp_path):
+    """A tuned built-in SmolLM2 run: the f16 GGUF, read back by transformers, generates the merged model's
+    greedy 20 tokens; the q8_0 file's perplexity on 20 held-out rows is within 2% of the f16 file's."""
+    from pathlib import Path
+
+    from tunesmith.config import load_config
+    from tunesmith.data import encode_prompt, prompt_and_references
+    from tunesmith.data.build import load_eval_rows
+    from tunesmith.evaluate.quick import heldout_loss
+    from tunesmith.ship.load import load_for_inference, open_run
+    from tunesmith.tasks import Objective
+    from tunesmith.train.loop import run_training
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    test_file = examples / "data" / "dates-test.jsonl"
+    cfg = load_config(examples / "quickstart.yaml", [
+        f"data.path={examples / 'data' / 'dates-train.jsonl'}", f"data.test_path={test_file}",
+        "training.max_steps=5", "training.batch_size=4", "eval.enabled=false",  # batch 4 (not 8): half the time
+    ])
+    run_dir = tmp_path / "run"
+    run_training(cfg, run_dir)
+    f16 = export_gguf(run_dir, tmp_path / "smol-f16.gguf", quant="f16", report=lambda _: None)
+    q8 = export_gguf(run_dir, tmp_path / "smol-q8_0.gguf", quant="q8_0", report=lambda _: None)
+    assert q8["bytes"] < 0.6 * f16["bytes"]
+
+    merged, tokenizer, _ = load_for_inference(open_run(run_dir), dtype=torch.float32, device="cpu", merged=True)
+    _, samples, rows = load_eval_rows(str(test_file), "data.test_path", cfg.data, tokenizer)
+    prompts = [encode_prompt(prompt_and_references(sample)[0], tokenizer) for sample in samples[:3]]
+    objective = Objective("causal_lm", tokenizer)
+
+    loaded, loaded_tokenizer = _read_back(tmp_path / "smol-f16.gguf")
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+    for prompt, sample in zip(prompts, samples):
+        text = prompt_and_references(sample)[0][-1]["content"]
+        assert loaded_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+        assert _greedy(loaded, prompt, 20) == _greedy(merged, prompt, 20)
+    f16_loss = heldout_loss(loaded, rows[:20], 10, "cpu", objective)
+    del loaded
+    q8_loss = heldout_loss(_read_back(tmp_path / "smol-q8_0.gguf", tokenizer=False)[0], rows[:20], 10, "cpu", objective)
+    merged_loss = heldout_loss(merged, rows[:20], 10, "cpu", objective)
+    assert math.isclose(f16_loss["perplexity"], merged_loss["perplexity"], rel_tol=0.002)
+    assert math.isclose(q8_loss["perplexity"], f16_loss["perplexity"], rel_tol=0.02)
