@@ -427,8 +427,9 @@ def test_serve_command_warns_when_public_and_stops_cleanly_on_ctrl_c(tiny_run):
         assert json.loads(conn.getresponse().read())["data"][0]["id"] == "run"
         conn.close()
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
-        err = process.stderr.read()
+        # communicate() drains both pipes while waiting: a child blocked writing to a full pipe never exits
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err[-3000:]
         assert "warning" in err and "--api-key" in err and "stopping" in err and "Traceback" not in err
     finally:
         if process.poll() is None:
