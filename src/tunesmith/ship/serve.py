@@ -758,6 +758,9 @@ def cmd_serve(args) -> int:
                          log_requests=not args.quiet)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `docker stop` and systemd end it the way Ctrl-C does
+        # A shell starts a background job (`tunesmith serve ... &`) with SIGINT ignored, and Python keeps an
+        # ignored SIGINT ignored; `kill -INT` should still stop the server.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"tunesmith serve: {server.model_id} on {server.url}/v1 (OpenAI-compatible; "
           f"{'API key required' if args.api_key else 'no API key'}); Ctrl-C stops it.", flush=True)
     try:
