@@ -49,6 +49,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tunesmith.errors import UserError
+from tunesmith.ship.chat import stop_ids
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than 1 MiB is refused with 413
 DRAIN_FACTOR = 16  # a body up to 16x that is read and dropped before the 413; a larger one closes the connection
@@ -156,22 +157,13 @@ def _shutting_down(message: str) -> RequestError:
     return RequestError(503, message, type="server_error", code="shutting_down")
 
 
-def _end_token_ids(model, tokenizer) -> list[int]:
-    """The ids that end a reply: the model's generation config's eos ids plus the tokenizer's eos."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
-
-
 class Generator:
     """The model, its tokenizer and the one worker thread that generates for every request in turn."""
 
     def __init__(self, model, tokenizer, device: str, max_queue: int = DEFAULT_MAX_QUEUE):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.end_ids = _end_token_ids(model, tokenizer)
+        self.end_ids = sorted(stop_ids(model, tokenizer))  # the same end tokens `tunesmith chat` stops at
         # Fast tokenizers refuse to be used from two threads at once ("Already borrowed"): handler
         # threads encode prompts and the worker decodes replies, so every use takes this lock.
         self.tokenizer_lock = threading.Lock()
