@@ -121,6 +121,26 @@ def child_tunesmith(method: str, steps: int, config: Path, run_dir: Path, extra:
     }
 
 
+def baseline_inputs(cfg):
+    """(model source, tokenizer, training rows) for a Hugging Face baseline of a tunesmith config: the rows
+    tunesmith tokenised, in its first-epoch order, so both see the same batches (Trainer would shuffle
+    differently); seeds and threads set as run_training sets them."""
+    import torch
+
+    from tunesmith.data import build_datasets
+    from tunesmith.hardware import cpu_threads
+    from tunesmith.models import load_tokenizer, resolve_model_source, tunesmith_home
+    from tunesmith.train.batching import epoch_order
+
+    t = cfg.training
+    torch.manual_seed(t.seed)
+    torch.set_num_threads(t.num_threads or cpu_threads())
+    source = resolve_model_source(cfg.model.name)
+    tokenizer = load_tokenizer(source, cfg.model)
+    bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized")
+    return source, tokenizer, [bundle.train[i] for i in epoch_order(len(bundle.train), t.seed, 0)]
+
+
 def child_hf_peft(steps: int, config: Path, run_dir: Path, extra: list[str]) -> dict:
     """The baseline: transformers.Trainer + PEFT LoRA on the same tokenised rows, in the same order."""
     import torch
@@ -129,22 +149,13 @@ def child_hf_peft(steps: int, config: Path, run_dir: Path, extra: list[str]) -> 
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from tunesmith.config import load_config
-    from tunesmith.data import build_datasets
-    from tunesmith.hardware import cpu_threads
-    from tunesmith.models import load_tokenizer, resolve_model_source, tunesmith_home
     from tunesmith.models.families import family_target_modules
-    from tunesmith.train.batching import collate, epoch_order
+    from tunesmith.train.batching import collate
     from tunesmith.train.metrics import peak_rss_bytes, rss_bytes
 
     cfg = load_config(config, overrides("hf-peft", steps, extra))
     t = cfg.training
-    torch.manual_seed(t.seed)
-    torch.set_num_threads(t.num_threads or cpu_threads())
-    source = resolve_model_source(cfg.model.name)
-    tokenizer = load_tokenizer(source, cfg.model)
-    bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized")
-    # tunesmith's first-epoch order, so both see the same batches (Trainer would shuffle differently).
-    rows = [bundle.train[i] for i in epoch_order(len(bundle.train), t.seed, 0)]
+    source, tokenizer, rows = baseline_inputs(cfg)
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     model.config.use_cache = False

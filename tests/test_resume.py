@@ -138,17 +138,20 @@ def test_a_nan_loss_stops_with_a_sentence_and_keeps_the_last_good_checkpoint(set
 
     tmp_path, overrides = setup
     calls = {"n": 0}
-    real = loss.token_nll_sum  # looked up at each call by tunesmith.tasks.Objective.nll_sum
 
-    def poisoned(model, *args, **kwargs):  # the 5th training micro-batch's loss is NaN
-        nll, n = real(model, *args, **kwargs)
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 5:
-                nll = nll * float("nan")
-        return nll, n
+    def poison(real):
+        def poisoned(model, *args, **kwargs):  # the 5th training micro-batch's loss is NaN
+            nll, n = real(model, *args, **kwargs)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] == 5:
+                    nll = nll * float("nan")
+            return nll, n
+        return poisoned
 
-    monkeypatch.setattr(loss, "token_nll_sum", poisoned)
+    # both are looked up at each call: token_nll_sum by Objective.nll_sum (padded), packed_nll_sum by the loop
+    monkeypatch.setattr(loss, "token_nll_sum", poison(loss.token_nll_sum))
+    monkeypatch.setattr(loss, "packed_nll_sum", poison(loss.packed_nll_sum))
     cfg = load_config(None, overrides + ["training.save_steps=2", "training.max_steps=30"])
     with pytest.raises(UserError, match="step 5: the loss became nan.*last good checkpoint") as err:
         run_training(cfg, tmp_path / "nan")

@@ -136,3 +136,26 @@ def test_lora_trains_only_the_adapter_and_saves_it(tmp_path, tiny_model_dir, tin
     with torch.no_grad():
         assert torch.allclose(base(ids).logits, tiny_llama(ids).logits, atol=1e-6)
         assert not torch.allclose(tuned(ids).logits, base(ids).logits, atol=1e-6)
+
+
+def test_packing_learns_what_padding_learns_and_reports_the_same_throughput(tmp_path, tiny_model_dir, tiny_data):
+    """The same rows, batches and seed: packed passes (several per micro-batch) and padded batches give the
+    same per-step losses and validation loss; the summary's throughput is the metrics' tokens over time."""
+    common = ["lora.dropout=0", "training.batch_size=3", "training.max_steps=6", "eval.enabled=false"]
+    packed = run_training(_config(tiny_model_dir, tiny_data, *common, "training.packing=true",
+                                  "training.pass_tokens=40"), tmp_path / "packed")
+    padded = run_training(_config(tiny_model_dir, tiny_data, *common, "training.packing=false"), tmp_path / "padded")
+    assert packed["hardware"]["packing"] is True and packed["hardware"]["pass_tokens"] == 40
+    assert padded["hardware"]["packing"] is False
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["type"] == "train"]
+
+    assert losses("packed") == pytest.approx(losses("padded"), rel=1e-4)
+    assert packed["validation"]["loss"] == pytest.approx(padded["validation"]["loss"], rel=1e-4)
+    assert packed["train"]["trained_tokens"] == padded["train"]["trained_tokens"]
+    records = [json.loads(line) for line in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "train"]
+    expected = sum(r["trained_tokens"] for r in steps) / sum(r["step_s"] for r in steps)
+    assert packed["train"]["trained_tokens_per_s"] == pytest.approx(expected, rel=1e-6)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -134,6 +134,19 @@ class TrainingConfig(_Section):
         description="Run matmuls in bf16/fp16 while trained weights stay in their own precision. auto: on where "
         "the device is fast in 16-bit (GPUs, CPUs with AMX/AVX512-BF16), off on other CPUs.",
     )
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Padding-free micro-batches: the rows of a micro-batch run end to end as one sequence, each row "
+        "attending only to itself (position ids restart per row), so no compute goes to padding. The same rows "
+        "and loss as padded batches. auto: on for causal LMs whose attention tunesmith has checked (Llama, "
+        "Mistral, Qwen2/3, Gemma, Phi-3).",
+    )
+    pass_tokens: Annotated[int, Field(ge=8)] | Literal["auto"] = Field(
+        "auto",
+        description="With packing, at most this many tokens go through the model at once; a longer micro-batch "
+        "runs as several passes whose gradients add up (the same step, less activation memory). auto: "
+        "data.max_length on a CPU, the whole micro-batch on a GPU.",
+    )
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_epsilon: float = Field(1e-8, gt=0)
@@ -222,6 +235,8 @@ def _allowed(err: dict) -> str:
         return "true or false"
     if kind.startswith("string_"):
         return "text"
+    if kind == "list_type":
+        return "a list"
     if kind.startswith("dict_") or kind == "model_type":
         return "a mapping of keys to values"
     return err["msg"]
@@ -229,17 +244,26 @@ def _allowed(err: dict) -> str:
 
 def _explain(exc: ValidationError, source: str) -> str:
     lines = []
+    allowed_by_key: dict[str, tuple[Any, list[str]]] = {}  # a union gives one error per branch: one line per key
     for err in exc.errors():
-        # Skip the union's internal branch names (e.g. 'str', 'list[str]') from the path.
-        key = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float"))))
+        # Skip the union's internal branch names (e.g. 'str', 'list[str]', 'constrained-int') from the path.
+        key = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in UNION_BRANCHES)))
         given = err.get("input")
         if err["type"] == "extra_forbidden":
             section = key.rsplit(".", 1)[0] if "." in key else ""
             known = _known_keys(section)
             lines.append(f"unknown config key `{key}`; the keys allowed here are: {', '.join(known)}.")
+        elif key in allowed_by_key:
+            allowed_by_key[key][1].append(_allowed(err))
         else:
-            lines.append(f"config key `{key}`: given {given!r}; allowed: {_allowed(err)}.")
+            allowed_by_key[key] = (given, [_allowed(err)])
+            lines.append(key)  # a placeholder, filled in below once every branch is known
+    for key, (given, allowed) in allowed_by_key.items():
+        lines[lines.index(key)] = f"config key `{key}`: given {given!r}; allowed: {', or '.join(allowed)}."
     return f"{source}: " + " ".join(lines)
+
+
+UNION_BRANCHES = ("str", "int", "float", "bool", "constrained-int", "constrained-float")
 
 
 def _known_keys(section: str) -> list[str]:

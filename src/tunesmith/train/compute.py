@@ -74,8 +74,11 @@ def _memory_left(device: str) -> int | None:
     return available
 
 
-def want_gradient_checkpointing(cfg: Config, model: torch.nn.Module, device: str, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether to checkpoint, and a sentence why (printed at the start of the run)."""
+def want_gradient_checkpointing(
+    cfg: Config, model: torch.nn.Module, device: str, dtype: torch.dtype, pass_tokens: int | None = None
+) -> tuple[bool, str]:
+    """Whether to checkpoint, and a sentence why (printed at the start of the run).  `pass_tokens`:
+    padding-free passes of at most that many tokens, instead of batch_size x max_length padded blocks."""
     setting = cfg.training.gradient_checkpointing
     if setting is not False and not getattr(model, "supports_gradient_checkpointing", False):
         return False, f"gradient checkpointing: off (this {type(model).__name__} does not support it)"
@@ -86,15 +89,18 @@ def want_gradient_checkpointing(cfg: Config, model: torch.nn.Module, device: str
     if cfg.method == "qlora":
         # QLoRA is chosen to save memory, and its recipe checkpoints (Dettmers et al., "QLoRA", 2023, section 4)
         return True, "gradient checkpointing: on (auto: method qlora trades compute for memory)"
-    need = activation_bytes(getattr(model, "config", None), cfg.training.batch_size, cfg.data.max_length, dtype)
+    rows, length = cfg.training.batch_size, cfg.data.max_length
+    if pass_tokens is not None:
+        rows, length = max(1, pass_tokens // length), min(length, pass_tokens)
+    need = activation_bytes(getattr(model, "config", None), rows, length, dtype)
     left = _memory_left(device)
     if not need or left is None:
         return False, "gradient checkpointing: off (auto: the activation size or free memory is unknown)"
     gib = 2**30
     if need > left / 2:
-        return True, (f"gradient checkpointing: on (auto: one micro-batch of {cfg.training.batch_size} x "
-                      f"{cfg.data.max_length} tokens may keep ~{need / gib:.1f} GiB of activations, more than half "
-                      f"of the {left / gib:.1f} GiB free)")
+        what = f"{pass_tokens} tokens" if pass_tokens is not None else f"{rows} x {length} tokens"
+        return True, (f"gradient checkpointing: on (auto: one pass of {what} may keep ~{need / gib:.1f} GiB of "
+                      f"activations, more than half of the {left / gib:.1f} GiB free)")
     return False, (f"gradient checkpointing: off (auto: ~{need / gib:.1f} GiB of activations fit in the "
                    f"{left / gib:.1f} GiB free; checkpointing would cost about a third more compute)")
 

@@ -55,6 +55,9 @@ from tunesmith.train.compute import (
     want_gradient_checkpointing,
 )
 from tunesmith.train.optim import make_optimizer
+from tunesmith.train.packing import make_pass, packed_attention, plan_passes, resolve_pass_tokens, want_packing
+from tunesmith.train import loss as loss_fns
+from tunesmith.models.lora_fast import fast_lora, forget_shared_mask
 from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes, read_metrics, release_free_memory
 from tunesmith.train.report import health_check, plot_training, render_report
 from tunesmith.tasks import MASKED_LM, Objective
@@ -174,8 +177,11 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         log("before: " + ", ".join(f"{k}={v:.4g}" for k, v in base_metrics.items() if k not in ("rows", "loss_tokens")))
         scorer.release()  # the embedding model need not sit in memory while training
 
-    # --- what trains, the optimiser and the schedule
-    checkpointing, why = want_gradient_checkpointing(cfg, model, device, dtype)
+    # --- how batches run, what trains, the optimiser and the schedule
+    packing, why = want_packing(t.packing, model, task, cfg.data.max_length)
+    pass_tokens = resolve_pass_tokens(t.pass_tokens, device, t.batch_size, cfg.data.max_length) if packing else None
+    log(why + (f"; up to {pass_tokens} tokens per pass" if packing else ""))
+    checkpointing, why = want_gradient_checkpointing(cfg, model, device, dtype, pass_tokens)
     log(why)
     if checkpointing:
         enable_gradient_checkpointing(model)
@@ -198,9 +204,10 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     try:
-        with stop_on_signals() as stop_requested:
+        with stop_on_signals() as stop_requested, fast_lora(model), \
+                (packed_attention(model) if packing else contextlib.nullcontext()):
             _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch,
-                         total_steps, metrics_log, progress, run_dir, stop_requested, half, objective)
+                         total_steps, metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens)
     finally:
         metrics_log.close()
     metrics_log.records = read_metrics(run_dir / "metrics.jsonl")
@@ -250,7 +257,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         "model": {"name": cfg.model.name, "source": source, "parameters": total_params, "trainable_parameters": trainable},
         "hardware": {"device": device, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                      "autocast": str(half).replace("torch.", "") if half is not None else None,
-                     "gradient_checkpointing": checkpointing},
+                     "gradient_checkpointing": checkpointing, "packing": packing, "pass_tokens": pass_tokens},
         "data": stats,
         "train": train_stats,
         "validation": {"loss": val_final["val_loss"], "perplexity": val_final["val_perplexity"]} if val_final else None,
@@ -354,10 +361,50 @@ def _validate(model, bundle, cfg, accelerator, progress, metrics_log, bar, objec
     return False
 
 
+def allocate_early(params: list, optimizer) -> None:
+    """Gradient buffers and AdamW's moments, allocated before the first forward pass and kept for the run.
+
+    Left to themselves, both are allocated in the middle of the first step (gradients during the
+    backward pass, moments in the first optimizer step), between activations that are freed a moment
+    later.  The C heap cannot give back or reuse the space around such long-lived blocks well, and on a
+    CPU that fragmentation showed up as about a gigabyte of resident memory that no tensor was using
+    (bench/RESULTS.md, "Performance").  Allocated first, they sit together below everything else.
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if type(optimizer) is not torch.optim.AdamW:
+        return  # other optimisers (bitsandbytes' 8-bit ones) allocate their own state
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") or group.get("fused") or group.get("capturable"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:  # the values torch's Adam._init_group would give them on the first step
+                state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _micro_units(objective, rows, pass_tokens, key) -> list:
+    """What one micro-batch runs as: padding-free passes (`pass_tokens` set) or one padded batch."""
+    if pass_tokens is not None:
+        return [make_pass(group) for group in plan_passes(rows, pass_tokens)]
+    return [objective.collate(rows, key=key)]  # the key seeds masked-LM masking
+
+
+def _unit_counts(objective, unit) -> tuple[int, int]:
+    """(trained tokens, all tokens) in one pass or padded batch."""
+    if isinstance(unit, dict):
+        return objective.trained_tokens(unit), int(unit["attention_mask"].sum())
+    return unit.n_trained, unit.n_tokens
+
+
 def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch, total_steps,
-                 metrics_log, progress, run_dir, stop_requested, half, objective):
+                 metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens=None):
     """The loop: micro-batches -> token-weighted loss -> backward -> clip -> step; log every step;
-    validate, checkpoint and stop when the config says.  Position and totals live in `progress`."""
+    validate, checkpoint and stop when the config says.  Position and totals live in `progress`.
+    With `pass_tokens`, each micro-batch runs padding-free (see train/packing.py)."""
     t = cfg.training
     params = [p for p in model.parameters() if p.requires_grad]
     unwrapped = accelerator.unwrap_model(model)
@@ -386,6 +433,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
             checkpoint()  # the best weights must stay on disk to be loaded at the end
         return stop
 
+    allocate_early(params, optimizer)
     model.train()
     bar = tqdm(total=total_steps, initial=progress["step"], desc="training", unit="step",
                disable=not accelerator.is_main_process)
@@ -398,21 +446,27 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                     break
                 tick = time.perf_counter()
                 window = [
-                    objective.collate(b, key=(t.seed, epoch, window_start, j))  # the key seeds masked-LM masking
+                    unit
                     for j, b in enumerate(batches[window_start : window_start + t.gradient_accumulation])
+                    for unit in _micro_units(objective, b, pass_tokens, key=(t.seed, epoch, window_start, j))
                 ]
-                window_tokens = sum(objective.trained_tokens(w) for w in window)
+                counts = [_unit_counts(objective, unit) for unit in window]
+                window_tokens = sum(trained for trained, _ in counts)
                 progress["window_start"] = window_start + t.gradient_accumulation
                 if window_tokens == 0:
                     continue
                 step_nll = 0.0
-                for micro in window:
-                    micro = {k: v.to(accelerator.device) for k, v in micro.items()}
+                for unit, (_, unit_all) in zip(window, counts):
                     with autocast:
-                        nll, _ = objective.nll_sum(model, micro)
+                        if isinstance(unit, dict):
+                            nll, _ = objective.nll_sum(model, {k: v.to(accelerator.device) for k, v in unit.items()})
+                        else:
+                            nll, _ = loss_fns.packed_nll_sum(model, unit.to(accelerator.device))
+                    forget_shared_mask()
                     accelerator.backward(scaler.scale(nll / window_tokens))
+                    forget_shared_mask()
                     step_nll += float(nll.detach())
-                    progress["all_tokens"] += int(micro["attention_mask"].sum())
+                    progress["all_tokens"] += unit_all
                 penalty = extra_loss(model)  # AdaLoRA's orthogonality term, once per optimiser step
                 if penalty is not None:
                     accelerator.backward(scaler.scale(penalty))
@@ -434,7 +488,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                     progress["grad_scaler"] = scaler.state_dict()
                 after_optimizer_step(model, progress["step"] + 1)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=False)  # the gradient buffers stay where allocate_early put them
                 elapsed = time.perf_counter() - tick
                 progress["step"] += 1
                 progress["train_time"] += elapsed

@@ -7,6 +7,12 @@ positions first, and the projection + cross-entropy run on those rows only, a
 chunk at a time (the idea torchtune's chunked cross-entropy uses), so the full
 logits tensor never exists.  The result is the *sum* of token NLLs and the token
 count, so the caller can weight by tokens across gradient accumulation.
+
+`linear_cross_entropy_sum` goes one step further (the "fused linear cross-entropy" of Liger-Kernel
+and Apple's Cut Cross-Entropy): it works out the gradient of each chunk's loss with respect to the
+hidden states during the forward pass, while that chunk's logits exist, and keeps only that
+[tokens x hidden] gradient for the backward pass.  Plain chunking would still keep every chunk's
+[tokens x vocab] log-probabilities alive until backward (200 MiB per 1024 tokens of SmolLM2).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.tokens import IGNORE_INDEX
 
-LOSS_CHUNK_TOKENS = 1024  # rows of the output projection computed at once
+LOSS_CHUNK_TOKENS = 512  # rows of the output projection computed at once ([512 x vocab] fp32: 96 MiB for SmolLM2)
 
 
 def _decoder_and_head(model: torch.nn.Module):
@@ -56,9 +62,77 @@ def token_nll_sum(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state  # [B, T, H]
     selected = hidden[:, :-1][keep]  # [N, H], N = n_tokens
-    wanted = targets[keep]  # [N]
+    return head_nll_sum(head, selected, targets[keep]), n_tokens
+
+
+def head_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of NLL of `targets` [N] under `head(hidden)` ([N, H] -> [N, V] logits), never all N rows at once."""
+    weight = getattr(head, "weight", None)
+    plain = isinstance(head, torch.nn.Linear) and head.bias is None and weight is not None and weight.dim() == 2
+    if plain and type(head) is torch.nn.Linear:  # not a PEFT/bitsandbytes layer with its own forward
+        return LinearCrossEntropySum.apply(hidden, weight, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, selected.shape[0], LOSS_CHUNK_TOKENS):
-        chunk_logits = head(selected[start : start + LOSS_CHUNK_TOKENS]).float()  # [n, V], upcast per chunk
-        total = total + F.cross_entropy(chunk_logits, wanted[start : start + LOSS_CHUNK_TOKENS], reduction="sum")
-    return total, n_tokens
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
+        chunk_logits = head(hidden[start : start + LOSS_CHUNK_TOKENS]).float()  # [n, V], upcast per chunk
+        total = total + F.cross_entropy(chunk_logits, targets[start : start + LOSS_CHUNK_TOKENS], reduction="sum")
+    return total
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i NLL(targets_i | softmax(hidden_i @ weight.T)), with the gradients computed chunk by chunk in forward.
+
+    For one row, d NLL / d logits = softmax(logits) - onehot(target); then d/d hidden = that @ weight and
+    d/d weight = that.T @ hidden.  Only those gradients ([N, H], and [V, H] when the weight trains) are
+    kept for backward, which scales them by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):  # hidden [N, H], weight [V, H], targets [N]
+        want_hidden = hidden.requires_grad
+        want_weight = weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        exact = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least for the softmax and the sums
+        grad_weight = torch.zeros_like(weight, dtype=exact) if want_weight else None
+        total = torch.zeros((), dtype=exact, device=hidden.device)
+        w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+        for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
+            h = hidden[start : start + LOSS_CHUNK_TOKENS]  # [n, H]
+            t = targets[start : start + LOSS_CHUNK_TOKENS]  # [n]
+            logits = (h @ w.t()).to(exact)  # [n, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [n]
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_hidden or want_weight:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # minus the one-hot target
+                g = probs.to(h.dtype)  # [n, V]
+                if want_hidden:
+                    grad_hidden[start : start + LOSS_CHUNK_TOKENS] = g @ w
+                if want_weight:
+                    grad_weight += (g.t() @ h).to(exact)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None
+
+
+def packed_nll_sum(model: torch.nn.Module, one_pass) -> tuple[torch.Tensor, int]:
+    """`token_nll_sum` for a padding-free pass (`train.packing.Pass`): rows end to end, each attending to itself."""
+    from tunesmith.train.packing import packed_attention
+
+    decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        raise RuntimeError("packed passes need a model whose decoder and output projection tunesmith can reach")
+    cu = one_pass.cu_seq_lens
+    with packed_attention(model):
+        hidden = decoder(
+            input_ids=one_pass.input_ids, position_ids=one_pass.position_ids, use_cache=False,
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=one_pass.max_length, max_length_k=one_pass.max_length,
+        ).last_hidden_state[0]  # [T, H]
+    keep = one_pass.targets != IGNORE_INDEX  # [T]
+    return head_nll_sum(head, hidden[keep], one_pass.targets[keep]), int(keep.sum())

@@ -1,0 +1,265 @@
+"""Padding-free training (train/packing.py), the fused output-projection loss and the fused LoRA dropout.
+
+What must hold: a packed pass gives the same loss and the same gradients as the padded batch of the
+same rows, on every family packing is switched on for; no row sees another; the fused loss equals
+cross-entropy over full logits, value and gradients; the fused dropout is nn.Dropout + Linear with
+the same draws; and a whole run with packing on learns what the padded run learns.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.tokens import IGNORE_INDEX
+from tunesmith.errors import UserError
+from tunesmith.models.lora_fast import DropoutLinear, DropoutThenLinear, fast_lora, keep_scale
+from tunesmith.train.batching import collate
+from tunesmith.train.loss import LinearCrossEntropySum, head_nll_sum, packed_nll_sum, token_nll_sum
+from tunesmith.train.packing import PACKABLE_TYPES, make_pass, plan_passes, resolve_pass_tokens, want_packing
+
+from test_matrix import tiny_config
+
+VOCAB = 700
+
+
+def make_rows(lengths, prompt=3, seed=0):
+    """Rows with random tokens; the first `prompt` labels of each are masked, as a chat prompt would be."""
+    rng = random.Random(seed)
+    rows = []
+    for n in lengths:
+        ids = [rng.randrange(3, VOCAB) for _ in range(n)]
+        rows.append(SimpleNamespace(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:]))
+    return rows
+
+
+def tiny_model(family: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, VOCAB))
+    model.config.use_cache = False
+    return model.train()
+
+
+def test_plan_passes_puts_every_row_in_exactly_one_pass_within_the_budget():
+    rows = make_rows([50, 10, 40, 30, 20, 60, 5])
+    passes = plan_passes(rows, 64)
+    placed = [id(r) for p in passes for r in p]
+    assert sorted(placed) == sorted(id(r) for r in rows)
+    assert all(sum(len(r.input_ids) for r in p) <= 64 for p in passes)
+    assert len(passes) == 4  # 215 tokens in 64-token passes: first-fit decreasing needs the minimum, 4
+    long = make_rows([100, 10])
+    assert [len(p) for p in plan_passes(long, 64)] == [1, 1]  # a row over the budget gets its own pass
+
+
+def test_make_pass_restarts_positions_and_never_predicts_across_rows():
+    rows = make_rows([5, 4], prompt=1)
+    p = make_pass(rows)
+    assert p.input_ids.tolist() == [rows[0].input_ids + rows[1].input_ids]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert p.cu_seq_lens.tolist() == [0, 5, 9]
+    first, second = rows[0].input_ids, rows[1].input_ids
+    assert p.targets.tolist() == first[1:] + [IGNORE_INDEX] + second[1:] + [IGNORE_INDEX]
+    assert p.n_trained == 4 + 3 and p.n_tokens == 9  # every label after the first of each row
+
+
+@pytest.mark.parametrize("family", PACKABLE_TYPES)
+def test_packed_pass_matches_the_padded_batch_loss_and_gradients(family):
+    model = tiny_model(family)
+    assert want_packing("auto", model, "causal_lm", 512)[0]
+    rows = make_rows([7, 13, 4, 10])
+    batch = collate(rows, pad_token_id=0)
+    padded, n_padded = token_nll_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    padded.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    packed, n_packed = packed_nll_sum(model, make_pass(rows))
+    packed.backward()
+    assert n_packed == n_padded == sum(n - 3 for n in (7, 13, 4, 10))  # all labels after the 3-token prompt
+    assert torch.allclose(packed, padded, rtol=1e-5), (family, float(packed), float(padded))
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, grads[name], atol=1e-5, rtol=1e-4), (family, name)
+    # the model's own attention setting is back once the pass is done
+    assert model.config._attn_implementation != "tunesmith_varlen"
+
+
+def test_no_row_sees_another_in_a_pass():
+    model = tiny_model("llama").eval()
+    rows = make_rows([9, 8, 6])
+    other = make_rows([9, 8, 6], seed=1)
+    changed = [rows[0], other[1], rows[2]]  # only the middle row differs
+    with torch.no_grad():
+        whole_a = _per_row_nll(model, rows)
+        whole_b = _per_row_nll(model, changed)
+        alone = packed_nll_sum(model, make_pass(rows[2:]))[0]  # the last row in a pass of its own
+    assert torch.allclose(whole_a[2], alone, atol=1e-5)
+    assert torch.allclose(whole_a[0], whole_b[0], atol=1e-6) and torch.allclose(whole_a[2], whole_b[2], atol=1e-6)
+    assert not torch.allclose(whole_a[1], whole_b[1])
+
+
+def _per_row_nll(model, rows):
+    """Each row's NLL out of one packed pass of all rows (the loss split back by row)."""
+    from tunesmith.train.loss import _decoder_and_head
+    from tunesmith.train.packing import packed_attention
+
+    p = make_pass(rows)
+    decoder, head = _decoder_and_head(model)
+    with packed_attention(model):
+        hidden = decoder(input_ids=p.input_ids, position_ids=p.position_ids, cu_seq_lens_q=p.cu_seq_lens).last_hidden_state[0]
+    nll = F.cross_entropy(head(hidden), p.targets.clamp(min=0), reduction="none") * (p.targets != IGNORE_INDEX)
+    bounds = p.cu_seq_lens.tolist()
+    return [nll[s:e].sum() for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_fused_linear_cross_entropy_equals_full_logits(weight_trains, monkeypatch):
+    import tunesmith.train.loss as loss
+
+    monkeypatch.setattr(loss, "LOSS_CHUNK_TOKENS", 7)  # several chunks, the last one short
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=weight_trains)
+    targets = torch.randint(0, 50, (23,))
+    ours = LinearCrossEntropySum.apply(hidden, weight, targets)
+    (ours * 3.0).backward()  # a non-unit incoming gradient
+    got = hidden.grad.clone(), (weight.grad.clone() if weight_trains else None)
+    hidden.grad = None
+    weight.grad = None
+    reference = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    (reference * 3.0).backward()
+    assert torch.allclose(ours, reference)
+    assert torch.allclose(got[0], hidden.grad)
+    if weight_trains:
+        assert torch.allclose(got[1], weight.grad)
+
+
+def test_head_nll_sum_takes_the_fused_path_only_for_a_plain_linear_head():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 20, bias=False)
+    hidden, targets = torch.randn(5, 8), torch.randint(0, 20, (5,))
+    expected = F.cross_entropy(head(hidden), targets, reduction="sum")
+    assert torch.allclose(head_nll_sum(head, hidden, targets), expected, atol=1e-5)
+    biased = torch.nn.Linear(8, 20, bias=True)  # a bias: the chunked plain path
+    assert torch.allclose(head_nll_sum(biased, hidden, targets),
+                          F.cross_entropy(biased(hidden), targets, reduction="sum"), atol=1e-5)
+
+
+def test_dropout_then_linear_is_dropout_and_linear_with_the_same_draws():
+    from tunesmith.models.lora_fast import _keep_mask, _shared
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 6, 10, requires_grad=True)
+    w = torch.randn(4, 10, requires_grad=True)
+    p = 0.3
+    _shared.clear()
+    torch.manual_seed(7)
+    out = DropoutThenLinear.apply(x, w, p)
+    again = DropoutThenLinear.apply(x, w, p)  # the same input again (k after q): the same mask
+    (out.pow(2).sum() + again.sum()).backward()
+    got = out.detach(), x.grad.clone(), w.grad.clone()
+    x.grad, w.grad = None, None
+    torch.manual_seed(7)
+    keep = _keep_mask(x, p)  # the draw the fused function makes
+    reference = F.linear(x * keep * keep_scale(p, "cpu"), w)
+    (reference.pow(2).sum() + reference.sum()).backward()
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert torch.equal(again.detach(), out.detach())
+    assert torch.allclose(got[0], reference, atol=1e-6)
+    assert torch.allclose(got[1], x.grad, atol=1e-5) and torch.allclose(got[2], w.grad, atol=1e-5)
+    _shared.clear()
+
+
+def test_keep_mask_drops_p_of_the_elements_and_follows_the_torch_seed():
+    from tunesmith.models.lora_fast import _keep_mask
+
+    x = torch.empty(1000, 1000)
+    torch.manual_seed(3)
+    a = _keep_mask(x, 0.05)
+    torch.manual_seed(3)
+    b = _keep_mask(x, 0.05)
+    assert torch.equal(a, b)
+    assert abs(1 - float(a.float().mean()) - 0.05) < 0.002  # 10^6 draws: 5 standard deviations is 0.0011
+    assert keep_scale(0.05, "cpu") == pytest.approx(1 / 0.95, rel=1e-5)
+
+
+def _lora_model(**lora):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_model("llama"), LoraConfig(**{"r": 4, "lora_alpha": 8, **lora}))
+
+
+def test_fast_lora_gives_peft_outputs_and_gradients_and_puts_everything_back():
+    model = _lora_model(lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)  # B starts at zero: give the adapters something to add
+    keys = list(model.state_dict())
+    x = torch.randint(3, VOCAB, (2, 6))
+    model.eval()
+    before = model(input_ids=x).logits
+    before.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    with fast_lora(model) as swapped:
+        assert swapped == 3 * 2  # three targets in each of two layers
+        assert list(model.state_dict()) == keys  # same names: checkpoints and merging see plain PEFT
+        assert any(isinstance(m, DropoutLinear) for m in model.modules())
+        fast = model(input_ids=x).logits  # eval mode: no dropout, the addmm path
+        fast.sum().backward()
+        assert torch.allclose(fast, before, atol=1e-5)
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                assert torch.allclose(param.grad, grads[name], atol=1e-5), name
+        model.train()
+        assert not torch.equal(model(input_ids=x).logits, before)  # dropout is live in training
+    assert not any(isinstance(m, DropoutLinear) for m in model.modules())
+    assert all(type(m).__name__ == "Linear" and type(m).__module__.startswith("peft") for m in model.modules()
+               if hasattr(m, "lora_dropout"))
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Dropout) for m in model.modules() if hasattr(m, "lora_dropout"))
+
+    dora = _lora_model(lora_dropout=0.1, use_dora=True, target_modules=["q_proj"])
+    with fast_lora(dora) as swapped:
+        assert swapped == 0  # DoRA uses the dropped input itself: left as PEFT has it
+
+
+def test_want_packing_says_why_not_and_refuses_an_explicit_true():
+    gpt2 = tiny_model("gpt2")
+    on, why = want_packing("auto", gpt2, "causal_lm", 64)
+    assert not on and "gpt2" in why
+    with pytest.raises(UserError, match="training.packing: true"):
+        want_packing(True, gpt2, "causal_lm", 64)
+    assert want_packing("auto", tiny_model("llama"), "seq2seq", 64) == (False, "packing: off (auto: a seq2seq model trains on padded batches)")
+    assert want_packing(False, tiny_model("llama"), "causal_lm", 64)[0] is False
+    mistral = tiny_model("mistral")
+    mistral.config.sliding_window = 32
+    on, why = want_packing("auto", mistral, "causal_lm", 64)
+    assert not on and "sliding" in why
+    assert resolve_pass_tokens("auto", "cpu", 4, 512) == 512
+    assert resolve_pass_tokens("auto", "cpu", 8, 128) == 512  # never passes of a few short rows on a CPU
+    assert resolve_pass_tokens("auto", "cuda", 4, 512) == 2048
+    assert resolve_pass_tokens(300, "cpu", 4, 512) == 300
+
+
+def test_gradient_checkpointing_recomputes_a_packed_pass_the_same_way():
+    """The loop keeps packed attention on for the whole run, so the backward recomputation attends row by row too."""
+    from tunesmith.train.compute import enable_gradient_checkpointing
+    from tunesmith.train.packing import packed_attention
+
+    rows = make_rows([9, 5, 12])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama")
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        with packed_attention(model):
+            nll, _ = packed_nll_sum(model, make_pass(rows))
+            nll.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-5, rtol=1e-4), name
