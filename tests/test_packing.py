@@ -166,6 +166,7 @@ def test_dropout_then_linear_is_dropout_and_linear_with_the_same_draws():
     x.grad, w.grad = None, None
     torch.manual_seed(7)
     keep = _keep_mask(x, p)  # the draw the fused function makes
+    assert keep.dtype == torch.bool
     reference = F.linear(x * keep * keep_scale(p, "cpu"), w)
     (reference.pow(2).sum() + reference.sum()).backward()
     assert 0 < int(keep.sum()) < keep.numel()

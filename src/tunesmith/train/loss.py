@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.tokens import IGNORE_INDEX
 
-LOSS_CHUNK_TOKENS = 512  # rows of the output projection computed at once ([512 x vocab] fp32: 96 MiB for SmolLM2)
+LOSS_CHUNK_TOKENS = 256  # rows of the output projection computed at once ([256 x vocab] fp32: 48 MiB for SmolLM2)
 
 
 def _decoder_and_head(model: torch.nn.Module):
