@@ -159,3 +159,33 @@ def test_packing_learns_what_padding_learns_and_reports_the_same_throughput(tmp_
     steps = [r for r in records if r["type"] == "train"]
     expected = sum(r["trained_tokens"] for r in steps) / sum(r["step_s"] for r in steps)
     assert packed["train"]["trained_tokens_per_s"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_allocate_early_changes_nothing_but_where_the_state_lives():
+    """Pre-allocated gradients and AdamW moments give the same steps and the same optimiser state as torch's
+    lazy ones, also through accelerate's optimiser wrapper (what run_training passes)."""
+    from accelerate import Accelerator
+
+    from tunesmith.train.loop import allocate_early
+
+    def train(early: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        params = list(model.parameters())
+        optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01)
+        if early:
+            allocate_early(params, Accelerator(cpu=True).prepare(optimizer))  # the wrapped optimiser, as in run_training
+            assert all(len(optimizer.state[p]) == 3 for p in params)  # step, exp_avg, exp_avg_sq before any step
+        for step in range(3):
+            x = torch.full((4, 6), float(step + 1))
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=not early)
+        return [p.detach().clone() for p in params], optimizer.state_dict()["state"]
+
+    (lazy_params, lazy_state), (early_params, early_state) = train(False), train(True)
+    for a, b in zip(lazy_params, early_params):
+        assert torch.equal(a, b)
+    for key in lazy_state:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(lazy_state[key][name], early_state[key][name]), (key, name)

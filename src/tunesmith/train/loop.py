@@ -373,6 +373,7 @@ def allocate_early(params: list, optimizer) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimiser
     if type(optimizer) is not torch.optim.AdamW:
         return  # other optimisers (bitsandbytes' 8-bit ones) allocate their own state
     for group in optimizer.param_groups:
