@@ -90,7 +90,7 @@ def main() -> None:
             p.grad = None
         optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate)
         torch.manual_seed(0)
-        loss_module.head_nll_sum = loss_module.head_nll_sum if "fused-ce" in on else unfused_head
+        loss_module.head_nll_sum = real_head if "fused-ce" in on else unfused_head
         saved_peak, trained, elapsed = 0, 0, 0.0
         with contextlib.ExitStack() as stack:
             if "fast-lora" in on:

@@ -1,7 +1,7 @@
 """A faster training path for plain LoRA layers: less copying, less memory, cheaper dropout.
 
 PEFT computes a LoRA layer as `base(x) + lora_B(lora_A(dropout(x))) * scaling`.  Measured on the
-issue-8 workload (bench/RESULTS.md, "Performance"), that costs, besides the matmuls:
+issue-8 workload (bench/RESULTS.md, "Training throughput and memory"), that costs, besides the matmuls:
 - a dropped copy of every projection input, kept for `lora_A`'s weight gradient (5 x 576 + 1536
   floats per token per layer on SmolLM2, about a third of what the backward pass keeps);
 - a fresh mask per projection from torch's CPU random generator, about 9% of a training step;
@@ -27,6 +27,7 @@ merged or disabled adapters take PEFT's own forward.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -138,6 +139,7 @@ def _peft_linear_class():
     return Linear
 
 
+@functools.cache
 def _make_fast_class(base: type) -> type:
     class FastLoraLinear(base):
         """PEFT's LoRA Linear with `base(x) + B(A(drop(x))) * scaling` as one addmm when it is plain LoRA."""
@@ -160,7 +162,6 @@ def _make_fast_class(base: type) -> type:
     return FastLoraLinear
 
 
-_FAST: dict[type, type] = {}
 # PEFT LoRA layers whose forward applies `lora_A(dropout(x))` (checked in peft 0.21: layer.py, bnb.py)
 DROPOUT_FIRST_LAYERS = ("Linear", "Linear8bitLt", "Linear4bit")
 
@@ -176,12 +177,10 @@ def fast_lora(model: torch.nn.Module):
     swapped_layers, swapped_a = [], []
     for module in model.modules():
         kind = type(module)
-        if kind.__module__.startswith("peft.tuners.lora.") and kind.__name__ in DROPOUT_FIRST_LAYERS:
-            pass  # its forward is lora_B(lora_A(dropout(x))): the A swap below applies
-        else:
-            continue
+        if not (kind.__module__.startswith("peft.tuners.lora.") and kind.__name__ in DROPOUT_FIRST_LAYERS):
+            continue  # only layers whose forward is lora_B(lora_A(dropout(x))) take the A swap below
         if kind is peft_linear:
-            module.__class__ = _FAST.setdefault(peft_linear, _make_fast_class(peft_linear))
+            module.__class__ = _make_fast_class(peft_linear)
             swapped_layers.append(module)
         variants = getattr(module, "lora_variant", {}) or {}
         for name, a in module.lora_A.items():

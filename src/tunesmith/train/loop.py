@@ -368,7 +368,7 @@ def allocate_early(params: list, optimizer) -> None:
     backward pass, moments in the first optimizer step), between activations that are freed a moment
     later.  The C heap cannot give back or reuse the space around such long-lived blocks well, and on a
     CPU that fragmentation showed up as about a gigabyte of resident memory that no tensor was using
-    (bench/RESULTS.md, "Performance").  Allocated first, they sit together below everything else.
+    (bench/RESULTS.md, "Training throughput and memory", the levers table).  Allocated first, they sit together below everything else.
     """
     for p in params:
         if p.grad is None:

@@ -8,7 +8,7 @@ chunk at a time (the idea torchtune's chunked cross-entropy uses), so the full
 logits tensor never exists.  The result is the *sum* of token NLLs and the token
 count, so the caller can weight by tokens across gradient accumulation.
 
-`linear_cross_entropy_sum` goes one step further (the "fused linear cross-entropy" of Liger-Kernel
+`LinearCrossEntropySum` (used by `head_nll_sum` for a plain linear head) goes one step further (the "fused linear cross-entropy" of Liger-Kernel
 and Apple's Cut Cross-Entropy): it works out the gradient of each chunk's loss with respect to the
 hidden states during the forward pass, while that chunk's logits exist, and keeps only that
 [tokens x hidden] gradient for the backward pass.  Plain chunking would still keep every chunk's
@@ -67,10 +67,8 @@ def token_nll_sum(
 
 def head_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of NLL of `targets` [N] under `head(hidden)` ([N, H] -> [N, V] logits), never all N rows at once."""
-    weight = getattr(head, "weight", None)
-    plain = isinstance(head, torch.nn.Linear) and head.bias is None and weight is not None and weight.dim() == 2
-    if plain and type(head) is torch.nn.Linear:  # not a PEFT/bitsandbytes layer with its own forward
-        return LinearCrossEntropySum.apply(hidden, weight, targets)
+    if type(head) is torch.nn.Linear and head.bias is None:  # not a PEFT/bitsandbytes layer with its own forward
+        return LinearCrossEntropySum.apply(hidden, head.weight, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
         chunk_logits = head(hidden[start : start + LOSS_CHUNK_TOKENS]).float()  # [n, V], upcast per chunk

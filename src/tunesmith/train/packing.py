@@ -178,7 +178,7 @@ def resolve_pass_tokens(setting: int | str, device: str, batch_size: int, max_le
 
     On a CPU the matmuls are already efficient at a few hundred tokens, so passes of one long row
     (at least CPU_PASS_TOKENS) cost little speed and bound activation memory; much shorter passes pay
-    the per-layer overhead too often (bench/RESULTS.md, "Performance").  A GPU wants the whole
+    the per-layer overhead too often (bench/RESULTS.md, "Training throughput and memory").  A GPU wants the whole
     micro-batch at once.
     """
     if setting != "auto":
