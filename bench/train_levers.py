@@ -11,6 +11,9 @@ bench/train_throughput.py), with the levers of that row switched on, cumulativel
   pass-512        ... split into passes of at most 512 tokens (less memory, gradients added up)
   fused-ce        cross-entropy gradients computed chunk by chunk in forward (LinearCrossEntropySum)
   fast-lora       LoRA dropout + A in one function, shared masks, numpy RNG, addmm (models/lora_fast.py)
+  kept-once       the SwiGLU MLP as one function keeping x, gate(x), up(x) (LoraSwiGLU), and attention
+                  keeping its output once (packing.RowsAttention)
+  pass-1024       passes of at most 1024 tokens (the CPU default): fewer passes, fewer weight reads
 
 Speed is trained tokens over the summed step times (rows are run twice, interleaved, and the
 faster run kept, to damp the noise of two shared cores).  Memory is the bytes the autograd graph
@@ -33,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import DATA, workload  # noqa: E402
 
-LEVERS = ("padded", "trained-only", "packed", "pass-512", "fused-ce", "fast-lora")
+LEVERS = ("padded", "trained-only", "packed", "pass-512", "fused-ce", "fast-lora", "kept-once", "pass-1024")
 GIB = 2**30
 
 
@@ -46,7 +49,9 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    import tunesmith.models.lora_fast as lora_fast_module
     import tunesmith.train.loss as loss_module
+    import tunesmith.train.packing as packing_module
     from tunesmith.config import config_from_dict
     from tunesmith.data import build_datasets
     from tunesmith.data.tokens import IGNORE_INDEX
@@ -83,8 +88,21 @@ def main() -> None:
             total = total + F.cross_entropy(head(hidden[s : s + chunk]).float(), targets[s : s + chunk], reduction="sum")
         return total
 
+    class SdpaRows:  # attention through F.scaled_dot_product_attention row by row, as before `kept-once`
+        @staticmethod
+        def apply(query, key, value, rows, scale):
+            outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                                   scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+                    for s, e in rows]
+            return torch.cat([o.transpose(1, 2) for o in outs], dim=1)
+
+    real_swiglu, real_rows = lora_fast_module._swiglu_mlp, packing_module.RowsAttention
+
     def run(level: int) -> dict:
         on = set(LEVERS[: level + 1])
+        lora_fast_module._swiglu_mlp = real_swiglu if "kept-once" in on else (lambda module: False)
+        packing_module.RowsAttention = real_rows if "kept-once" in on else SdpaRows
+        pass_tokens = 1024 if "pass-1024" in on else 512 if "pass-512" in on else 10**9
         for p, s in zip(params, start):
             p.data.copy_(s)
             p.grad = None
@@ -99,7 +117,7 @@ def main() -> None:
             for rows in batches:
                 tick = time.perf_counter()
                 if "packed" in on:
-                    units = [make_pass(g) for g in plan_passes(rows, 512 if "pass-512" in on else 10**9)]
+                    units = [make_pass(g) for g in plan_passes(rows, pass_tokens)]
                     n_step = sum(u.n_trained for u in units)
                 else:
                     units = [collate(rows, tokenizer.pad_token_id)]

@@ -229,6 +229,91 @@ def test_fast_lora_gives_peft_outputs_and_gradients_and_puts_everything_back():
         assert swapped == 0  # DoRA uses the dropped input itself: left as PEFT has it
 
 
+def _saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while `run()` builds the graph."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_swiglu_mlp_gives_the_same_outputs_and_gradients_and_keeps_less(family, monkeypatch):
+    import tunesmith.models.lora_fast as lora_fast
+    from peft import LoraConfig, get_peft_model
+
+    def run(model, x, fused: bool):
+        monkeypatch.setattr(lora_fast, "_swiglu_mlp", real if fused else (lambda module: False))
+        model.zero_grad()
+        with fast_lora(model):
+            kinds = {type(m.mlp).__name__ for m in model.get_base_model().model.layers}
+            torch.manual_seed(11)  # the same dropout draws for both paths
+            out, kept = _saved_bytes(lambda: model(input_ids=x).logits)
+            out.pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return kinds, out.detach(), grads, kept
+
+    real = lora_fast._swiglu_mlp
+    x = torch.randint(3, VOCAB, (2, 7))
+    for dropout in (0.0, 0.3):
+        model = get_peft_model(tiny_model(family), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                               target_modules="all-linear"))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        model.train()
+        kinds, fused_out, fused_grads, fused_kept = run(model, x, True)
+        assert kinds == {"FastLoraSwiGLU"}
+        plain_kinds, plain_out, plain_grads, plain_kept = run(model, x, False)
+        assert "FastLoraSwiGLU" not in plain_kinds
+        assert torch.allclose(fused_out, plain_out, atol=1e-6)
+        for name, grad in plain_grads.items():
+            assert torch.allclose(fused_grads[name], grad, atol=1e-6), name
+        assert fused_kept < plain_kept  # silu(gate) and the product are recomputed, not kept
+        if dropout == 0.0:  # and against PEFT's own forward, which draws nothing
+            monkeypatch.setattr(lora_fast, "_swiglu_mlp", real)
+            model.zero_grad()
+            reference = model(input_ids=x).logits
+            reference.pow(2).mean().backward()
+            assert torch.allclose(fused_out, reference, atol=1e-5)
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    assert torch.allclose(fused_grads[name], param.grad, atol=1e-5), name
+        assert all(type(m.mlp).__name__.endswith("MLP") and "Fast" not in type(m.mlp).__name__
+                   for m in model.get_base_model().model.layers)  # put back on leaving
+
+
+def test_rows_attention_is_sdpa_row_by_row_and_keeps_one_copy_of_the_output():
+    from tunesmith.train.packing import RowsAttention
+
+    torch.manual_seed(0)
+    rows = [(0, 5), (5, 17), (17, 20)]
+    q = torch.randn(1, 6, 20, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 20, 8, dtype=torch.float64, requires_grad=True)  # grouped-query: 3 heads per key
+    v = torch.randn(1, 2, 20, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1, 20, 6, 8, dtype=torch.float64)
+    expected = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                         enable_gqa=True, scale=0.3).transpose(1, 2)
+                          for s, e in rows], dim=1)
+    expected.backward(g)
+    want = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    got, kept = _saved_bytes(lambda: RowsAttention.apply(q, k, v, rows, 0.3))
+    got.backward(g)
+    assert torch.allclose(got, expected, atol=1e-12)
+    for grad, t in zip(want, (q, k, v)):
+        assert torch.allclose(t.grad, grad, atol=1e-12)
+    assert got.shape == (1, 20, 6, 8)
+    # q, k, v, the output itself and three small log-sum-exps: no second copy of the output
+    assert kept <= (q.numel() + k.numel() + v.numel() + got.numel() + 3 * 6 * 12) * 8
+
+
 def test_want_packing_says_why_not_and_refuses_an_explicit_true():
     gpt2 = tiny_model("gpt2")
     on, why = want_packing("auto", gpt2, "causal_lm", 64)
@@ -241,8 +326,9 @@ def test_want_packing_says_why_not_and_refuses_an_explicit_true():
     mistral.config.sliding_window = 32
     on, why = want_packing("auto", mistral, "causal_lm", 64)
     assert not on and "sliding" in why
-    assert resolve_pass_tokens("auto", "cpu", 4, 512) == 512
-    assert resolve_pass_tokens("auto", "cpu", 8, 128) == 512  # never passes of a few short rows on a CPU
+    assert resolve_pass_tokens("auto", "cpu", 4, 512) == 1024
+    assert resolve_pass_tokens("auto", "cpu", 4, 2048) == 2048  # a row is never split
+    assert resolve_pass_tokens("auto", "cpu", 8, 128) == 1024  # never passes of a few short rows on a CPU
     assert resolve_pass_tokens("auto", "cuda", 4, 512) == 2048
     assert resolve_pass_tokens(300, "cpu", 4, 512) == 300
 

@@ -145,7 +145,7 @@ class TrainingConfig(_Section):
         "auto",
         description="With packing, at most this many tokens go through the model at once; a longer micro-batch "
         "runs as several passes whose gradients add up (the same step, less activation memory). auto: "
-        "max(data.max_length, 512) on a CPU, the whole micro-batch on a GPU.",
+        "max(data.max_length, 1024) on a CPU, the whole micro-batch on a GPU.",
     )
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)

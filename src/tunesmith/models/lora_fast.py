@@ -15,10 +15,12 @@ and its `A` for `DropoutLinear`:
   multiply;
 - projections fed the same tensor (q/k/v, gate/up) share one keep-mask, as they do in PEFT for
   models whose q/k/v are one fused layer (Phi-3, GPT-2);
-- on a CPU the mask comes from 16 random bits per element drawn with numpy's PCG64, 64 raw bits at a time (seeded from
+- on a CPU the mask comes from 16 random bits per element drawn with numpy's SFC64, 64 raw bits at a time (seeded from
   torch's generator, so `torch.manual_seed` and resumed RNG states still fix it): the drop
   probability is p rounded to a multiple of 1/65536 (0.05 -> 0.0500031);
-- `base(x) + B(h) * scaling` is one `addmm`.
+- `base(x) + B(h) * scaling` is one `addmm_`, in place into the frozen projection's output;
+- a Llama/Mistral/Qwen MLP whose three projections are all plain LoRA runs as one function
+  (`LoraSwiGLU`) that keeps x, gate(x) and up(x) and recomputes silu and the product in backward.
 Parameter names and values are untouched, so checkpoints, merging and resuming see an ordinary PEFT
 model, and leaving the context puts PEFT's classes back.  DoRA, AdaLoRA, several active adapters,
 merged or disabled adapters take PEFT's own forward.
@@ -35,19 +37,32 @@ import torch
 MASK_LEVELS = 65536  # 16 random bits per element
 
 
+def _new_seed() -> int:
+    return int(torch.randint(0, 2**62, ()))  # torch's generator: manual_seed and resumed RNG states fix it
+
+
+def _keep_bits(shape: torch.Size, p: float, seed: int) -> np.ndarray:
+    """A flat numpy bool array for `shape`, True with probability 1 - round(p * 65536) / 65536.
+
+    16 random bits per element, drawn as 64-bit words from numpy's SFC64 (measured here: 0.13 ms for
+    59k words, against 0.18 ms for PCG64 and 0.8 ms for torch.rand of the same 235k elements).
+    """
+    n = int(np.prod(shape))
+    levels = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]  # uniform on [-32768, 32767]
+    return levels >= -32768 + round(p * MASK_LEVELS)
+
+
 def _keep_mask(x: torch.Tensor, p: float, seed: int | None = None) -> torch.Tensor:
     """A bool tensor like `x`, True with probability 1 - p (p rounded to 1/65536 on a CPU).
 
     `seed` (default: one draw from torch's generator) fixes the whole mask, so backward can rebuild it.
     """
     if seed is None:
-        seed = int(torch.randint(0, 2**62, ()))
+        seed = _new_seed()
     if x.device.type != "cpu":
         generator = torch.Generator(device=x.device).manual_seed(seed)
         return torch.rand(x.shape, device=x.device, generator=generator) >= p
-    raw = np.random.PCG64(seed).random_raw((x.numel() + 3) // 4)  # 64 random bits each, 4 elements' worth
-    levels = torch.from_numpy(raw).view(torch.int16)[: x.numel()].view(x.shape)  # uniform on [-32768, 32767]
-    return levels >= -32768 + round(p * MASK_LEVELS)
+    return torch.from_numpy(_keep_bits(x.shape, p, seed)).view(x.shape)
 
 
 def keep_scale(p: float, device_type: str) -> float:
@@ -67,15 +82,21 @@ def forget_shared_mask() -> None:
 
 def _scaled_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The keep-mask of `seed` as floats 0 and 1/P(keep): multiplying by it is one vectorised pass
-    (0.04 ms for 512 x 576 here), where `torch.where` on a bool mask takes 0.15 ms."""
-    return _keep_mask(x, p, seed).to(x.dtype).mul_(keep_scale(p, x.device.type))
+    (0.04 ms for 512 x 576 here), where `torch.where` on a bool mask takes 0.15 ms.  On a CPU the
+    floats are made by numpy straight from the bool bits (0.06 ms for 409 x 576, where torch's
+    bool -> float copy and scaling took 0.3 ms)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return _keep_mask(x, p, seed).to(x.dtype).mul_(keep_scale(p, x.device.type))
+    kind = np.float32 if x.dtype == torch.float32 else np.float64
+    scaled = np.multiply(_keep_bits(x.shape, p, seed), kind(keep_scale(p, "cpu")), dtype=kind)
+    return torch.from_numpy(scaled).view(x.shape)
 
 
 def _forward_mask(x: torch.Tensor, p: float) -> tuple[int, torch.Tensor]:
     """(seed, scaled mask) for `x`; consecutive calls on the same tensor (q, k, v) share them."""
     if _shared.get("x") is x and _shared.get("p") == p and _shared.get("version") == x._version:
         return _shared["seed"], _shared["mask"]
-    seed = int(torch.randint(0, 2**62, ()))  # torch's generator: manual_seed and resumed RNG states fix it
+    seed = _new_seed()
     mask = _scaled_mask(x, p, seed)
     _shared.update(x=x, p=p, version=x._version, seed=seed, mask=mask)
     return seed, mask
@@ -144,6 +165,8 @@ def _make_fast_class(base: type) -> type:
     class FastLoraLinear(base):
         """PEFT's LoRA Linear with `base(x) + B(A(drop(x))) * scaling` as one addmm when it is plain LoRA."""
 
+        _tunesmith_fast = True
+
         def forward(self, x, *args, **kwargs):
             active = self.active_adapters
             name = active[0] if len(active) == 1 else None
@@ -155,11 +178,153 @@ def _make_fast_class(base: type) -> type:
             h = self.lora_A[name](self.lora_dropout[name](x))  # [.., r]
             if result.dtype != h.dtype and not torch.is_autocast_enabled(x.device.type):
                 return result + (self.lora_B[name](h) * self.scaling[name]).to(result.dtype)
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
-                              self.lora_B[name].weight.t(), alpha=self.scaling[name])
-            return out.view(result.shape)
+            # in place: the frozen base's output is saved by nobody, and an out-of-place addmm would first copy it
+            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t(),
+                                                     alpha=self.scaling[name])
+            return result
 
     return FastLoraLinear
+
+
+def _plain_parts(layer, x: torch.Tensor):
+    """(base weight, A weight, B weight, scaling, dropout p) of a fast-path LoRA layer in its plain state
+    (one active adapter, unmerged, no bias anywhere, frozen base, dtypes matching `x`), or None."""
+    if not getattr(type(layer), "_tunesmith_fast", False):
+        return None
+    active = layer.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if name is None or layer.disable_adapters or layer.merged or name not in layer.lora_A or name in layer.lora_variant:
+        return None
+    base, a, b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
+    if (type(base) is not torch.nn.Linear or base.bias is not None or base.weight.requires_grad
+            or a.bias is not None or b.bias is not None or type(b) is not torch.nn.Linear
+            or not x.dtype == base.weight.dtype == a.weight.dtype == b.weight.dtype):
+        return None
+    if type(a) is DropoutLinear:
+        p = a.dropout_p
+    elif type(a) is torch.nn.Linear and isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        p = 0.0
+    else:
+        return None
+    return base.weight, a.weight, b.weight, float(layer.scaling[name]), p
+
+
+class LoraSwiGLU(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) for three plain LoRA projections (the Llama/Mistral/Qwen MLP), keeping for
+    backward only x, gate(x), up(x) and the three rank-r activations.
+
+    Layer by layer, autograd would keep x (for gate/up's A), gate(x) (for silu), silu(gate(x)) and up(x)
+    (for the product) and the product (for down's A): 1 + 4 x intermediate floats per token.  Here the
+    product and silu are recomputed in backward from gate(x) and up(x) (two elementwise passes), which
+    keeps 1 + 2 x intermediate: 28% of a SmolLM2 layer's activations (bench/RESULTS.md, issue 8).  The
+    dropout masks are drawn in the same order as the unfused path (gate/up's, then down's) and rebuilt from
+    their seeds in backward, as `DropoutThenLinear` does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wg, wu, wd, ag, bg, au, bu, ad, bd, scales, p_in: float, p_mid: float):
+        sg, su, sd = scales  # x [N, H]; wg, wu [I, H]; wd [H', I]; a* [r, in]; b* [out, r]
+        seed_in = _new_seed() if p_in > 0 else None
+        dropped = x * _scaled_mask(x, p_in, seed_in) if seed_in is not None else x
+        hg, hu = dropped @ ag.t(), dropped @ au.t()  # [N, r]
+        del dropped
+        g = torch.nn.functional.linear(x, wg).addmm_(hg, bg.t(), alpha=sg)  # [N, I]
+        u = torch.nn.functional.linear(x, wu).addmm_(hu, bu.t(), alpha=su)
+        a = torch.nn.functional.silu(g).mul_(u)  # [N, I]
+        seed_mid = _new_seed() if p_mid > 0 else None
+        dropped = a * _scaled_mask(a, p_mid, seed_mid) if seed_mid is not None else a
+        hd = dropped @ ad.t()  # [N, r]
+        del dropped
+        y = torch.nn.functional.linear(a, wd).addmm_(hd, bd.t(), alpha=sd)  # [N, H']
+        ctx.save_for_backward(x, g, u, hg, hu, hd, wg, wu, wd, ag, bg, au, bu, ad, bd)
+        ctx.scales, ctx.p, ctx.seeds = scales, (p_in, p_mid), (seed_in, seed_mid)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # dy [N, H']
+        x, g, u, hg, hu, hd, wg, wu, wd, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        sg, su, sd = ctx.scales
+        (p_in, p_mid), (seed_in, seed_mid) = ctx.p, ctx.seeds
+        need = ctx.needs_input_grad
+        sig = torch.sigmoid(g)
+        silu_g = g * sig
+        a = silu_g * u  # the product, recomputed
+        mask_mid = _scaled_mask(a, p_mid, seed_mid) if seed_mid is not None else None
+        dhd = (dy @ bd).mul_(sd)  # [N, r]
+        grad_bd = (dy.t() @ hd).mul_(sd) if need[9] else None
+        grad_ad = dhd.t() @ (a * mask_mid if mask_mid is not None else a) if need[8] else None
+        del a
+        through_lora = dhd @ ad  # [N, I]
+        if mask_mid is not None:
+            through_lora.mul_(mask_mid)
+        del mask_mid
+        da = (dy @ wd).add_(through_lora)  # d loss / d product
+        del through_lora
+        du = da * silu_g
+        del silu_g
+        # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        dg = da.mul_(u).mul_(torch.sub(1.0, sig).mul_(g).add_(1.0).mul_(sig))
+        del sig
+        dhg, dhu = (dg @ bg).mul_(sg), (du @ bu).mul_(su)  # [N, r]
+        grad_bg = (dg.t() @ hg).mul_(sg) if need[5] else None
+        grad_bu = (du.t() @ hu).mul_(su) if need[7] else None
+        mask_in = _scaled_mask(x, p_in, seed_in) if seed_in is not None else None
+        grad_ag = grad_au = None
+        if need[4] or need[6]:
+            dropped = x * mask_in if mask_in is not None else x
+            grad_ag = dhg.t() @ dropped if need[4] else None
+            grad_au = dhu.t() @ dropped if need[6] else None
+            del dropped
+        dx = None
+        if need[0]:
+            dx = (dg @ wg).addmm_(du, wu)
+            through_lora = (dhg @ ag).addmm_(dhu, au)
+            if mask_in is not None:
+                through_lora.mul_(mask_in)
+            dx.add_(through_lora)
+        return dx, None, None, None, grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd, None, None, None
+
+
+SILU_TYPES: tuple = (torch.nn.SiLU,)
+try:  # transformers' own SiLU module (ACT2FN["silu"])
+    from transformers.activations import SiLUActivation
+
+    SILU_TYPES += (SiLUActivation,)
+except ImportError:  # pragma: no cover - transformers always ships it in the versions we support
+    pass
+
+
+@functools.cache
+def _make_fast_mlp_class(base: type) -> type:
+    class FastLoraSwiGLU(base):
+        """A `down(act(gate(x)) * up(x))` MLP that trains through `LoraSwiGLU` when its three projections
+        are plain LoRA layers; any other case (eval, no grad, autocast, DoRA, merged...) runs `base.forward`."""
+
+        def forward(self, x, *args, **kwargs):
+            if not args and not kwargs and self.training and torch.is_grad_enabled() \
+                    and not torch.is_autocast_enabled(x.device.type):
+                parts = [_plain_parts(layer, x) for layer in (self.gate_proj, self.up_proj, self.down_proj)]
+                if all(part is not None for part in parts) and parts[0][4] == parts[1][4]:
+                    (wg, ag, bg, sg, p_in), (wu, au, bu, su, _), (wd, ad, bd, sd, p_mid) = parts
+                    flat = x.reshape(-1, x.shape[-1])
+                    y = LoraSwiGLU.apply(flat, wg, wu, wd, ag, bg, au, bu, ad, bd, (sg, su, sd), p_in, p_mid)
+                    return y.view(*x.shape[:-1], y.shape[-1])
+            return super().forward(x, *args, **kwargs)
+
+    return FastLoraSwiGLU
+
+
+def _swiglu_mlp(module: torch.nn.Module) -> bool:
+    """True for a transformers MLP computing exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) with SiLU
+    (checked in transformers 5.x: Llama, Mistral, Qwen2, Qwen3; Gemma's GELU and Phi-3's fused gate_up do not match)."""
+    kind = type(module)
+    return (kind.__module__.startswith("transformers.models.") and kind.__name__.endswith("MLP")
+            and kind.__name__.split("MLP")[0].lower() in SWIGLU_FAMILIES
+            and isinstance(getattr(module, "act_fn", None), SILU_TYPES)
+            and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
+SWIGLU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # their *MLP.forward is the SwiGLU above
 
 
 # PEFT LoRA layers whose forward applies `lora_A(dropout(x))` (checked in peft 0.21: layer.py, bnb.py)
@@ -191,10 +356,18 @@ def fast_lora(model: torch.nn.Module):
                 a.dropout_p = drop.p
                 module.lora_dropout[name] = torch.nn.Identity()
                 swapped_a.append((module, name, a, drop))
+    swapped_mlps = []
+    for module in model.modules():
+        if _swiglu_mlp(module) and all(type(getattr(module, n)) is _make_fast_class(peft_linear)
+                                       for n in ("gate_proj", "up_proj", "down_proj")):
+            swapped_mlps.append((module, type(module)))
+            module.__class__ = _make_fast_mlp_class(type(module))
     try:
         yield len(swapped_a)
     finally:
         _shared.clear()
+        for module, kind in swapped_mlps:
+            module.__class__ = kind
         for module, name, a, drop in swapped_a:
             a.__class__ = torch.nn.Linear
             del a.dropout_p

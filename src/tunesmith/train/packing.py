@@ -36,7 +36,7 @@ ATTENTION_NAME = "tunesmith_varlen"
 # Model types whose decoder takes position ids, builds its mask through transformers' mask interface and
 # calls attention through ALL_ATTENTION_FUNCTIONS.  Each is checked by tests/test_packing.py: packed and
 # padded logits agree.
-CPU_PASS_TOKENS = 512  # the least `pass_tokens: auto` gives on a CPU
+CPU_PASS_TOKENS = 1024  # the least `pass_tokens: auto` gives on a CPU
 PACKABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 
 
@@ -113,6 +113,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     bounds = cu.tolist()
+    drop = dropout if module.training else 0.0
+    if query.device.type == "cpu" and drop == 0.0:
+        return RowsAttention.apply(query, key, value, list(zip(bounds[:-1], bounds[1:])), scaling), None
     gqa = key.shape[1] != query.shape[1]
     outs = [
         F.scaled_dot_product_attention(
@@ -124,6 +127,42 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if len(outs) == 1:
         return outs[0].transpose(1, 2).contiguous(), None
     return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None  # [1, T, heads, head_dim] in one copy
+
+
+class RowsAttention(torch.autograd.Function):
+    """CPU causal attention row by row, written straight into the [1, T, heads, head_dim] output, which is
+    also what backward keeps.
+
+    Through `F.scaled_dot_product_attention` each row's output is kept by SDPA's backward and the joined
+    copy again by the output projection's LoRA (its input): the same numbers twice, 576 floats per token
+    and layer on SmolLM2.  Here the flash kernel's backward is handed views of the joined output (it
+    accepts strided tensors), so that copy is the only one (bench/RESULTS.md, issue 8).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, rows: list, scale):  # query [1, H, T, D]; key/value [1, KV, T, D]
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])  # [1, T, H, D]
+        lses = []
+        for s, e in rows:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], 0.0, True, scale=scale)
+            out[:, s:e].copy_(o.transpose(1, 2))
+            lses.append(lse)
+        ctx.save_for_backward(query, key, value, out, *lses)
+        ctx.rows, ctx.scale = rows, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # [1, T, H, D]
+        query, key, value, out, *lses = ctx.saved_tensors
+        grads = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        for (s, e), lse in zip(ctx.rows, lses):
+            row = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out[:, s:e].transpose(1, 2), query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                out[:, s:e].transpose(1, 2), lse, 0.0, True, scale=ctx.scale)
+            for whole, part in zip(grads, row):
+                whole[:, :, s:e] = part
+        return *grads, None, None
 
 
 _registered = False
@@ -176,10 +215,10 @@ def want_packing(setting: bool | str, model: torch.nn.Module, task: str, max_len
 def resolve_pass_tokens(setting: int | str, device: str, batch_size: int, max_length: int) -> int:
     """Tokens per forward/backward pass: `training.pass_tokens`, or its `auto` value for this device.
 
-    On a CPU the matmuls are already efficient at a few hundred tokens, so passes of one long row
-    (at least CPU_PASS_TOKENS) cost little speed and bound activation memory; much shorter passes pay
-    the per-layer overhead too often (bench/RESULTS.md, "Training throughput and memory").  A GPU wants the whole
-    micro-batch at once.
+    On a CPU every pass reads all the frozen weights twice (forward and backward), which costs about
+    0.3 s on SmolLM2-135M whatever the pass holds; so passes are made as large as activation memory
+    allows (at least CPU_PASS_TOKENS: on the issue-8 workload 1024 trained 10% faster than 512, see
+    bench/RESULTS.md, "Training throughput and memory").  A GPU wants the whole micro-batch at once.
     """
     if setting != "auto":
         return int(setting)
