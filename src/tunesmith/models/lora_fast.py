@@ -176,8 +176,13 @@ def _make_fast_class(base: type) -> type:
                 return super().forward(x, *args, **kwargs)
             result = self.base_layer(x)  # [.., out]
             h = self.lora_A[name](self.lora_dropout[name](x))  # [.., r]
-            if result.dtype != h.dtype and not torch.is_autocast_enabled(x.device.type):
+            autocast = torch.is_autocast_enabled(x.device.type)
+            if result.dtype != h.dtype and not autocast:
                 return result + (self.lora_B[name](h) * self.scaling[name]).to(result.dtype)
+            if autocast:  # autocast casts the operands of addmm, not of the in-place addmm_
+                out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
+                                  self.lora_B[name].weight.t(), alpha=self.scaling[name])
+                return out.view(result.shape)
             # in place: the frozen base's output is saved by nobody, and an out-of-place addmm would first copy it
             result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t(),
                                                      alpha=self.scaling[name])

@@ -114,7 +114,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                                       **kwargs)
     bounds = cu.tolist()
     drop = dropout if module.training else 0.0
-    if query.device.type == "cpu" and drop == 0.0:
+    if (query.device.type == "cpu" and drop == 0.0 and query.dtype == key.dtype == value.dtype
+            and not torch.is_autocast_enabled("cpu")):  # SDPA below casts under autocast; the kernel does not
         return RowsAttention.apply(query, key, value, list(zip(bounds[:-1], bounds[1:])), scaling), None
     gqa = key.shape[1] != query.shape[1]
     outs = [
