@@ -89,12 +89,7 @@ def main() -> None:
         return total
 
     class SdpaRows:  # attention through F.scaled_dot_product_attention row by row, as before `kept-once`
-        @staticmethod
-        def apply(query, key, value, rows, scale):
-            outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                                   scale=scale, enable_gqa=key.shape[1] != query.shape[1])
-                    for s, e in rows]
-            return torch.cat([o.transpose(1, 2) for o in outs], dim=1)
+        apply = staticmethod(packing_module.sdpa_rows)
 
     real_swiglu, real_rows = lora_fast_module._swiglu_mlp, packing_module.RowsAttention
 

@@ -168,10 +168,8 @@ def _make_fast_class(base: type) -> type:
         _tunesmith_fast = True
 
         def forward(self, x, *args, **kwargs):
-            active = self.active_adapters
-            name = active[0] if len(active) == 1 else None
-            if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
-                    or name in self.lora_variant or self.lora_B[name].bias is not None
+            name = _plain_adapter(self)
+            if (args or kwargs or name is None or self.lora_B[name].bias is not None
                     or x.dtype != self.lora_A[name].weight.dtype):
                 return super().forward(x, *args, **kwargs)
             result = self.base_layer(x)  # [.., out]
@@ -191,14 +189,20 @@ def _make_fast_class(base: type) -> type:
     return FastLoraLinear
 
 
-def _plain_parts(layer, x: torch.Tensor):
-    """(base weight, A weight, B weight, scaling, dropout p) of a fast-path LoRA layer in its plain state
-    (one active adapter, unmerged, no bias anywhere, frozen base, dtypes matching `x`), or None."""
-    if not getattr(type(layer), "_tunesmith_fast", False):
-        return None
+def _plain_adapter(layer) -> str | None:
+    """The one active adapter of a PEFT LoRA layer when it is plain LoRA, unmerged and enabled; else None."""
     active = layer.active_adapters
     name = active[0] if len(active) == 1 else None
     if name is None or layer.disable_adapters or layer.merged or name not in layer.lora_A or name in layer.lora_variant:
+        return None
+    return name
+
+
+def _plain_parts(layer, x: torch.Tensor):
+    """(base weight, A weight, B weight, scaling, dropout p) of a fast-path LoRA layer in its plain state
+    (one active adapter, unmerged, no bias anywhere, frozen base, dtypes matching `x`), or None."""
+    name = _plain_adapter(layer) if getattr(type(layer), "_tunesmith_fast", False) else None
+    if name is None:
         return None
     base, a, b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
     if (type(base) is not torch.nn.Linear or base.bias is not None or base.weight.requires_grad

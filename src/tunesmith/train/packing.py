@@ -113,21 +113,25 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     bounds = cu.tolist()
+    rows = list(zip(bounds[:-1], bounds[1:]))
     drop = dropout if module.training else 0.0
     if (query.device.type == "cpu" and drop == 0.0 and query.dtype == key.dtype == value.dtype
             and not torch.is_autocast_enabled("cpu")):  # SDPA below casts under autocast; the kernel does not
-        return RowsAttention.apply(query, key, value, list(zip(bounds[:-1], bounds[1:])), scaling), None
+        return RowsAttention.apply(query, key, value, rows, scaling), None
+    return sdpa_rows(query, key, value, rows, scaling, drop), None
+
+
+def sdpa_rows(query, key, value, rows: list, scale=None, dropout: float = 0.0) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` row by row (causal), joined as [1, T, heads, head_dim]."""
     gqa = key.shape[1] != query.shape[1]
     outs = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-            dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling, enable_gqa=gqa,
-        )
-        for s, e in zip(bounds[:-1], bounds[1:])
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
+                                       is_causal=True, scale=scale, enable_gqa=gqa)
+        for s, e in rows
     ]
     if len(outs) == 1:
-        return outs[0].transpose(1, 2).contiguous(), None
-    return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None  # [1, T, heads, head_dim] in one copy
+        return outs[0].transpose(1, 2).contiguous()
+    return torch.cat([o.transpose(1, 2) for o in outs], dim=1)  # [1, T, heads, head_dim] in one copy
 
 
 class RowsAttention(torch.autograd.Function):
