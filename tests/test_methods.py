@@ -407,3 +407,33 @@ def test_adalora_resumes_exactly_with_its_method_state(tiny_llama, tiny_llama_co
             assert torch.allclose(param, dict(whole.named_parameters())[name], atol=1e-6), name
     lora_e = [p for n, p in resumed_run(with_state=False).named_parameters() if ".lora_E." in n]
     assert sum(int((e != 0).sum()) for e in lora_e) == 2 * 14  # still cut to the final budget
+
+
+def test_lora_leaves_bitsandbytes_unimported_and_qlora_still_works_after_it(tiny_model_dir, tiny_data):
+    """peft imports bitsandbytes (~115 MiB on a CPU) for models with no 4/8-bit layer; tunesmith hides it there.
+    A fresh interpreter, because this test session imported bitsandbytes long ago."""
+    import subprocess
+
+    script = f"""
+import sys, torch
+from tunesmith.config import load_config
+from tunesmith.models.adapters import prepare_trainable
+from tunesmith.models.loader import load_model
+
+def cfg(method):
+    return load_config(None, ["model.name={tiny_model_dir}", "data.path={tiny_data}", "method=" + method])
+
+lora = prepare_trainable(load_model("{tiny_model_dir}", cfg("lora"), torch.float32), cfg("lora"))
+assert any("lora_A" in n for n, _ in lora.named_parameters())
+print("after lora:", "bitsandbytes" in sys.modules)
+if {FOUR_BIT!r}:
+    import bitsandbytes as bnb
+    qlora = prepare_trainable(load_model("{tiny_model_dir}", cfg("qlora"), torch.float32), cfg("qlora"))
+    q_proj = qlora.base_model.model.model.layers[0].self_attn.q_proj
+    print("qlora wraps 4-bit:", isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and "default" in q_proj.lora_A)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "after lora: False" in done.stdout
+    if FOUR_BIT:
+        assert "qlora wraps 4-bit: True" in done.stdout

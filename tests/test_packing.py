@@ -117,26 +117,33 @@ def _per_row_nll(model, rows):
     return [nll[s:e].sum() for s, e in zip(bounds[:-1], bounds[1:])]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # fp32 on a CPU: logits in the kept buffer
 @pytest.mark.parametrize("weight_trains", [False, True])
-def test_fused_linear_cross_entropy_equals_full_logits(weight_trains, monkeypatch):
+def test_fused_linear_cross_entropy_equals_full_logits(weight_trains, dtype, monkeypatch):
     import tunesmith.train.loss as loss
 
     monkeypatch.setattr(loss, "LOSS_CHUNK_TOKENS", 7)  # several chunks, the last one short
     torch.manual_seed(0)
-    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=weight_trains)
+    hidden = torch.randn(23, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=dtype, requires_grad=weight_trains)
     targets = torch.randint(0, 50, (23,))
     ours = LinearCrossEntropySum.apply(hidden, weight, targets)
+    if dtype == torch.float32:  # one [7 x 50] buffer, the same one call after call
+        kept = list(loss._logits_scratch.values())
+        assert len(kept) == 1 and kept[0].shape == (7, 50)
+        LinearCrossEntropySum.apply(hidden.detach(), weight.detach(), targets)
+        assert loss._logits_scratch[(50, dtype, 7)].data_ptr() == kept[0].data_ptr()
     (ours * 3.0).backward()  # a non-unit incoming gradient
     got = hidden.grad.clone(), (weight.grad.clone() if weight_trains else None)
     hidden.grad = None
     weight.grad = None
     reference = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
     (reference * 3.0).backward()
-    assert torch.allclose(ours, reference)
-    assert torch.allclose(got[0], hidden.grad)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    assert torch.allclose(ours, reference, **tol)
+    assert torch.allclose(got[0], hidden.grad, **tol)
     if weight_trains:
-        assert torch.allclose(got[1], weight.grad)
+        assert torch.allclose(got[1], weight.grad, **tol)
 
 
 def test_head_nll_sum_takes_the_fused_path_only_for_a_plain_linear_head():

@@ -69,9 +69,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     base_model = load_base(handle, dtype, task).to(device)
     release_free_memory()
     if kind == "adapter":
-        from peft import PeftModel
+        from tunesmith.models import without_bitsandbytes
 
-        model = PeftModel.from_pretrained(base_model, str(tuned_dir), is_trainable=False)
+        with without_bitsandbytes():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base_model, str(tuned_dir), is_trainable=False)
         with model.disable_adapter():
             base, base_answers = run(model, "base")
         tuned, tuned_answers = run(model, "tuned")

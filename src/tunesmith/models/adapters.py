@@ -118,22 +118,25 @@ def prepare_trainable(model: torch.nn.Module, cfg: Config, total_steps: int | No
         for param in model.parameters():
             param.requires_grad_(True)
         return model
-    from peft import get_peft_model
+    from tunesmith.models import without_bitsandbytes
 
-    targets = resolve_target_modules(model, cfg.lora.target_modules)
-    if cfg.method == "qlora" and is_quantized_4bit(model):
-        from peft import prepare_model_for_kbit_training
+    with without_bitsandbytes():  # a model without 4/8-bit layers does not need it imported
+        from peft import get_peft_model
 
-        # Freezes the base and upcasts its unquantised fp16/bf16 tensors (norms, embeddings, output layer)
-        # to fp32 for stable updates; on a CPU run they are fp32 already, so it costs nothing there.
-        # Gradient checkpointing is not this function's business: it stays as the model has it.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    transposed = _targets_only_conv1d(model, targets)
-    if cfg.method == "adalora":
-        peft_config = _adalora_config(cfg, model, targets, transposed, total_steps)
-    else:
-        peft_config = _lora_config(cfg, model, targets, transposed)
-    return get_peft_model(model, peft_config)
+        targets = resolve_target_modules(model, cfg.lora.target_modules)
+        if cfg.method == "qlora" and is_quantized_4bit(model):
+            from peft import prepare_model_for_kbit_training
+
+            # Freezes the base and upcasts its unquantised fp16/bf16 tensors (norms, embeddings, output layer)
+            # to fp32 for stable updates; on a CPU run they are fp32 already, so it costs nothing there.
+            # Gradient checkpointing is not this function's business: it stays as the model has it.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        transposed = _targets_only_conv1d(model, targets)
+        if cfg.method == "adalora":
+            peft_config = _adalora_config(cfg, model, targets, transposed, total_steps)
+        else:
+            peft_config = _lora_config(cfg, model, targets, transposed)
+        return get_peft_model(model, peft_config)
 
 
 def _peft_task_type(model) -> str | None:

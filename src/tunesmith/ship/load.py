@@ -85,10 +85,13 @@ def load_for_inference(handle: RunHandle, dtype: torch.dtype | None = None, devi
     tokenizer = load_tokenizer_for(handle)
     task = model_task(handle.source, handle.cfg)
     if handle.kind == "adapter":
-        from peft import PeftModel
+        from tunesmith.models import without_bitsandbytes
 
         base = load_base(handle, dtype, task, dequantize=dequantize or merged)
-        model = PeftModel.from_pretrained(base, str(handle.weights), is_trainable=False)
+        with without_bitsandbytes():  # a 4-bit base imported it while loading; then nothing is hidden
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, str(handle.weights), is_trainable=False)
         if merged:
             model = model.merge_and_unload()
     else:

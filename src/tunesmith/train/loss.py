@@ -93,10 +93,14 @@ class LinearCrossEntropySum(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=exact) if want_weight else None
         total = torch.zeros((), dtype=exact, device=hidden.device)
         w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+        scratch = _cpu_logits_scratch(hidden, weight.shape[0])
         for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
             h = hidden[start : start + LOSS_CHUNK_TOKENS]  # [n, H]
             t = targets[start : start + LOSS_CHUNK_TOKENS]  # [n]
-            logits = (h @ w.t()).to(exact)  # [n, V]
+            if scratch is not None:
+                logits = torch.mm(h, w.t(), out=scratch[: h.shape[0]])  # [n, V]
+            else:
+                logits = (h @ w.t()).to(exact)  # [n, V]
             target_logit = logits.gather(1, t[:, None]).squeeze(1)  # [n]
             # log-sum-exp by hand, keeping exp(logits - max) for the softmax: 15 ms for [256 x 49152] here,
             # where torch.logsumexp and a second exp took 40 ms
@@ -122,6 +126,29 @@ class LinearCrossEntropySum(torch.autograd.Function):
         gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
         return gh, gw, None
+
+
+_logits_scratch: dict = {}
+
+
+def _cpu_logits_scratch(hidden: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """A [LOSS_CHUNK_TOKENS x vocab] fp32 buffer for the chunk logits, kept for the life of the process.
+
+    48 MiB for SmolLM2: more than glibc's largest mmap threshold (32 MiB), so a fresh tensor per
+    chunk is a fresh mapping, faulted in 4 KiB page by page while the output-projection product writes
+    it; in the issue-8 workload that was two thirds of the training loop's page faults, and it slowed
+    that product from ~160 to ~90 GFLOP/s (bench/RESULTS.md).  Reused, it is faulted in once.  Only for
+    fp32 on a CPU without autocast: a GPU's caching allocator already reuses its blocks, and `mm(out=)`
+    does not cast.
+    """
+    if hidden.device.type != "cpu" or hidden.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return None
+    key = (vocab, hidden.dtype, LOSS_CHUNK_TOKENS)
+    buffer = _logits_scratch.get(key)
+    if buffer is None:
+        _logits_scratch.clear()  # one at a time: a buffer for another vocabulary or chunk size goes
+        buffer = _logits_scratch[key] = torch.empty(LOSS_CHUNK_TOKENS, vocab, dtype=hidden.dtype)
+    return buffer
 
 
 def packed_nll_sum(model: torch.nn.Module, one_pass) -> tuple[torch.Tensor, int]:
