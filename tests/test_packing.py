@@ -8,6 +8,8 @@ the same draws; and a whole run with packing on learns what the padded run learn
 
 from __future__ import annotations
 
+import contextlib
+
 import random
 from types import SimpleNamespace
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.errors import UserError
-from tunesmith.models.lora_fast import DropoutLinear, DropoutThenLinear, fast_lora, keep_scale
+from tunesmith.models.lora_fast import DropoutLinear, DropoutThenLinear, fast_lora, fast_norms, keep_scale
 from tunesmith.train.batching import collate
 from tunesmith.train.loss import LinearCrossEntropySum, head_nll_sum, packed_nll_sum, token_nll_sum
 from tunesmith.train.packing import PACKABLE_TYPES, make_pass, plan_passes, resolve_pass_tokens, want_packing
@@ -293,6 +295,52 @@ def test_fused_swiglu_mlp_gives_the_same_outputs_and_gradients_and_keeps_less(fa
                     assert torch.allclose(fused_grads[name], param.grad, atol=1e-5), name
         assert all(type(m.mlp).__name__.endswith("MLP") and "Fast" not in type(m.mlp).__name__
                    for m in model.get_base_model().model.layers)  # put back on leaving
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_rmsnorm_function_matches_the_formula_in_fp64(weight_trains):
+    from tunesmith.models.lora_fast import RMSNormFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, dtype=torch.float64, requires_grad=weight_trains)
+    dy = torch.randn(3, 5, 16, dtype=torch.float64)
+
+    def reference(x, weight):  # written out, in fp64 (transformers' module computes in fp32)
+        return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def run(fn):
+        x.grad = weight.grad = None
+        out = fn(x, weight)
+        out.backward(dy)
+        return out.detach(), x.grad.clone(), weight.grad.clone() if weight_trains else None
+
+    ours = run(lambda x, weight: RMSNormFunction.apply(x, weight, 1e-6))
+    expected = run(reference)
+    for a, b in zip(ours, expected):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3 also normalises q and k per head
+def test_fast_norms_train_like_transformers_rmsnorm_and_are_put_back(family):
+    model = tiny_model(family)
+    x = torch.randint(3, VOCAB, (2, 7))
+
+    def grads(fast: bool):
+        model.zero_grad()
+        with fast_norms(model) if fast else contextlib.nullcontext() as swapped:
+            kinds = {type(m).__name__ for m in model.modules() if "RMSNorm" in type(m).__name__}
+            out = model(input_ids=x).logits
+            out.pow(2).mean().backward()
+        return swapped, kinds, out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    swapped, kinds, fast_out, fast_grads = grads(True)
+    assert kinds == {"FastRMSNorm"} and swapped == sum(1 for m in model.modules() if "RMSNorm" in type(m).__name__)
+    _, plain_kinds, plain_out, plain_grads = grads(False)
+    assert "FastRMSNorm" not in plain_kinds  # put back on leaving
+    assert torch.allclose(fast_out, plain_out, atol=1e-5)
+    for name, grad in plain_grads.items():  # full fine-tuning: the norm weights' gradients too
+        assert torch.allclose(fast_grads[name], grad, atol=1e-5), name
 
 
 def test_rows_attention_is_sdpa_row_by_row_and_keeps_one_copy_of_the_output():

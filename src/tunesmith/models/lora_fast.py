@@ -335,6 +335,75 @@ def _swiglu_mlp(module: torch.nn.Module) -> bool:
 SWIGLU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # their *MLP.forward is the SwiGLU above
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension, keeping x and the [.., 1] inverse root.
+
+    Autograd through transformers' RMSNorm allocates three [tokens x hidden] tensors in forward (x^2,
+    the normalised x, the output) and about six in backward; each is a 1-2 MiB block on the issue-8
+    workload, the size class whose holes kept the C heap large (bench/RESULTS.md).  Here forward
+    allocates only the output (the mean square comes from `linalg.vector_norm`, with no x^2 tensor) and
+    backward two.  Backward, with n = x * r (r the inverse root) and g = dy * weight:
+    dx = r * (g - n * mean(g * n)), d weight = sum over tokens of dy * n (Zhang & Sennrich, "Root Mean
+    Square Layer Normalization", 2019, give the same derivative).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        hidden = x.shape[-1]
+        inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(hidden).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, inv)
+        return (x * inv).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, inv = ctx.saved_tensors
+        n = x * inv  # the normalised x, recomputed
+        grad_weight = (dy * n).sum(dim=tuple(range(dy.dim() - 1))) if ctx.needs_input_grad[1] else None
+        g = dy * weight
+        mean_gn = torch.linalg.vecdot(g, n, dim=-1).unsqueeze(-1).div_(x.shape[-1])
+        dx = g.sub_(n.mul_(mean_gn)).mul_(inv) if ctx.needs_input_grad[0] else None
+        return dx, grad_weight, None
+
+
+@functools.cache
+def _make_fast_norm_class(base: type) -> type:
+    class FastRMSNorm(base):
+        """transformers' Llama-style RMSNorm through `RMSNormFunction` when training in fp32 without autocast;
+        anything else (eval, no grad, autocast, another dtype) runs `base.forward`."""
+
+        def forward(self, hidden_states):
+            if (self.training and torch.is_grad_enabled() and hidden_states.dtype == torch.float32
+                    and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled(hidden_states.device.type)):
+                return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+            return super().forward(hidden_states)
+
+    return FastRMSNorm
+
+
+def _llama_rmsnorm(module: torch.nn.Module) -> bool:
+    """True for the RMSNorm of the SWIGLU_FAMILIES (checked in transformers 5.x: weight * x * rsqrt(mean(x^2) + eps),
+    computed in fp32; Gemma's (1 + weight) variant is another family)."""
+    kind = type(module)
+    return (kind.__module__.startswith("transformers.models.") and kind.__name__.endswith("RMSNorm")
+            and kind.__name__.split("RMSNorm")[0].lower() in SWIGLU_FAMILIES
+            and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.nn.Parameter))
+
+
+@contextlib.contextmanager
+def fast_norms(model: torch.nn.Module):
+    """Inside: the model's Llama-style RMSNorms train through `RMSNormFunction`; outside: as they were."""
+    swapped = []
+    for module in model.modules():
+        if _llama_rmsnorm(module):
+            swapped.append((module, type(module)))
+            module.__class__ = _make_fast_norm_class(type(module))
+    try:
+        yield len(swapped)
+    finally:
+        for module, kind in swapped:
+            module.__class__ = kind
+
+
 # PEFT LoRA layers whose forward applies `lora_A(dropout(x))` (checked in peft 0.21: layer.py, bnb.py)
 DROPOUT_FIRST_LAYERS = ("Linear", "Linear8bitLt", "Linear4bit")
 
