@@ -321,8 +321,33 @@ def test_rmsnorm_function_matches_the_formula_in_fp64(weight_trains):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_rotary_function_matches_transformers_in_fp64():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from tunesmith.models.lora_fast import RotaryFunction
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(1, 6, 8, dtype=torch.float64), torch.randn(1, 6, 8, dtype=torch.float64)  # halves differ
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+
+    def run(fn):
+        q.grad = k.grad = None
+        qe, ke = fn()
+        torch.autograd.backward((qe, ke), (dq, dk))
+        return qe.detach(), ke.detach(), q.grad.clone(), k.grad.clone()
+
+    ours = run(lambda: (RotaryFunction.apply(q, cos[:, None], sin[:, None]), RotaryFunction.apply(k, cos[:, None], sin[:, None])))
+    theirs = run(lambda: apply_rotary_pos_emb(q, k, cos, sin))
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3 also normalises q and k per head
 def test_fast_norms_train_like_transformers_rmsnorm_and_are_put_back(family):
+    import tunesmith.models.lora_fast as lora_fast_module
+
     model = tiny_model(family)
     x = torch.randint(3, VOCAB, (2, 7))
 
@@ -334,8 +359,20 @@ def test_fast_norms_train_like_transformers_rmsnorm_and_are_put_back(family):
             out.pow(2).mean().backward()
         return swapped, kinds, out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    swapped, kinds, fast_out, fast_grads = grads(True)
+    import sys
+
+    modeling = sys.modules[type(model).__module__]
+    original_rotary = modeling.apply_rotary_pos_emb
+    calls = []
+    real_apply = lora_fast_module.RotaryFunction.apply
+    lora_fast_module.RotaryFunction.apply = lambda *a: calls.append(1) or real_apply(*a)
+    try:
+        swapped, kinds, fast_out, fast_grads = grads(True)
+    finally:
+        lora_fast_module.RotaryFunction.apply = real_apply
     assert kinds == {"FastRMSNorm"} and swapped == sum(1 for m in model.modules() if "RMSNorm" in type(m).__name__)
+    assert len(calls) == 2 * model.config.num_hidden_layers  # q and k of every layer through RotaryFunction
+    assert modeling.apply_rotary_pos_emb is original_rotary  # put back on leaving
     _, plain_kinds, plain_out, plain_grads = grads(False)
     assert "FastRMSNorm" not in plain_kinds  # put back on leaving
     assert torch.allclose(fast_out, plain_out, atol=1e-5)

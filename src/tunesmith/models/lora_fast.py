@@ -389,17 +389,71 @@ def _llama_rmsnorm(module: torch.nn.Module) -> bool:
             and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.nn.Parameter))
 
 
+class RotaryFunction(torch.autograd.Function):
+    """Rotary position embedding of one of q or k, x * cos + rotate_half(x) * sin, in one allocation.
+
+    transformers writes it as four [tokens x heads x head_dim] temporaries (the negated half, the
+    concatenation, the two products) and the sum, and its backward as as many again.  With a and b the
+    first and second halves of the last dimension: out_a = x_a cos_a - x_b sin_a and
+    out_b = x_b cos_b + x_a sin_b; so dx_a = dy_a cos_a + dy_b sin_b and dx_b = dy_b cos_b - dy_a sin_a
+    (Su et al., "RoFormer", 2021, section 3.4.2, in the half-split layout Llama uses).
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):  # x [B, H, T, D]; cos/sin broadcastable to it
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        half = dy.shape[-1] // 2
+        dx = dy * cos
+        dx[..., :half].addcmul_(dy[..., half:], sin[..., half:])
+        dx[..., half:].addcmul_(dy[..., :half], sin[..., :half], value=-1.0)
+        return dx, None, None
+
+
+def _fast_rotary(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if (torch.is_grad_enabled() and q.dtype == k.dtype == cos.dtype == sin.dtype == torch.float32
+                and q.shape[-1] % 2 == 0 and not torch.is_autocast_enabled(q.device.type)):
+            cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+            return RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    apply_rotary_pos_emb._tunesmith_original = original
+    return apply_rotary_pos_emb
+
+
 @contextlib.contextmanager
 def fast_norms(model: torch.nn.Module):
-    """Inside: the model's Llama-style RMSNorms train through `RMSNormFunction`; outside: as they were."""
-    swapped = []
+    """Inside: the model's Llama-style RMSNorms train through `RMSNormFunction`, and its family's rotary
+    embedding through `RotaryFunction` (the modeling module's `apply_rotary_pos_emb`, which the attention
+    looks up at each call); outside: as they were."""
+    import sys
+
+    swapped, patched = [], []
     for module in model.modules():
         if _llama_rmsnorm(module):
             swapped.append((module, type(module)))
             module.__class__ = _make_fast_norm_class(type(module))
+    families = {kind.__module__ for _, kind in swapped}
+    for name in families:
+        modeling = sys.modules.get(name)
+        original = getattr(modeling, "apply_rotary_pos_emb", None)
+        if original is not None and not hasattr(original, "_tunesmith_original"):
+            modeling.apply_rotary_pos_emb = _fast_rotary(original)
+            patched.append((modeling, original))
     try:
         yield len(swapped)
     finally:
+        for modeling, original in patched:
+            modeling.apply_rotary_pos_emb = original
         for module, kind in swapped:
             module.__class__ = kind
 
