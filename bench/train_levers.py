@@ -14,6 +14,8 @@ bench/train_throughput.py), with the levers of that row switched on, cumulativel
   kept-once       the SwiGLU MLP as one function keeping x, gate(x), up(x) (LoraSwiGLU), and attention
                   keeping its output once (packing.RowsAttention)
   pass-1024       passes of at most 1024 tokens (the CPU default): fewer passes, fewer weight reads
+  norm-rope       RMSNorm and the rotary embedding as one autograd function each (models/lora_fast.py,
+                  fast_norms): fewer [tokens x hidden] temporaries
 
 Speed is trained tokens over the summed step times (rows are run twice, interleaved, and the
 faster run kept, to damp the noise of two shared cores).  Memory is the bytes the autograd graph
@@ -36,7 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import DATA, workload  # noqa: E402
 
-LEVERS = ("padded", "trained-only", "packed", "pass-512", "fused-ce", "fast-lora", "kept-once", "pass-1024")
+LEVERS = ("padded", "trained-only", "packed", "pass-512", "fused-ce", "fast-lora", "kept-once", "pass-1024",
+          "norm-rope")
 GIB = 2**30
 
 
@@ -58,7 +61,7 @@ def main() -> None:
     from tunesmith.hardware import cpu_threads
     from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
     from tunesmith.models.adapters import prepare_trainable
-    from tunesmith.models.lora_fast import fast_lora, forget_shared_mask
+    from tunesmith.models.lora_fast import fast_lora, fast_norms, forget_shared_mask
     from tunesmith.train.batching import collate, epoch_order, iter_batches
     from tunesmith.train.loss import packed_nll_sum, token_nll_sum
     from tunesmith.train.packing import make_pass, plan_passes
@@ -108,6 +111,8 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             if "fast-lora" in on:
                 stack.enter_context(fast_lora(model))
+            if "norm-rope" in on:
+                stack.enter_context(fast_norms(model))
             model.train()
             for rows in batches:
                 tick = time.perf_counter()
