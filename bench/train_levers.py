@@ -15,7 +15,7 @@ bench/train_throughput.py), with the levers of that row switched on, cumulativel
                   keeping its output once (packing.RowsAttention)
   pass-1024       passes of at most 1024 tokens (the CPU default): fewer passes, fewer weight reads
   norm-rope       RMSNorm and the rotary embedding as one autograd function each (models/lora_fast.py,
-                  fast_norms): fewer [tokens x hidden] temporaries
+                  fast_norm_rope): fewer [tokens x hidden] temporaries
 
 Speed is trained tokens over the summed step times (rows are run twice, interleaved, and the
 faster run kept, to damp the noise of two shared cores).  Memory is the bytes the autograd graph
@@ -61,7 +61,7 @@ def main() -> None:
     from tunesmith.hardware import cpu_threads
     from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
     from tunesmith.models.adapters import prepare_trainable
-    from tunesmith.models.lora_fast import fast_lora, fast_norms, forget_shared_mask
+    from tunesmith.models.lora_fast import fast_lora, fast_norm_rope, forget_shared_mask
     from tunesmith.train.batching import collate, epoch_order, iter_batches
     from tunesmith.train.loss import packed_nll_sum, token_nll_sum
     from tunesmith.train.packing import make_pass, plan_passes
@@ -112,7 +112,7 @@ def main() -> None:
             if "fast-lora" in on:
                 stack.enter_context(fast_lora(model))
             if "norm-rope" in on:
-                stack.enter_context(fast_norms(model))
+                stack.enter_context(fast_norm_rope(model))
             model.train()
             for rows in batches:
                 tick = time.perf_counter()

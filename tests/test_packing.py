@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.errors import UserError
-from tunesmith.models.lora_fast import DropoutLinear, DropoutThenLinear, fast_lora, fast_norms, keep_scale
+from tunesmith.models.lora_fast import DropoutLinear, DropoutThenLinear, fast_lora, fast_norm_rope, keep_scale
 from tunesmith.train.batching import collate
 from tunesmith.train.loss import LinearCrossEntropySum, head_nll_sum, packed_nll_sum, token_nll_sum
 from tunesmith.train.packing import PACKABLE_TYPES, make_pass, plan_passes, resolve_pass_tokens, want_packing
@@ -345,7 +345,7 @@ def test_rotary_function_matches_transformers_in_fp64():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3 also normalises q and k per head
-def test_fast_norms_train_like_transformers_rmsnorm_and_are_put_back(family):
+def test_fast_norm_rope_trains_like_transformers_and_is_put_back(family):
     import tunesmith.models.lora_fast as lora_fast_module
 
     model = tiny_model(family)
@@ -353,7 +353,7 @@ def test_fast_norms_train_like_transformers_rmsnorm_and_are_put_back(family):
 
     def grads(fast: bool):
         model.zero_grad()
-        with fast_norms(model) if fast else contextlib.nullcontext() as swapped:
+        with fast_norm_rope(model) if fast else contextlib.nullcontext() as swapped:
             kinds = {type(m).__name__ for m in model.modules() if "RMSNorm" in type(m).__name__}
             out = model(input_ids=x).logits
             out.pow(2).mean().backward()

@@ -431,7 +431,7 @@ def _fast_rotary(original):
 
 
 @contextlib.contextmanager
-def fast_norms(model: torch.nn.Module):
+def fast_norm_rope(model: torch.nn.Module):
     """Inside: the model's Llama-style RMSNorms train through `RMSNormFunction`, and its family's rotary
     embedding through `RotaryFunction` (the modeling module's `apply_rotary_pos_emb`, which the attention
     looks up at each call); outside: as they were."""

@@ -57,7 +57,7 @@ from tunesmith.train.compute import (
 from tunesmith.train.optim import make_optimizer
 from tunesmith.train.packing import make_pass, packed_attention, plan_passes, resolve_pass_tokens, want_packing
 from tunesmith.train import loss as loss_fns
-from tunesmith.models.lora_fast import fast_lora, fast_norms, forget_shared_mask
+from tunesmith.models.lora_fast import fast_lora, fast_norm_rope, forget_shared_mask
 from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes, read_metrics, release_free_memory
 from tunesmith.train.report import health_check, plot_training, render_report
 from tunesmith.tasks import MASKED_LM, Objective
@@ -204,7 +204,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     try:
-        with stop_on_signals() as stop_requested, fast_lora(model), fast_norms(model), \
+        with stop_on_signals() as stop_requested, fast_lora(model), fast_norm_rope(model), \
                 (packed_attention(model) if packing else contextlib.nullcontext()):
             _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch,
                          total_steps, metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens)
