@@ -345,7 +345,9 @@ def test_rotary_function_matches_transformers_in_fp64():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3 also normalises q and k per head
-def test_fast_norm_rope_trains_like_transformers_and_is_put_back(family):
+def test_fast_norm_rope_trains_like_transformers_and_is_put_back(family, monkeypatch):
+    import sys
+
     import tunesmith.models.lora_fast as lora_fast_module
 
     model = tiny_model(family)
@@ -359,17 +361,13 @@ def test_fast_norm_rope_trains_like_transformers_and_is_put_back(family):
             out.pow(2).mean().backward()
         return swapped, kinds, out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    import sys
-
     modeling = sys.modules[type(model).__module__]
     original_rotary = modeling.apply_rotary_pos_emb
     calls = []
     real_apply = lora_fast_module.RotaryFunction.apply
-    lora_fast_module.RotaryFunction.apply = lambda *a: calls.append(1) or real_apply(*a)
-    try:
-        swapped, kinds, fast_out, fast_grads = grads(True)
-    finally:
-        lora_fast_module.RotaryFunction.apply = real_apply
+    monkeypatch.setattr(lora_fast_module.RotaryFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    swapped, kinds, fast_out, fast_grads = grads(True)
+    monkeypatch.undo()
     assert kinds == {"FastRMSNorm"} and swapped == sum(1 for m in model.modules() if "RMSNorm" in type(m).__name__)
     assert len(calls) == 2 * model.config.num_hidden_layers  # q and k of every layer through RotaryFunction
     assert modeling.apply_rotary_pos_emb is original_rotary  # put back on leaving

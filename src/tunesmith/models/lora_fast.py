@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 
 import numpy as np
 import torch
@@ -288,8 +289,9 @@ class LoraSwiGLU(torch.autograd.Function):
             dx = (dg @ wg).addmm_(du, wu)
             through_lora = (dhg @ ag).addmm_(dhu, au)
             if mask_in is not None:
-                through_lora.mul_(mask_in)
-            dx.add_(through_lora)
+                dx.addcmul_(through_lora, mask_in)  # as for da above: one pass
+            else:
+                dx.add_(through_lora)
         return dx, None, None, None, grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd, None, None, None
 
 
@@ -325,14 +327,18 @@ def _make_fast_mlp_class(base: type) -> type:
 def _swiglu_mlp(module: torch.nn.Module) -> bool:
     """True for a transformers MLP computing exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) with SiLU
     (checked in transformers 5.x: Llama, Mistral, Qwen2, Qwen3; Gemma's GELU and Phi-3's fused gate_up do not match)."""
-    kind = type(module)
-    return (kind.__module__.startswith("transformers.models.") and kind.__name__.endswith("MLP")
-            and kind.__name__.split("MLP")[0].lower() in SWIGLU_FAMILIES
+    return (_family_class(type(module), "MLP")
             and isinstance(getattr(module, "act_fn", None), SILU_TYPES)
             and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")))
 
 
 SWIGLU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # their *MLP.forward is the SwiGLU above
+
+
+def _family_class(kind: type, suffix: str) -> bool:
+    """True for transformers' `<Family><suffix>` class of one of SWIGLU_FAMILIES (e.g. LlamaMLP, Qwen3RMSNorm)."""
+    return (kind.__module__.startswith("transformers.models.") and kind.__name__.endswith(suffix)
+            and kind.__name__.split(suffix)[0].lower() in SWIGLU_FAMILIES)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -383,9 +389,7 @@ def _make_fast_norm_class(base: type) -> type:
 def _llama_rmsnorm(module: torch.nn.Module) -> bool:
     """True for the RMSNorm of the SWIGLU_FAMILIES (checked in transformers 5.x: weight * x * rsqrt(mean(x^2) + eps),
     computed in fp32; Gemma's (1 + weight) variant is another family)."""
-    kind = type(module)
-    return (kind.__module__.startswith("transformers.models.") and kind.__name__.endswith("RMSNorm")
-            and kind.__name__.split("RMSNorm")[0].lower() in SWIGLU_FAMILIES
+    return (_family_class(type(module), "RMSNorm")
             and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.nn.Parameter))
 
 
@@ -435,8 +439,6 @@ def fast_norm_rope(model: torch.nn.Module):
     """Inside: the model's Llama-style RMSNorms train through `RMSNormFunction`, and its family's rotary
     embedding through `RotaryFunction` (the modeling module's `apply_rotary_pos_emb`, which the attention
     looks up at each call); outside: as they were."""
-    import sys
-
     swapped, patched = [], []
     for module in model.modules():
         if _llama_rmsnorm(module):
