@@ -20,10 +20,13 @@ the epoch), while a packed run's is bounded by `training.pass_tokens`; 40 steps 
 baseline reaches the ~5.6 GiB the issue quotes.  Throughput is trained (unmasked) tokens over the summed wall time of all
 optimiser steps, the first included, for every run.  The fp32 matmul peak of this machine is
 measured in the parent (2048 x 2048 matrix products), and each run's model FLOP/s is reported as a
-fraction of it.
+fraction of it.  A shared machine's speed drifts from minute to minute (5-10% on the 2-core box), and
+a baseline run and a tunesmith run follow each other; `--repeats N` runs N such pairs alternately and
+reports the median of the pairs' ratios (each pair's numbers are in the JSON under "pairs").
 
     .venv/bin/python bench/train_throughput.py --json                 # 40 steps each; JSON on stdout
     .venv/bin/python bench/train_throughput.py --steps 10 --no-padded  # quicker
+    .venv/bin/python bench/train_throughput.py --json --repeats 2      # two alternating pairs, median ratios
 
 Results also go to bench/results/train_throughput.json (written then renamed), logs beside it.
 """
@@ -246,6 +249,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps per run (default 40)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     parser.add_argument("--no-padded", action="store_true", help="skip the tunesmith run with packing off")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="baseline/tunesmith pairs, run alternately; the ratios reported are the medians over "
+                             "the pairs (default 1)")
     parser.add_argument("--data", default=str(DATA), help="the Alpaca-format data (default: gpteacher-roleplay)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training.* setting for the tunesmith run, e.g. --set pass_tokens=1024")
@@ -283,8 +289,12 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory(prefix="tunesmith-throughput-") as tmp:
         work = Path(tmp)
-        runs["baseline"] = measure("baseline", workload(args.steps, data, {}), work, log_dir)
-        runs["tunesmith"] = measure("tunesmith", workload(args.steps, data, extra), work, log_dir)
+        pairs = []
+        for i in range(max(1, args.repeats)):
+            tag = "" if i == 0 else f"_{i + 1}"
+            pairs.append((measure("baseline" + tag, workload(args.steps, data, {}), work, log_dir),
+                          measure("tunesmith" + tag, workload(args.steps, data, extra), work, log_dir)))
+        runs["baseline"], runs["tunesmith"] = pairs[0]
         if not args.no_padded:
             runs["tunesmith_padded"] = measure("tunesmith_padded", workload(args.steps, data, {**extra, "packing": False}),
                                                work, log_dir)
@@ -294,6 +304,10 @@ def main() -> None:
     base, ours = runs["baseline"], runs["tunesmith"]
     n = min(LOSS_STEPS, len(base["losses"]), len(ours["losses"]))
     loss_gap = max(abs(a - b) / abs(b) for a, b in zip(ours["losses"][:n], base["losses"][:n])) if n else None
+    pair_ratios = [{"baseline_tokens_per_s": b["trained_tokens_per_s"], "tunesmith_tokens_per_s": t["trained_tokens_per_s"],
+                    "baseline_rss_gib": b["peak_rss_bytes"] / GIB, "tunesmith_rss_gib": t["peak_rss_bytes"] / GIB,
+                    "ratio": t["trained_tokens_per_s"] / b["trained_tokens_per_s"],
+                    "rss_ratio": t["peak_rss_bytes"] / b["peak_rss_bytes"]} for b, t in pairs]
     report = {
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -301,13 +315,18 @@ def main() -> None:
         "workload": workload(args.steps, data, extra),
         "model_shape": shape,
         **runs,
-        "ratio": ours["trained_tokens_per_s"] / base["trained_tokens_per_s"],
-        "rss_ratio": ours["peak_rss_bytes"] / base["peak_rss_bytes"],
+        "ratio": statistics.median(p["ratio"] for p in pair_ratios),
+        "rss_ratio": statistics.median(p["rss_ratio"] for p in pair_ratios),
+        "pairs": pair_ratios,
         "loss_max_relative_gap_first_steps": loss_gap,
         "loss_steps_compared": n,
     }
     if "tunesmith_padded" in runs:
-        report["val_loss_packed_vs_padded"] = [ours["val_loss"], runs["tunesmith_padded"]["val_loss"]]
+        padded = runs["tunesmith_padded"]
+        report["val_loss_packed_vs_padded"] = [ours["val_loss"], padded["val_loss"]]
+        # the same rows and, through dropout_rows, the same dropout masks: the steps differ by float rounding only
+        report["loss_max_relative_gap_packed_vs_padded"] = max(
+            abs(a - b) / abs(b) for a, b in zip(ours["losses"], padded["losses"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     partial.write_text(json.dumps(report, indent=2))
@@ -315,7 +334,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"throughput ratio {report['ratio']:.2f}x, peak RSS ratio {report['rss_ratio']:.2f}x; written: {shown(out)}")
+        print(f"throughput ratio {report['ratio']:.2f}x, peak RSS ratio {report['rss_ratio']:.2f}x "
+              f"(median of {len(pair_ratios)} pair(s)); written: {shown(out)}")
 
 
 if __name__ == "__main__":

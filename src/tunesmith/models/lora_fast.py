@@ -18,6 +18,9 @@ and its `A` for `DropoutLinear`:
 - on a CPU the mask comes from 16 random bits per element drawn with numpy's SFC64, 64 raw bits at a time (seeded from
   torch's generator, so `torch.manual_seed` and resumed RNG states still fix it): the drop
   probability is p rounded to a multiple of 1/65536 (0.05 -> 0.0500031);
+- inside `dropout_rows` (the training loop's passes) each row's mask is drawn on its own, from the step's seed,
+  the dropout site and the row's key: a row drops the same elements whether it runs padded in a batch or packed
+  end to end with others, so packed and padded training take the same steps up to float rounding;
 - `base(x) + B(h) * scaling` is one `addmm_`, in place into the frozen projection's output;
 - a Llama/Mistral/Qwen MLP whose three projections are all plain LoRA runs as one function
   (`LoraSwiGLU`) that keeps x, gate(x) and up(x) and recomputes silu and the product in backward.
@@ -38,32 +41,84 @@ import torch
 MASK_LEVELS = 65536  # 16 random bits per element
 
 
-def _new_seed() -> int:
+def new_mask_seed() -> int:
     return int(torch.randint(0, 2**62, ()))  # torch's generator: manual_seed and resumed RNG states fix it
 
 
-def _keep_bits(shape: torch.Size, p: float, seed: int) -> np.ndarray:
+# What fixes a mask: an int seed for the whole tensor, or (step seed, dropout site, row layout) for a mask
+# drawn row by row (see `dropout_rows`).
+MaskSeed = int | tuple
+
+_rows: list = []  # [(step seed, layout)] of the running pass, innermost last (see `dropout_rows`)
+
+
+@contextlib.contextmanager
+def dropout_rows(step_seed: int, layout: tuple | None):
+    """Inside: LoRA dropout masks are drawn row by row, each row's from (`step_seed`, the dropout site, the
+    row's key) alone, so a row drops the same elements wherever it sits: packed end to end with other rows,
+    or padded in a batch.  `layout` is (positions, ((key, start, length), ...)): the model's hidden tensors
+    hold `positions` token positions ([1, T] packed, [B, L] padded, flattened), and the row with `key` (a
+    tuple of non-negative ints) takes `length` of them from `start`.  Positions outside every row (padding)
+    are dropped.  A tensor laid out otherwise, and a `layout` of None, get a whole-tensor mask as outside.
+    Wrap the backward pass too: gradient checkpointing's recomputation draws its masks again there."""
+    _rows.append((step_seed, layout))
+    try:
+        yield
+    finally:
+        _rows.pop()
+
+
+def _mask_seed(x: torch.Tensor, site: int | None) -> MaskSeed:
+    """What fixes the mask for `x` at dropout site `site`: the running pass's rows when `x` is laid out as they
+    say, else one draw from torch's generator."""
+    if _rows and site is not None:
+        step_seed, layout = _rows[-1]
+        if layout is not None and x.dim() >= 2 and x.numel() == layout[0] * x.shape[-1]:
+            return (step_seed, site, layout)
+    return new_mask_seed()
+
+
+def _keep_bits(shape: torch.Size, p: float, seed: MaskSeed) -> np.ndarray:
     """A flat numpy bool array for `shape`, True with probability 1 - round(p * 65536) / 65536.
 
     16 random bits per element, drawn as 64-bit words from numpy's SFC64 (measured here: 0.13 ms for
-    59k words, against 0.18 ms for PCG64 and 0.8 ms for torch.rand of the same 235k elements).
+    59k words, against 0.18 ms for PCG64 and 0.8 ms for torch.rand of the same 235k elements).  A row-wise
+    seed seeds one SFC64 per row from (step seed, site, row key) through numpy's SeedSequence (23 us a row).
     """
     n = int(np.prod(shape))
-    levels = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]  # uniform on [-32768, 32767]
-    return levels >= -32768 + round(p * MASK_LEVELS)
+    threshold = -32768 + round(p * MASK_LEVELS)
+    if isinstance(seed, int):
+        levels = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]  # uniform on [-32768, 32767]
+        return levels >= threshold
+    step_seed, site, (positions, rows) = seed
+    width = n // positions
+    keep = np.zeros(n, dtype=bool)  # padding: dropped
+    for key, start, length in rows:
+        m = length * width
+        levels = np.random.SFC64([step_seed, site, *key]).random_raw((m + 3) // 4).view(np.int16)[:m]
+        np.greater_equal(levels, threshold, out=keep[start * width : start * width + m])
+    return keep
 
 
-def _keep_mask(x: torch.Tensor, p: float, seed: int | None = None) -> torch.Tensor:
+def _keep_mask(x: torch.Tensor, p: float, seed: MaskSeed | None = None) -> torch.Tensor:
     """A bool tensor like `x`, True with probability 1 - p (p rounded to 1/65536 on a CPU).
 
     `seed` (default: one draw from torch's generator) fixes the whole mask, so backward can rebuild it.
     """
     if seed is None:
-        seed = _new_seed()
-    if x.device.type != "cpu":
+        seed = new_mask_seed()
+    if x.device.type == "cpu":
+        return torch.from_numpy(_keep_bits(x.shape, p, seed)).view(x.shape)
+    if isinstance(seed, int):
         generator = torch.Generator(device=x.device).manual_seed(seed)
         return torch.rand(x.shape, device=x.device, generator=generator) >= p
-    return torch.from_numpy(_keep_bits(x.shape, p, seed)).view(x.shape)
+    step_seed, site, (positions, rows) = seed
+    keep = torch.zeros(positions, x.shape[-1], dtype=torch.bool, device=x.device)
+    for key, start, length in rows:
+        row_seed = int(np.random.SeedSequence([step_seed, site, *key]).generate_state(1, np.uint64)[0]) >> 1
+        generator = torch.Generator(device=x.device).manual_seed(row_seed)
+        keep[start : start + length] = torch.rand(length, x.shape[-1], device=x.device, generator=generator) >= p
+    return keep.view(x.shape)
 
 
 def keep_scale(p: float, device_type: str) -> float:
@@ -81,7 +136,7 @@ def forget_shared_mask() -> None:
     _shared.clear()
 
 
-def _scaled_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _scaled_mask(x: torch.Tensor, p: float, seed: MaskSeed) -> torch.Tensor:
     """The keep-mask of `seed` as floats 0 and 1/P(keep): multiplying by it is one vectorised pass
     (0.04 ms for 512 x 576 here), where `torch.where` on a bool mask takes 0.15 ms.  On a CPU the
     floats are made by numpy straight from the bool bits (0.06 ms for 409 x 576, where torch's
@@ -93,17 +148,18 @@ def _scaled_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.from_numpy(scaled).view(x.shape)
 
 
-def _forward_mask(x: torch.Tensor, p: float) -> tuple[int, torch.Tensor]:
-    """(seed, scaled mask) for `x`; consecutive calls on the same tensor (q, k, v) share them."""
+def _forward_mask(x: torch.Tensor, p: float, site: int | None) -> tuple[MaskSeed, torch.Tensor]:
+    """(seed, scaled mask) for `x`; consecutive calls on the same tensor (q, k, v) share them (and the first
+    one's site)."""
     if _shared.get("x") is x and _shared.get("p") == p and _shared.get("version") == x._version:
         return _shared["seed"], _shared["mask"]
-    seed = _new_seed()
+    seed = _mask_seed(x, site)
     mask = _scaled_mask(x, p, seed)
     _shared.update(x=x, p=p, version=x._version, seed=seed, mask=mask)
     return seed, mask
 
 
-def _backward_mask_and_dropped(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_mask_and_dropped(x: torch.Tensor, p: float, seed: MaskSeed) -> tuple[torch.Tensor, torch.Tensor]:
     """The mask rebuilt from its seed and the dropped input, once for all the projections that shared them.
 
     Saved tensors come back as new Python objects, so the match is on the seed and x's storage; the
@@ -123,8 +179,8 @@ class DropoutThenLinear(torch.autograd.Function):
     """(x * keep / P(keep)) @ weight.T, keeping only x and the mask's seed: backward rebuilds the mask."""
 
     @staticmethod
-    def forward(ctx, x, weight, p: float):
-        seed, mask = _forward_mask(x, p)  # mask [.., in]: 0 where dropped, 1/P(keep) where kept
+    def forward(ctx, x, weight, p: float, site: int | None = None):
+        seed, mask = _forward_mask(x, p, site)  # mask [.., in]: 0 where dropped, 1/P(keep) where kept
         out = torch.nn.functional.linear(x * mask, weight)  # [.., r]; the dropped copy dies here
         ctx.save_for_backward(x, weight)
         ctx.seed, ctx.p = seed, p
@@ -141,17 +197,18 @@ class DropoutThenLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             flat = dropped.to(g.dtype).reshape(-1, x.shape[-1])  # [N, in]
             grad_weight = (g.reshape(-1, g.shape[-1]).t() @ flat).to(weight.dtype)  # [r, in]
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, None
 
 
 class DropoutLinear(torch.nn.Linear):
     """A LoRA `A` projection that applies its layer's dropout itself (see the module docstring)."""
 
     dropout_p: float = 0.0
+    dropout_site: int | None = None  # numbers the model's dropout sites for `dropout_rows`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.dropout_p > 0 and torch.is_grad_enabled():
-            return DropoutThenLinear.apply(x, self.weight, self.dropout_p)
+            return DropoutThenLinear.apply(x, self.weight, self.dropout_p, self.dropout_site)
         return super().forward(x)
 
 
@@ -200,7 +257,7 @@ def _plain_adapter(layer) -> str | None:
 
 
 def _plain_parts(layer, x: torch.Tensor):
-    """(base weight, A weight, B weight, scaling, dropout p) of a fast-path LoRA layer in its plain state
+    """(base weight, A weight, B weight, scaling, dropout p, dropout site) of a fast-path LoRA layer in its plain state
     (one active adapter, unmerged, no bias anywhere, frozen base, dtypes matching `x`), or None."""
     name = _plain_adapter(layer) if getattr(type(layer), "_tunesmith_fast", False) else None
     if name is None:
@@ -211,12 +268,12 @@ def _plain_parts(layer, x: torch.Tensor):
             or not x.dtype == base.weight.dtype == a.weight.dtype == b.weight.dtype):
         return None
     if type(a) is DropoutLinear:
-        p = a.dropout_p
+        p, site = a.dropout_p, a.dropout_site
     elif type(a) is torch.nn.Linear and isinstance(layer.lora_dropout[name], torch.nn.Identity):
-        p = 0.0
+        p, site = 0.0, None
     else:
         return None
-    return base.weight, a.weight, b.weight, float(layer.scaling[name]), p
+    return base.weight, a.weight, b.weight, float(layer.scaling[name]), p, site
 
 
 class LoraSwiGLU(torch.autograd.Function):
@@ -232,16 +289,16 @@ class LoraSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, wg, wu, wd, ag, bg, au, bu, ad, bd, scales, p_in: float, p_mid: float):
+    def forward(ctx, x, wg, wu, wd, ag, bg, au, bu, ad, bd, scales, p_in: float, p_mid: float, sites=(None, None)):
         sg, su, sd = scales  # x [N, H]; wg, wu [I, H]; wd [H', I]; a* [r, in]; b* [out, r]
-        seed_in = _new_seed() if p_in > 0 else None
+        seed_in = _mask_seed(x, sites[0]) if p_in > 0 else None
         dropped = x * _scaled_mask(x, p_in, seed_in) if seed_in is not None else x
         hg, hu = dropped @ ag.t(), dropped @ au.t()  # [N, r]
         del dropped
         g = torch.nn.functional.linear(x, wg).addmm_(hg, bg.t(), alpha=sg)  # [N, I]
         u = torch.nn.functional.linear(x, wu).addmm_(hu, bu.t(), alpha=su)
         a = torch.nn.functional.silu(g).mul_(u)  # [N, I]
-        seed_mid = _new_seed() if p_mid > 0 else None
+        seed_mid = _mask_seed(a, sites[1]) if p_mid > 0 else None
         dropped = a * _scaled_mask(a, p_mid, seed_mid) if seed_mid is not None else a
         hd = dropped @ ad.t()  # [N, r]
         del dropped
@@ -292,7 +349,7 @@ class LoraSwiGLU(torch.autograd.Function):
                 dx.addcmul_(through_lora, mask_in)  # as for da above: one pass
             else:
                 dx.add_(through_lora)
-        return dx, None, None, None, grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd, None, None, None
+        return dx, None, None, None, grad_ag, grad_bg, grad_au, grad_bu, grad_ad, grad_bd, None, None, None, None
 
 
 SILU_TYPES: tuple = (torch.nn.SiLU,)
@@ -315,9 +372,10 @@ def _make_fast_mlp_class(base: type) -> type:
                     and not torch.is_autocast_enabled(x.device.type):
                 parts = [_plain_parts(layer, x) for layer in (self.gate_proj, self.up_proj, self.down_proj)]
                 if all(part is not None for part in parts) and parts[0][4] == parts[1][4]:
-                    (wg, ag, bg, sg, p_in), (wu, au, bu, su, _), (wd, ad, bd, sd, p_mid) = parts
+                    (wg, ag, bg, sg, p_in, site_in), (wu, au, bu, su, _, _), (wd, ad, bd, sd, p_mid, site_mid) = parts
                     flat = x.reshape(-1, x.shape[-1])
-                    y = LoraSwiGLU.apply(flat, wg, wu, wd, ag, bg, au, bu, ad, bd, (sg, su, sd), p_in, p_mid)
+                    y = LoraSwiGLU.apply(flat, wg, wu, wd, ag, bg, au, bu, ad, bd, (sg, su, sd), p_in, p_mid,
+                                         (site_in, site_mid))
                     return y.view(*x.shape[:-1], y.shape[-1])
             return super().forward(x, *args, **kwargs)
 
@@ -486,7 +544,7 @@ def fast_lora(model: torch.nn.Module):
             if (type(a) is torch.nn.Linear and a.bias is None and isinstance(drop, torch.nn.Dropout)
                     and drop.p > 0 and name not in variants):
                 a.__class__ = DropoutLinear  # same parameters and state-dict names, another forward
-                a.dropout_p = drop.p
+                a.dropout_p, a.dropout_site = drop.p, len(swapped_a)
                 module.lora_dropout[name] = torch.nn.Identity()
                 swapped_a.append((module, name, a, drop))
     swapped_mlps = []
@@ -503,7 +561,7 @@ def fast_lora(model: torch.nn.Module):
             module.__class__ = kind
         for module, name, a, drop in swapped_a:
             a.__class__ = torch.nn.Linear
-            del a.dropout_p
+            del a.dropout_p, a.dropout_site
             module.lora_dropout[name] = drop
         for module in swapped_layers:
             module.__class__ = peft_linear

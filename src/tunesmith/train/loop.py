@@ -57,10 +57,10 @@ from tunesmith.train.compute import (
 from tunesmith.train.optim import make_optimizer
 from tunesmith.train.packing import make_pass, packed_attention, plan_passes, resolve_pass_tokens, want_packing
 from tunesmith.train import loss as loss_fns
-from tunesmith.models.lora_fast import fast_lora, fast_norm_rope, forget_shared_mask
+from tunesmith.models.lora_fast import dropout_rows, fast_lora, fast_norm_rope, forget_shared_mask, new_mask_seed
 from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes, read_metrics, release_free_memory
 from tunesmith.train.report import health_check, plot_training, render_report
-from tunesmith.tasks import MASKED_LM, Objective
+from tunesmith.tasks import MASKED_LM, SEQ2SEQ, Objective
 
 SAMPLES_IN_REPORT = 1
 
@@ -387,11 +387,25 @@ def allocate_early(params: list, optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _micro_units(objective, rows, pass_tokens, key) -> list:
-    """What one micro-batch runs as: padding-free passes (`pass_tokens` set) or one padded batch."""
+def _micro_units(objective, rows, pass_tokens, key) -> list[tuple]:
+    """What one micro-batch runs as: padding-free passes (`pass_tokens` set) or one padded batch, each with
+    its row layout for `dropout_rows` (None for seq2seq batches, whose decoder has other positions).  A row's
+    key is (micro-batch index in the step, index in the micro-batch), wherever the row lands."""
+    j = key[-1]
     if pass_tokens is not None:
-        return [make_pass(group) for group in plan_passes(rows, pass_tokens)]
-    return [objective.collate(rows, key=key)]  # the key seeds masked-LM masking
+        index = {id(row): i for i, row in enumerate(rows)}
+        units = []
+        for group in plan_passes(rows, pass_tokens):
+            unit = make_pass(group)
+            starts = unit.cu_seq_lens.tolist()
+            layout = (unit.n_tokens, tuple(((j, index[id(r)]), s, len(r.input_ids)) for r, s in zip(group, starts)))
+            units.append((unit, layout))
+        return units
+    batch = objective.collate(rows, key=key)  # the key seeds masked-LM masking
+    width = batch["input_ids"].shape[1]  # right-padded rows: row i starts at i * width
+    layout = None if objective.task == SEQ2SEQ else (
+        len(rows) * width, tuple(((j, i), i * width, len(r.input_ids)) for i, r in enumerate(rows)))
+    return [(batch, layout)]
 
 
 def _unit_counts(objective, unit) -> tuple[int, int]:
@@ -451,21 +465,23 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                     for j, b in enumerate(batches[window_start : window_start + t.gradient_accumulation])
                     for unit in _micro_units(objective, b, pass_tokens, key=(t.seed, epoch, window_start, j))
                 ]
-                counts = [_unit_counts(objective, unit) for unit in window]
+                counts = [_unit_counts(objective, unit) for unit, _ in window]
                 window_tokens = sum(trained for trained, _ in counts)
                 progress["window_start"] = window_start + t.gradient_accumulation
                 if window_tokens == 0:
                     continue
                 step_nll = 0.0
-                for unit, (_, unit_all) in zip(window, counts):
-                    with autocast:
-                        if isinstance(unit, dict):
-                            nll, _ = objective.nll_sum(model, {k: v.to(accelerator.device) for k, v in unit.items()})
-                        else:
-                            nll, _ = loss_fns.packed_nll_sum(model, unit.to(accelerator.device))
-                    forget_shared_mask()
-                    accelerator.backward(scaler.scale(nll / window_tokens))
-                    forget_shared_mask()
+                step_seed = new_mask_seed()  # with each row's key, fixes its LoRA dropout masks (dropout_rows)
+                for (unit, layout), (_, unit_all) in zip(window, counts):
+                    with dropout_rows(step_seed, layout):
+                        with autocast:
+                            if isinstance(unit, dict):
+                                nll, _ = objective.nll_sum(model, {k: v.to(accelerator.device) for k, v in unit.items()})
+                            else:
+                                nll, _ = loss_fns.packed_nll_sum(model, unit.to(accelerator.device))
+                        forget_shared_mask()
+                        accelerator.backward(scaler.scale(nll / window_tokens))
+                        forget_shared_mask()
                     step_nll += float(nll.detach())
                     progress["all_tokens"] += unit_all
                 penalty = extra_loss(model)  # AdaLoRA's orthogonality term, once per optimiser step
