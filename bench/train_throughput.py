@@ -264,7 +264,7 @@ def main() -> None:
 
     if args.child:
         raw = json.loads(Path(args.config_json).read_text())
-        run = child_baseline if args.child == "baseline" else child_tunesmith
+        run = child_baseline if args.child.startswith("baseline") else child_tunesmith
         Path(args.result).write_text(json.dumps(run(raw, Path(args.run_dir))))
         return
 

@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   tunesmith train examples/quickstart.yaml
   tunesmith train examples/dialogsum.yaml --set training.epochs=1 --set training.learning_rate=3e-4
   tunesmith train runs/quickstart-20260101-120000/config.yaml --resume
+  tunesmith distill examples/distill.yaml --set teacher.name=runs/quickstart-20260101-120000
   tunesmith eval runs/quickstart-20260101-120000 --limit 20
   tunesmith chat runs/quickstart-20260101-120000
   tunesmith merge runs/quickstart-20260101-120000 --out merged/
@@ -46,6 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
 
     cfg = load_config(args.config, args.set)
+    if cfg.teacher.name:
+        raise UserError(f"{args.config}: teacher.name is set, so this is a distillation config; run "
+                        f"`tunesmith distill {args.config}` (or remove the teacher: section to fine-tune).")
     if args.resume:
         if not (args.output or cfg.output.dir):
             raise UserError("--resume needs the run folder: give --output DIR, or the run's own config.yaml.")
@@ -77,6 +81,34 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  reference: {sample['reference']}")
             print(f"  base:      {sample['base']}")
             print(f"  tuned:     {sample['tuned']}")
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    run_dir = choose_run_dir(args.config, cfg.output.dir, args.output)
+    cfg.output.dir = str(run_dir)
+    from tunesmith.distill.run import run_distillation
+
+    print(f"tunesmith: distilling into {run_dir}")
+    summary = run_distillation(cfg, run_dir, cache_teacher=args.cache_teacher)
+    train, d = summary["train"], summary["distill"]
+    print()
+    print(f"run folder: {run_dir}")
+    print(f"{'distillation' if d['mode'] == 'logits' else 'training'} loss {train['first_loss']:.4f} -> "
+          f"{train['final_loss']:.4f} over {train['steps']} steps, {train['trained_tokens_per_s']:.1f} trained tokens/s, "
+          f"peak RSS {summary['memory']['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(f"teacher vs student ({d['mode']} distillation):")
+    for key, label in (("parameters", "parameters"), ("size_on_disk_bytes", "size on disk (MB)"),
+                       ("heldout_loss", "held-out loss"), ("generation_tokens_per_s", "generation tokens/s")):
+        values = [d[who].get(key) for who in ("teacher", "student")]
+        if key == "size_on_disk_bytes":
+            values = [v / 1e6 if v is not None else None for v in values]
+        shown = [f"{v:,.0f}" if key == "parameters" else (f"{v:.4g}" if v is not None else "-") for v in values]
+        print(f"  {label:22s} teacher {shown[0]:>14s}   student {shown[1]:>14s}")
     print(f"report: {run_dir / 'report.md'}")
     return 0
 
@@ -162,6 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output DIR (or the config's output.dir) from its newest valid checkpoint")
     train.set_defaults(func=cmd_train)
+
+    distill = sub.add_parser(
+        "distill",
+        help="a teacher model teaches a smaller student",
+        description="Distil as CONFIG says: teacher.name teaches the student (student.name, model.name, or "
+        "student.prune.keep_layers: a copy of the teacher keeping N evenly spaced layers), trained with the "
+        "config's method through the training loop. Same tokenizer: the loss is distill.alpha * T^2 * "
+        "KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (T = distill.temperature), with the teacher "
+        "run on the same rows each step. Different tokenizers: the teacher answers the training prompts and "
+        "the student trains on those answers. The run folder holds what `tunesmith train` writes, plus "
+        "distill.json comparing teacher and student.",
+    )
+    distill.add_argument("config", help="YAML config with teacher: and student: sections, e.g. examples/distill.yaml")
+    distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key (dotted), e.g. --set distill.alpha=0.8; repeatable")
+    distill.add_argument("--output", metavar="DIR", help="run folder (default: runs/<config name>-<date>-<time>)")
+    distill.add_argument("--cache-teacher", action="store_true",
+                         help="compute the teacher's top-k log-probs (distill.top_k) once before training, keep them "
+                         "on disk (distill.cache_dir, default RUN/teacher-cache) and train from them, with the "
+                         "teacher unloaded")
+    distill.set_defaults(func=cmd_distill)
 
     evaluate = sub.add_parser(
         "eval",

@@ -11,6 +11,7 @@ loading that text back gives the same config.
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -196,6 +197,50 @@ class EvalConfig(_Section):
         return value
 
 
+class TeacherConfig(_Section):
+    name: str | None = Field(
+        None,
+        description="The model that teaches (`tunesmith distill`): a built-in name, a Hugging Face folder or hub id, "
+        "or a tunesmith run folder, whose adapter is applied on the fly.",
+    )
+    load_in_4bit: bool = Field(False, description="Load the teacher's linear layers in 4-bit NF4 (needs bitsandbytes).")
+
+
+class PruneConfig(_Section):
+    keep_layers: int = Field(ge=1, description="How many of the teacher's decoder layers the student keeps, evenly spaced.")
+
+
+class StudentConfig(_Section):
+    name: str | None = Field(
+        None, description="The student model (as model.name); default model.name, unless `prune` is given."
+    )
+    prune: PruneConfig | None = Field(
+        None, description="Make the student from the teacher: a copy keeping `keep_layers` evenly spaced layers, "
+        "initialised from the teacher's (merged) weights."
+    )
+
+
+class DistillConfig(_Section):
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature T of both models in the KL term.")
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy on the trained tokens.",
+    )
+    top_k: int = Field(
+        64, ge=1, description="With --cache-teacher: the teacher log-probs kept per token; the mass beyond them is "
+        "kept as one 'rest' bucket."
+    )
+    cache_dir: str | None = Field(
+        None, description="Where --cache-teacher keeps the teacher's top-k (default: teacher-cache/ in the run folder); "
+        "a cache made by the same teacher, temperature and top_k is reused."
+    )
+    max_new_tokens: int = Field(
+        256, ge=1, description="Sequence-level distillation (teacher and student tokenizers differ): the longest "
+        "answer the teacher writes per prompt."
+    )
+    generation_batch_size: int = Field(8, ge=1, description="Prompts the teacher answers at once (sequence level).")
+
+
 class OutputConfig(_Section):
     dir: str | None = Field(None, description="Run folder; default runs/<config name>-<date>-<time>.")
 
@@ -209,6 +254,9 @@ class Config(_Section):
     adalora: AdaloraConfig = Field(default_factory=AdaloraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("method", mode="before")
@@ -253,6 +301,8 @@ def _explain(exc: ValidationError, source: str) -> str:
             section = key.rsplit(".", 1)[0] if "." in key else ""
             known = _known_keys(section)
             lines.append(f"unknown config key `{key}`; the keys allowed here are: {', '.join(known)}.")
+        elif err["type"] == "missing":
+            lines.append(f"config key `{key}` is missing; give it a value.")
         elif key in allowed_by_key:
             allowed_by_key[key][1].append(_allowed(err))
         else:
@@ -270,9 +320,11 @@ def _known_keys(section: str) -> list[str]:
     model: type[BaseModel] = Config
     for part in [p for p in section.split(".") if p]:
         field = model.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        kinds = [field.annotation, *typing.get_args(field.annotation)] if field is not None else []
+        sections = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]  # `X | None` too
+        if not sections:
             return []
-        model = field.annotation
+        model = sections[0]
     return list(model.model_fields)
 
 

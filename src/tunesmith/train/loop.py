@@ -96,10 +96,12 @@ def plan_steps(n_train_rows: int, cfg: Config) -> tuple[int, int]:
     return per_epoch, total
 
 
-def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=None) -> dict:
     """Train as the config says and fill `run_dir`; returns the summary written to summary.json.
 
-    With `resume`, continue from the newest valid checkpoint in `run_dir/checkpoints`.
+    With `resume`, continue from the newest valid checkpoint in `run_dir/checkpoints`.  With `distiller`
+    (a `tunesmith.distill.run.Distiller`, causal LMs only), each unit's loss is its distillation loss
+    instead of the cross-entropy; validation stays cross-entropy.
     """
     from accelerate import Accelerator
 
@@ -131,6 +133,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     source = resolve_model_source(cfg.model.name)
     tokenizer = load_tokenizer(source, cfg.model)
     task = model_task(source, cfg)
+    if distiller is not None and task != "causal_lm":
+        raise UserError(f"model.name: {cfg.model.name} is a {task} model; distillation here is for causal language "
+                        "models (the student and the teacher).")
     if task == MASKED_LM and tokenizer.mask_token_id is None:
         raise UserError(
             f"model.name: {cfg.model.name} is a masked-language model, but its tokenizer has no mask token to hide "
@@ -207,7 +212,8 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         with stop_on_signals() as stop_requested, fast_lora(model), fast_norm_rope(model), \
                 (packed_attention(model) if packing else contextlib.nullcontext()):
             _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch,
-                         total_steps, metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens)
+                         total_steps, metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens,
+                         distiller)
     finally:
         metrics_log.close()
     metrics_log.records = read_metrics(run_dir / "metrics.jsonl")
@@ -416,7 +422,7 @@ def _unit_counts(objective, unit) -> tuple[int, int]:
 
 
 def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch, total_steps,
-                 metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens=None):
+                 metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens=None, distiller=None):
     """The loop: micro-batches -> token-weighted loss -> backward -> clip -> step; log every step;
     validate, checkpoint and stop when the config says.  Position and totals live in `progress`.
     With `pass_tokens`, each micro-batch runs padding-free (see train/packing.py)."""
@@ -475,10 +481,14 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                 for (unit, layout), (_, unit_all) in zip(window, counts):
                     with dropout_rows(step_seed, layout):
                         with autocast:
-                            if isinstance(unit, dict):
-                                nll, _ = objective.nll_sum(model, {k: v.to(accelerator.device) for k, v in unit.items()})
+                            on_device = ({k: v.to(accelerator.device) for k, v in unit.items()} if isinstance(unit, dict)
+                                         else unit.to(accelerator.device))
+                            if distiller is not None:
+                                nll, _ = distiller.loss_sum(model, on_device)
+                            elif isinstance(unit, dict):
+                                nll, _ = objective.nll_sum(model, on_device)
                             else:
-                                nll, _ = loss_fns.packed_nll_sum(model, unit.to(accelerator.device))
+                                nll, _ = loss_fns.packed_nll_sum(model, on_device)
                         forget_shared_mask()
                         accelerator.backward(scaler.scale(nll / window_tokens))
                         forget_shared_mask()

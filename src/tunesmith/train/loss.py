@@ -49,20 +49,26 @@ def token_nll_sum(
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over trained positions, and how many positions that was."""
     targets = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
-    keep = targets != IGNORE_INDEX  # [B, T-1]
-    n_tokens = int(keep.sum())
     decoder, head = _decoder_and_head(model)
     if decoder is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         nll = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return nll, n_tokens
+        return nll, int((targets != IGNORE_INDEX).sum())
+    selected, trained = padded_trained_hidden(decoder, input_ids, attention_mask, labels, position_ids)
+    return head_nll_sum(head, selected, trained), trained.shape[0]
+
+
+def padded_trained_hidden(decoder, input_ids, attention_mask, labels, position_ids=None):
+    """(the decoder's last hidden states at the trained positions [N, H], their next-token targets [N]) for a
+    padded batch: input_ids/attention_mask/labels [B, T], rows then positions in order."""
+    targets = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
+    keep = targets != IGNORE_INDEX  # [B, T-1]
     hidden = decoder(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state  # [B, T, H]
-    selected = hidden[:, :-1][keep]  # [N, H], N = n_tokens
-    return head_nll_sum(head, selected, targets[keep]), n_tokens
+    return hidden[:, :-1][keep], targets[keep]
 
 
 def head_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -153,11 +159,18 @@ def _cpu_logits_scratch(hidden: torch.Tensor, vocab: int) -> torch.Tensor | None
 
 def packed_nll_sum(model: torch.nn.Module, one_pass) -> tuple[torch.Tensor, int]:
     """`token_nll_sum` for a padding-free pass (`train.packing.Pass`): rows end to end, each attending to itself."""
-    from tunesmith.train.packing import packed_attention
-
     decoder, head = _decoder_and_head(model)
     if decoder is None:
         raise RuntimeError("packed passes need a model whose decoder and output projection tunesmith can reach")
+    selected, trained = packed_trained_hidden(model, decoder, one_pass)
+    return head_nll_sum(head, selected, trained), trained.shape[0]
+
+
+def packed_trained_hidden(model, decoder, one_pass):
+    """(last hidden states at the trained positions [N, H], their targets [N]) of a padding-free pass, its
+    rows attending each to itself (`model` is whose attention setting `packed_attention` switches)."""
+    from tunesmith.train.packing import packed_attention
+
     cu = one_pass.cu_seq_lens
     with packed_attention(model):
         hidden = decoder(
@@ -165,4 +178,4 @@ def packed_nll_sum(model: torch.nn.Module, one_pass) -> tuple[torch.Tensor, int]
             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=one_pass.max_length, max_length_k=one_pass.max_length,
         ).last_hidden_state[0]  # [T, H]
     keep = one_pass.targets != IGNORE_INDEX  # [T]
-    return head_nll_sum(head, hidden[keep], one_pass.targets[keep]), int(keep.sum())
+    return hidden[keep], one_pass.targets[keep]
