@@ -29,6 +29,7 @@ from tunesmith.distill.teacher import Teacher, load_teacher, model_weight_files,
 from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
 from tunesmith.train.loss import _decoder_and_head, head_nll_sum, packed_trained_hidden, padded_trained_hidden
+from tunesmith.train.report import render_report
 
 GENERATION_PROMPTS = 8  # held-out prompts each model answers for the generation-speed comparison
 
@@ -166,11 +167,12 @@ def run_distillation(cfg, run_dir: Path, cache_teacher: bool = False, report=pri
     }
     del student_model
     summary["distill"] = section
+    # the run's config.yaml names its teacher: it runs again through `tunesmith distill`, not `train`
+    summary["next_commands"] = [c.replace("tunesmith train ", "tunesmith distill ", 1) for c in summary["next_commands"]]
     atomic_write_json(run_dir / "distill.json", section)
     atomic_write_json(run_dir / "summary.json", summary)
-    report_file = run_dir / "report.md"
-    if report_file.is_file():
-        atomic_write_text(report_file, report_file.read_text() + "\n" + render_distill_section(section))
+    atomic_write_text(run_dir / "report.md", render_report(summary, summary.get("eval_samples", []))
+                      + "\n" + render_distill_section(section))
     return summary
 
 

@@ -41,7 +41,8 @@ def load_teacher(cfg, device: str, dtype: torch.dtype) -> Teacher:
     method = {"method": "qlora"} if cfg.teacher.load_in_4bit else {"method": "lora"}
     if Path(name, "config.yaml").is_file():  # a tunesmith run: its base with the trained adapter on top
         handle = open_run(name)
-        handle.cfg = handle.cfg.model_copy(update=method)
+        if cfg.teacher.load_in_4bit:  # (a qlora run's base is 4-bit already)
+            handle.cfg = handle.cfg.model_copy(update=method)
         model, tokenizer, task = load_for_inference(handle, dtype=dtype, device=device, merged=False)
         files = model_weight_files(handle.source) + model_weight_files(handle.weights)
         source = handle.source

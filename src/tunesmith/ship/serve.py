@@ -636,7 +636,11 @@ class ModelServer(ThreadingHTTPServer):
     """The HTTP server and its generation worker; `serve_forever()` answers, `shutdown()` (from another
     thread) stops both.  `url` is where it listens, e.g. http://127.0.0.1:8000 (port 0 picks a free one)."""
 
-    daemon_threads = True  # a handler still waiting when the process exits does not keep it alive
+    # Handler threads are joined when the server closes (their connections shut down first, see close()),
+    # so none is left running while Python finalises: a daemon thread woken at that point is ended with
+    # pthread_exit, which can abort the process ("terminate called without an active exception").
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, host: str, port: int, model_id: str, api_key: str | None = None,
                  max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_body_bytes: int = MAX_BODY_BYTES,
@@ -647,7 +651,18 @@ class ModelServer(ThreadingHTTPServer):
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
         self.created = int(time.time())
         self.generator: Generator | None = None  # set by make_server once the model is loaded
+        self._connections: set = set()  # sockets of the connections being answered
+        self._connections_lock = threading.Lock()
         super().__init__((host, port), _Handler)
+
+    def process_request_thread(self, request, client_address):  # runs on the connection's own thread
+        with self._connections_lock:
+            self._connections.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.discard(request)
 
     @property
     def url(self) -> str:
@@ -659,10 +674,19 @@ class ModelServer(ThreadingHTTPServer):
         self.close()
 
     def close(self) -> None:
-        """Stop the generation worker (waiting requests get 503) and release the socket."""
+        """Stop the generation worker (waiting requests get 503), end every open connection (a handler
+        waiting for a keep-alive client's next request returns at once), join their threads and release
+        the socket."""
         if self.generator is not None:
             self.generator.close()
-        self.server_close()
+        with self._connections_lock:
+            open_now = list(self._connections)
+        for connection in open_now:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by the client or its handler
+                pass
+        self.server_close()  # ThreadingMixIn joins the handler threads (block_on_close)
 
 
 def is_loopback(host: str) -> bool:
@@ -741,6 +765,12 @@ def _interrupt(signum, frame):
 
 def cmd_serve(args) -> int:
     import signal
+
+    import tqdm
+
+    # Loading draws progress bars, and tqdm starts a daemon monitor thread for them that outlives the bars;
+    # a server process has no use for it, and no daemon thread should be alive when it exits (see ModelServer).
+    tqdm.tqdm.monitor_interval = 0
 
     if not is_loopback(args.host) and not args.api_key:
         print(f"tunesmith serve: warning: --host {args.host} lets other machines reach this server and no "
