@@ -220,3 +220,35 @@ def test_train_refuses_a_distillation_config(tmp_path, capsys):
     config.write_text("teacher:\n  name: runs/x\n")
     assert main(["train", str(config)]) == 2
     assert "tunesmith distill" in capsys.readouterr().err
+
+
+def test_a_4bit_teacher_teaches_a_lora_student(tmp_path):
+    from tunesmith.distill.run import run_distillation
+    from tunesmith.hardware import four_bit_status
+
+    available, detail = four_bit_status()
+    if not available:
+        pytest.skip(f"4-bit not available here: {detail}")
+    teacher = _tiny_teacher_folder(tmp_path)
+    cfg = _cfg(tmp_path, teacher, "teacher.load_in_4bit=true", "student.prune.keep_layers=2", "method=lora",
+               "training.max_steps=4", "training.learning_rate=1e-2")
+    summary = run_distillation(cfg, tmp_path / "run", report=lambda *a: None)
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()  # the student trained LoRA
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "train"]
+    assert len(losses) == 4 and all(loss == loss for loss in losses) and losses[-1] < losses[0]
+    # the student is the pruned copy of the (unquantised) teacher weights
+    assert summary["distill"]["pruned_layers_kept"] == [0, 3]
+
+
+def test_load_in_4bit_quantises_the_teachers_linear_layers(tmp_path):
+    from tunesmith.distill.teacher import load_teacher
+    from tunesmith.hardware import four_bit_status
+
+    available, detail = four_bit_status()
+    if not available:
+        pytest.skip(f"4-bit not available here: {detail}")
+    teacher = load_teacher(_cfg(tmp_path, _tiny_teacher_folder(tmp_path), "teacher.load_in_4bit=true"), "cpu",
+                           torch.float32)
+    kinds = {type(m).__name__ for m in teacher.model.modules()}
+    assert "Linear4bit" in kinds

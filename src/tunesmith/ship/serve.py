@@ -674,16 +674,17 @@ class ModelServer(ThreadingHTTPServer):
         self.close()
 
     def close(self) -> None:
-        """Stop the generation worker (waiting requests get 503), end every open connection (a handler
-        waiting for a keep-alive client's next request returns at once), join their threads and release
-        the socket."""
+        """Stop the generation worker (waiting requests get 503, a stream in flight its "stopped" event),
+        shut the reading side of every open connection (a handler waiting for a keep-alive client's next
+        request sees the end at once, while one still writing its last event can finish), join their
+        threads and release the socket."""
         if self.generator is not None:
             self.generator.close()
         with self._connections_lock:
             open_now = list(self._connections)
         for connection in open_now:
             try:
-                connection.shutdown(socket.SHUT_RDWR)
+                connection.shutdown(socket.SHUT_RD)
             except OSError:  # already closed by the client or its handler
                 pass
         self.server_close()  # ThreadingMixIn joins the handler threads (block_on_close)
