@@ -43,26 +43,80 @@ def choose_run_dir(config_path: str | None, cfg_dir: str | None, output: str | N
     return run_dir
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from tunesmith.config import load_config
-
-    cfg = load_config(args.config, args.set)
-    if cfg.teacher.name:
-        raise UserError(f"{args.config}: teacher.name is set, so this is a distillation config; run "
-                        f"`tunesmith distill {args.config}` (or remove the teacher: section to fine-tune).")
+def _train_run_dir(args: argparse.Namespace, cfg) -> Path:
     if args.resume:
         if not (args.output or cfg.output.dir):
             raise UserError("--resume needs the run folder: give --output DIR, or the run's own config.yaml.")
         run_dir = Path(args.output or cfg.output.dir)
         if not run_dir.is_dir():
             raise UserError(f"--resume: {run_dir} does not exist; give the folder of the run to continue.")
-    else:
-        run_dir = choose_run_dir(args.config, cfg.output.dir, args.output)
+        return run_dir
+    return choose_run_dir(args.config, cfg.output.dir, args.output)
+
+
+def _launch_processes(args: argparse.Namespace, cfg, run_dir: Path) -> int:
+    """`--nproc N`: this process starts N training processes (this machine's share of the job) and waits."""
+    from tunesmith.train import distributed
+    from tunesmith.train.checkpoint import list_checkpoints
+
+    if distributed.world_from_env().size > 1:
+        raise UserError("--nproc: this process is already one of several (started by torchrun or accelerate "
+                        "launch); leave --nproc and --num-machines out there.")
+    argv = ["train", args.config, "--output", str(run_dir)] + [x for item in args.set for x in ("--set", item)]
+    argv += ["--resume"] if args.resume else []
+    world_size = args.nproc * args.num_machines
+
+    def after_failure() -> str:
+        if args.num_machines > 1 and args.machine_rank != 0:
+            return "Machine 0 holds the run folder and its checkpoints."
+        saved = list_checkpoints(run_dir) if run_dir.is_dir() else []
+        if not saved:
+            return f"No checkpoint was saved yet (training.save_steps); {run_dir} can be deleted and the run started again."
+        return (f"The newest checkpoint is {saved[-1]}; continue with: tunesmith train {run_dir / 'config.yaml'} "
+                f"--resume --nproc {args.nproc}" + (f" --num-machines {args.num_machines} ..." if args.num_machines > 1 else ""))
+
+    print(f"tunesmith: {world_size} training processes ({args.nproc} on this machine), "
+          f"{'resuming' if args.resume else 'training into'} {run_dir}", flush=True)
+    return distributed.launch(argv, args.nproc, args.num_machines, args.machine_rank, args.main_process_ip,
+                              args.main_process_port, after_failure)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.hardware import detect_device
+    from tunesmith.train import distributed
+
+    cfg = load_config(args.config, args.set)
+    if cfg.teacher.name:
+        raise UserError(f"{args.config}: teacher.name is set, so this is a distillation config; run "
+                        f"`tunesmith distill {args.config}` (or remove the teacher: section to fine-tune).")
+    if args.nproc < 1 or args.num_machines < 1:
+        raise UserError("--nproc and --num-machines count processes and machines: give 1 or more.")
+    if args.nproc > 1 or args.num_machines > 1:
+        return _launch_processes(args, cfg, _train_run_dir(args, cfg))
+    world = distributed.start(detect_device(), cfg.distributed.timeout_s)
+    if world.size == 1:
+        run_dir = _train_run_dir(args, cfg)
+    else:  # the first process picks the folder (a default name holds the time) and tells the others
+        choice: Path | UserError
+        try:
+            choice = _train_run_dir(args, cfg) if world.main else Path()
+        except UserError as exc:
+            choice = exc
+        choice = distributed.broadcast_object(choice, world, "agreeing on the run folder")
+        if isinstance(choice, UserError):
+            if world.main:
+                raise choice
+            return 2
+        run_dir = choice
     cfg.output.dir = str(run_dir)
     from tunesmith.train.loop import run_training
 
-    print(f"tunesmith: {'resuming' if args.resume else 'training into'} {run_dir}")
+    if world.main:
+        print(f"tunesmith: {'resuming' if args.resume else 'training into'} {run_dir}")
     summary = run_training(cfg, run_dir, resume=args.resume)
+    if not world.main:
+        return 0
     train = summary["train"]
     print()
     print(f"run folder: {run_dir}")
@@ -87,8 +141,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
+    from tunesmith.train.distributed import world_from_env
 
     cfg = load_config(args.config, args.set)
+    if world_from_env().size > 1:
+        raise UserError("tunesmith distill runs as one process; start it without torchrun or accelerate launch.")
     run_dir = choose_run_dir(args.config, cfg.output.dir, args.output)
     cfg.output.dir = str(run_dir)
     from tunesmith.distill.run import run_distillation
@@ -193,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", metavar="DIR", help="run folder (default: runs/<config name>-<date>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output DIR (or the config's output.dir) from its newest valid checkpoint")
+    scale = train.add_argument_group(
+        "several processes (data parallel)",
+        "Each process trains on its share of every optimiser step; the global batch is training.batch_size x "
+        "training.gradient_accumulation x processes. On CPU the processes talk over gloo and share the cores; "
+        "on CUDA, over NCCL, one GPU each. `torchrun --nproc-per-node N -m tunesmith.cli train CONFIG` works too "
+        "(and `accelerate launch --multi_gpu ...` on GPUs).",
+    )
+    scale.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="training processes on this machine (default 1)")
+    scale.add_argument("--num-machines", type=int, default=1, metavar="M",
+                       help="machines in the job; start the same command on each, with its own --machine-rank")
+    scale.add_argument("--machine-rank", type=int, default=0, metavar="R", help="this machine's number, 0 to M-1")
+    scale.add_argument("--main-process-ip", metavar="IP", help="the address of machine 0 (needed with --num-machines)")
+    scale.add_argument("--main-process-port", type=int, metavar="PORT",
+                       help="a free port on machine 0 (default: any free port on one machine, 29500 on several)")
     train.set_defaults(func=cmd_train)
 
     distill = sub.add_parser(
@@ -290,8 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"tunesmith: {exc}", file=sys.stderr)
-        return 130 if type(exc).__name__ == "TrainingInterrupted" else 2
+        interrupted = type(exc).__name__ == "TrainingInterrupted"
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+        if rank == "0":
+            print(f"tunesmith: {exc}", file=sys.stderr)
+        elif not interrupted:  # every process stops on request; the first one says so
+            print(f"tunesmith (process {rank}): {exc}", file=sys.stderr)
+        return 130 if interrupted else 2
     except KeyboardInterrupt:
         print("tunesmith: interrupted.", file=sys.stderr)
         return 130

@@ -241,6 +241,13 @@ class DistillConfig(_Section):
     generation_batch_size: int = Field(8, ge=1, description="Prompts the teacher answers at once (sequence level).")
 
 
+class DistributedConfig(_Section):
+    timeout_s: float = Field(
+        1800, gt=0, description="With several processes (--nproc, torchrun, accelerate launch): how long one waits "
+        "for the others at a collective step before the job stops with a sentence."
+    )
+
+
 class OutputConfig(_Section):
     dir: str | None = Field(None, description="Run folder; default runs/<config name>-<date>-<time>.")
 
@@ -257,6 +264,7 @@ class Config(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("method", mode="before")

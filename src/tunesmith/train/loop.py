@@ -54,6 +54,7 @@ from tunesmith.train.compute import (
     enable_gradient_checkpointing,
     want_gradient_checkpointing,
 )
+from tunesmith.train import distributed
 from tunesmith.train.optim import make_optimizer
 from tunesmith.train.packing import make_pass, packed_attention, plan_passes, resolve_pass_tokens, want_packing
 from tunesmith.train import loss as loss_fns
@@ -85,11 +86,12 @@ def _make_scheduler(optimizer, cfg: Config, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def plan_steps(n_train_rows: int, cfg: Config) -> tuple[int, int]:
-    """(optimiser steps per epoch, total optimiser steps) for this data and config."""
+def plan_steps(n_train_rows: int, cfg: Config, window: int | None = None) -> tuple[int, int]:
+    """(optimiser steps per epoch, total optimiser steps) for this data and config; `window` is the micro-batches
+    per optimiser step over all processes (default: training.gradient_accumulation, one process)."""
     t = cfg.training
     micro_batches = math.ceil(n_train_rows / t.batch_size)
-    per_epoch = max(1, math.ceil(micro_batches / t.gradient_accumulation))
+    per_epoch = max(1, math.ceil(micro_batches / (window or t.gradient_accumulation)))
     total = max(1, math.ceil(per_epoch * t.epochs))
     if t.max_steps is not None:
         total = min(total, t.max_steps)
@@ -109,8 +111,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     t = cfg.training
     seed_everything(t.seed)
     device = detect_device()
-    if device == "cpu":
-        torch.set_num_threads(t.num_threads or cpu_threads())
+    world = distributed.start(device, cfg.distributed.timeout_s)  # one process of several, or alone
+    if device == "cpu":  # several processes on one machine share its cores out
+        torch.set_num_threads(t.num_threads or max(1, cpu_threads() // world.local_size))
     dtype = resolve_dtype(cfg.model.dtype, device)
     half = autocast_dtype(t.autocast, device, dtype)
     # Autocast is ours (torch.autocast in the loop), not accelerate's mixed_precision: accelerate keeps that
@@ -128,6 +131,12 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
             )
         log(f"resuming from {checkpoint}")
         progress = json.loads((checkpoint / STATE_FILE).read_text())["progress"]
+    # The micro-batches per optimiser step over all processes: a resumed run keeps its checkpoint's, whatever
+    # the number of processes now, so it takes the same steps as the run that was stopped.
+    window = progress.get("window", t.gradient_accumulation) if checkpoint else t.gradient_accumulation * world.size
+    if checkpoint and window != t.gradient_accumulation * world.size:
+        log(f"the checkpoint's steps take {window} micro-batches of {t.batch_size} rows; kept, so on {world.size} "
+            f"process(es) each runs {window / world.size:g} of them per step")
 
     # --- model source and tokenizer, then data (tokenising needs the tokenizer's chat template)
     source = resolve_model_source(cfg.model.name)
@@ -142,13 +151,15 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
             "words with; use the tokenizer the model was trained with, or set model.task to what the model is."
         )
     # Tokenised rows are cached by a hash of the data and every setting that changes tokens.
-    bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized", task=task)
+    with accelerator.local_main_process_first():  # the first process tokenises into the cache; the rest read it
+        bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized", task=task)
     if not bundle.train:
         raise UserError(f"data.path: {cfg.data.path} gave no trainable rows; `tunesmith data inspect` shows why.")
     stats = bundle.stats
     # The run folder appears only once the model and data are known to be readable.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", resolved_yaml(cfg))
+    if world.main:  # the first process alone writes the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", resolved_yaml(cfg))
     log(
         f"data: {stats.get('format', bundle.format)} format, {len(bundle.train)} train / "
         f"{len(bundle.validation)} validation / {len(bundle.test)} held-out rows"
@@ -164,7 +175,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     objective = Objective(task, tokenizer)
 
     # --- before: the base model on the held-out rows
-    do_eval = cfg.eval.enabled and bool(bundle.test_samples or bundle.test)
+    do_eval = cfg.eval.enabled and bool(bundle.test_samples or bundle.test) and world.main
     eval_inputs = (
         build_inputs(bundle.test_samples, bundle.test, tokenizer, cfg.data.max_length, task,
                      bundle.format == "text", cfg.eval.limit)
@@ -190,32 +201,44 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     log(why)
     if checkpointing:
         enable_gradient_checkpointing(model)
-    per_epoch, total_steps = plan_steps(len(bundle.train), cfg)
+    per_epoch, total_steps = plan_steps(len(bundle.train), cfg, window)
     model = prepare_trainable(model, cfg, total_steps)  # AdaLoRA's rank schedule spans the planned steps
     trainable, total_params = count_parameters(model)
     log(f"model: {cfg.model.name}, {cfg.method}, {trainable:,} of {total_params:,} parameters trainable; {device}, {dtype}"
         + (f", autocast {str(half).replace('torch.', '')}" if half is not None else ""))
     optimizer = make_optimizer(model, cfg, report=log)
     scheduler = _make_scheduler(optimizer, cfg, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if world.size == 1:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        # Not accelerator.prepare: it would wrap the model in DDP (see train/distributed.py for why not) and step
+        # the schedule once per process.
+        log(f"{world.size} processes, data parallel: global batch = micro-batch {t.batch_size} x accumulation "
+            f"{window / world.size:g} x {world.size} processes = {t.batch_size * window} rows per optimiser step")
+        distributed.align(params, world)
 
     if checkpoint is not None:
         progress = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
         # The killed run may have logged steps past its last checkpoint: those are redone.
-        kept = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= progress["step"]]
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        if world.main:
+            kept = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= progress["step"]]
+            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     else:
         progress = new_progress(base_metrics, base_answers)
+    progress["window"] = window
 
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl" if world.main else None)
     try:
         with stop_on_signals() as stop_requested, fast_lora(model), fast_norm_rope(model), \
                 (packed_attention(model) if packing else contextlib.nullcontext()):
             _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch,
                          total_steps, metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens,
-                         distiller)
+                         distiller, world)
     finally:
         metrics_log.close()
+    if not world.main:  # what follows (best weights, saving, evaluating, the report) is the first process's
+        return {"run_dir": str(run_dir), "rank": world.rank, "train": _train_stats(progress, per_epoch)}
     metrics_log.records = read_metrics(run_dir / "metrics.jsonl")
     val_records = progress["val_records"]
     train_stats = _train_stats(progress, per_epoch)
@@ -270,6 +293,8 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
         "memory": {"peak_rss_bytes": peak_rss_bytes(), **{k: v for k, v in memory_snapshot(device).items() if k != "rss_bytes"}},
         "health": health,
         "wall_s": time.time() - started,
+        **({"distributed": {"processes": world.size, "global_batch_rows": t.batch_size * window,
+                            "micro_batches_per_step": window}} if world.size > 1 else {}),
         "next_commands": [
             f"tunesmith eval {run_dir}   # base vs tuned: loss, ROUGE, BLEU, chrF, exact match, similarity",
             f"tunesmith chat {run_dir}   # talk to the tuned model",
@@ -343,25 +368,30 @@ def _train_stats(progress: dict, per_epoch: int) -> dict:
     }
 
 
-def _validate(model, bundle, cfg, accelerator, progress, metrics_log, bar, objective) -> bool:
-    """Validation loss now; updates the best-so-far record.  True when early stopping says stop."""
+def _validate(model, bundle, cfg, accelerator, progress, metrics_log, bar, objective,
+              world: distributed.World = distributed.World()) -> bool:
+    """Validation loss now; updates the best-so-far record.  True when early stopping says stop.
+    With several processes the first computes it and the others take its numbers, so all stop together."""
     t = cfg.training
-    held = heldout_loss(model, bundle.validation, t.eval_batch_size, accelerator.device, objective)
+    held = heldout_loss(model, bundle.validation, t.eval_batch_size, accelerator.device, objective) if world.main else None
+    held = distributed.broadcast_object(held, world, "sharing the validation loss")
     val = {"type": "validation", "step": progress["step"], "epoch": progress["epoch"],
            "val_loss": held["loss"], "val_perplexity": held["perplexity"]}
     metrics_log.write(val)
     progress["val_records"].append(val)
-    bar.write(f"step {progress['step']}: validation loss {held['loss']:.4f}, perplexity {held['perplexity']:.2f}")
+    if world.main:
+        bar.write(f"step {progress['step']}: validation loss {held['loss']:.4f}, perplexity {held['perplexity']:.2f}")
     best = progress["best_val"]
     if best is None or held["loss"] < best - t.early_stopping_threshold:
         progress["best_val"], progress["best_step"], progress["bad_validations"] = held["loss"], progress["step"], 0
         return False
     progress["bad_validations"] += 1
     if t.early_stopping_patience is not None and progress["bad_validations"] >= t.early_stopping_patience:
-        bar.write(
-            f"early stopping: {progress['bad_validations']} validations without improvement on the best "
-            f"validation loss {best:.4f} (step {progress['best_step']})."
-        )
+        if world.main:
+            bar.write(
+                f"early stopping: {progress['bad_validations']} validations without improvement on the best "
+                f"validation loss {best:.4f} (step {progress['best_step']})."
+            )
         progress["stopped_early"] = True
         return True
     return False
@@ -422,11 +452,14 @@ def _unit_counts(objective, unit) -> tuple[int, int]:
 
 
 def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch, total_steps,
-                 metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens=None, distiller=None):
+                 metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens=None, distiller=None,
+                 world: distributed.World = distributed.World()):
     """The loop: micro-batches -> token-weighted loss -> backward -> clip -> step; log every step;
     validate, checkpoint and stop when the config says.  Position and totals live in `progress`.
-    With `pass_tokens`, each micro-batch runs padding-free (see train/packing.py)."""
+    With `pass_tokens`, each micro-batch runs padding-free (see train/packing.py).  With several processes
+    (`world`), each runs its share of a step's micro-batches and the gradients are summed (train/distributed.py)."""
     t = cfg.training
+    window = progress.get("window", t.gradient_accumulation)  # micro-batches per optimiser step, all processes
     params = [p for p in model.parameters() if p.requires_grad]
     unwrapped = accelerator.unwrap_model(model)
     last_saved = {"step": progress["step"]}
@@ -449,7 +482,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
         done = progress["val_records"]
         if not bundle.validation or (done and done[-1]["step"] == progress["step"]):
             return False  # nothing to validate on, or eval_steps already did it at this step
-        stop = _validate(model, bundle, cfg, accelerator, progress, metrics_log, bar, objective)
+        stop = _validate(model, bundle, cfg, accelerator, progress, metrics_log, bar, objective, world)
         if t.load_best_at_end and progress["best_step"] == progress["step"]:
             checkpoint()  # the best weights must stay on disk to be loaded at the end
         return stop
@@ -462,23 +495,28 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
         while progress["step"] < total_steps:
             epoch = progress["epoch"]
             batches = list(iter_batches(bundle.train, t.batch_size, epoch_order(len(bundle.train), t.seed, epoch)))
-            for window_start in range(progress["window_start"], len(batches), t.gradient_accumulation):
+            for window_start in range(progress["window_start"], len(batches), window):
                 if progress["step"] >= total_steps:
                     break
                 tick = time.perf_counter()
-                window = [
-                    unit
-                    for j, b in enumerate(batches[window_start : window_start + t.gradient_accumulation])
+                # Every process lays out the whole step (so all divide by the same token count) and runs
+                # micro-batches rank, rank + W, ... of it.
+                units = [
+                    (j % world.size == world.rank, unit)
+                    for j, b in enumerate(batches[window_start : window_start + window])
                     for unit in _micro_units(objective, b, pass_tokens, key=(t.seed, epoch, window_start, j))
                 ]
-                counts = [_unit_counts(objective, unit) for unit, _ in window]
+                counts = [_unit_counts(objective, unit) for _, (unit, _) in units]
                 window_tokens = sum(trained for trained, _ in counts)
-                progress["window_start"] = window_start + t.gradient_accumulation
+                progress["window_start"] = window_start + window
                 if window_tokens == 0:
                     continue
                 step_nll = 0.0
                 step_seed = new_mask_seed()  # with each row's key, fixes its LoRA dropout masks (dropout_rows)
-                for (unit, layout), (_, unit_all) in zip(window, counts):
+                for (mine, (unit, layout)), (_, unit_all) in zip(units, counts):
+                    progress["all_tokens"] += unit_all
+                    if not mine:
+                        continue
                     with dropout_rows(step_seed, layout):
                         with autocast:
                             on_device = ({k: v.to(accelerator.device) for k, v in unit.items()} if isinstance(unit, dict)
@@ -493,10 +531,12 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                         accelerator.backward(scaler.scale(nll / window_tokens))
                         forget_shared_mask()
                     step_nll += float(nll.detach())
-                    progress["all_tokens"] += unit_all
                 penalty = extra_loss(model)  # AdaLoRA's orthogonality term, once per optimiser step
-                if penalty is not None:
-                    accelerator.backward(scaler.scale(penalty))
+                if penalty is not None:  # every process adds it; the sum over processes must count it once
+                    accelerator.backward(scaler.scale(penalty / world.size))
+                stop_all = False  # several processes: one decision for all, or the rest would wait for the stopped one
+                if world.size > 1:
+                    step_nll, stop_all = distributed.sum_gradients(params, world, step_nll, bool(stop_requested["signal"]))
                 loss = step_nll / window_tokens
                 if not math.isfinite(loss):
                     saved = list_checkpoints(run_dir)
@@ -507,7 +547,8 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                     )
                 max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
                 scaler.unscale_(optimizer)
-                grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+                grad_norm = float(accelerator.clip_grad_norm_(params, max_norm) if world.size == 1
+                                  else torch.nn.utils.clip_grad_norm_(params, max_norm))
                 lr = scheduler.get_last_lr()[0]
                 scaler.step(optimizer)  # a plain optimizer.step() when the scaler is off
                 scaler.update()
@@ -546,13 +587,14 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                     checkpoint()
                 if stop:
                     return
-                if stop_requested["signal"]:
+                if stop_all if world.size > 1 else stop_requested["signal"]:
                     checkpoint()
-                    saved = list_checkpoints(run_dir)[-1]
+                    saved = list_checkpoints(run_dir)[-1] if world.main else "a checkpoint"
                     raise TrainingInterrupted(
-                        f"{stop_requested['signal']} received: stopped after step {progress['step']} and saved "
-                        f"{saved}. Continue with: "
+                        f"{stop_requested['signal'] or 'a stop signal (to another process)'} received: stopped "
+                        f"after step {progress['step']} and saved {saved}. Continue with: "
                         f"tunesmith train {run_dir / 'config.yaml'} --resume"
+                        + (f" --nproc {world.size}" if world.size > 1 else "")
                     )
             # An epoch ended, or max_steps cut it short: validate, then checkpoint.
             progress["epoch"] += 1

@@ -61,20 +61,23 @@ def memory_snapshot(device: str) -> dict[str, int]:
 
 
 class MetricsLog:
-    """Appends one JSON object a line to metrics.jsonl, flushed at once so a crash loses nothing."""
+    """Appends one JSON object a line to metrics.jsonl, flushed at once so a crash loses nothing.
+    With no path (a process other than the first of several) it only keeps the records."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
         self.records: list[dict] = []
-        self._handle = open(path, "a", encoding="utf-8")
+        self._handle = open(path, "a", encoding="utf-8") if path is not None else None
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -1,0 +1,258 @@
+"""Data-parallel training on several processes, on one machine or several.
+
+How a step is shared.  The optimiser step's window of micro-batches (`gradient_accumulation` x world size
+of them, `training.batch_size` rows each) is built from the same seeded order on every process, and process
+r runs micro-batches r, r + W, r + 2W, ... of it.  Every process counts the trained tokens of the whole
+window, so each divides its summed NLL by the same global count; after its backward passes one all-reduce
+sums the gradients of all processes, and every process takes the same optimiser step from the same
+gradients.  The sum over processes is then exactly the gradient one process computes when it runs the whole
+window itself, which is why W processes with accumulation A match one process with accumulation A x W.
+
+That is DistributedDataParallel's arithmetic without its wrapper: the loss in `train/loss.py` runs the
+backbone and the output projection separately (to avoid the full logits), which would go around DDP's
+forward, and DDP reduces nothing unless its own forward ran.  Here the gradients are reduced explicitly, in
+buckets of at most `BUCKET_ELEMENTS`, with the step's summed NLL and the stop flag riding in the first.
+
+Processes start either from `tunesmith train CONFIG --nproc N` (the `launch` below: one machine, or each
+machine of several with `--num-machines/--machine-rank/--main-process-ip`) or from `torchrun` /
+`accelerate launch --multi_gpu -m tunesmith.cli train CONFIG`; all of them set RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT, and accelerate's `PartialState` opens the process group from those (gloo on CPU, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tunesmith.errors import UserError
+
+BUCKET_ELEMENTS = 1 << 24  # 64 MB of fp32 per all-reduce: large enough to amortise a call, small enough to copy
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """This process's place in the job, from what torchrun, accelerate launch and `launch` set."""
+    def number(name: str, default: int) -> int:
+        value = os.environ.get(name, "")
+        return int(value) if value.strip().isdigit() else default
+
+    size = number("WORLD_SIZE", 1)
+    if size <= 1:
+        return World()
+    return World(rank=number("RANK", 0), size=size, local_rank=number("LOCAL_RANK", 0),
+                 local_size=number("LOCAL_WORLD_SIZE", size))
+
+
+def start(device: str, timeout_s: float) -> World:
+    """Open the process group (once per process) when this process is one of several; returns its place."""
+    world = world_from_env()
+    if world.size == 1:
+        return world
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    if not dist.is_initialized():
+        # accelerate picks the backend: gloo for CPU processes, NCCL for CUDA ones.
+        PartialState(cpu=device == "cpu", timeout=datetime.timedelta(seconds=timeout_s))
+    return world
+
+
+def _collective(what: str, call):
+    """Run a collective; a peer that died or hung becomes a sentence instead of a gloo/NCCL traceback."""
+    try:
+        return call()
+    except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"process {world_from_env().rank}: lost the other processes of this run while {what} ({first[:200]}). "
+            "One of them stopped or the network between them failed; the newest checkpoint in the run folder "
+            "is intact, and `tunesmith train RUN/config.yaml --resume` continues from it."
+        ) from None
+
+
+def broadcast_object(value, world: World, what: str):
+    """Rank 0's `value`, on every process; `what` names the moment for the error if a peer is gone."""
+    if world.size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    _collective(what, lambda: dist.broadcast_object_list(box, src=0))
+    return box[0]
+
+
+def barrier(world: World, what: str) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+
+        _collective(what, dist.barrier)
+
+
+def align(params: list[torch.nn.Parameter], world: World) -> None:
+    """Every process starts from rank 0's trained weights and random-number state.
+
+    The weights agree anyway (same seed, same initialisation); copying them makes that certain.  The
+    generator state matters because each step draws its dropout seed from it, and rank 0 may have drawn
+    differently before training (it alone evaluates the base model).
+    """
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            _collective("sharing the starting weights", lambda: dist.broadcast(p.data, src=0))
+    torch.set_rng_state(broadcast_object(torch.get_rng_state(), world, "sharing the random-number state"))
+
+
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive gradients of one dtype and device, at most BUCKET_ELEMENTS together (or one larger one)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        last = buckets[-1] if buckets else None
+        if last is None or size + g.numel() > BUCKET_ELEMENTS or (g.dtype, g.device) != (last[0].dtype, last[0].device):
+            buckets.append([g])
+            size = g.numel()
+        else:
+            last.append(g)
+            size += g.numel()
+    return buckets
+
+
+def sum_gradients(params: list[torch.nn.Parameter], world: World, step_nll: float, stop: bool) -> tuple[float, bool]:
+    """Sum each parameter's gradient over the processes, in place; returns (the step's NLL summed over the
+    processes, whether any process was asked to stop)."""
+    import torch.distributed as dist
+
+    for bucket in _buckets([p.grad for p in params]):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        _collective("summing gradients", lambda: dist.all_reduce(flat))
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    # The two numbers travel on their own, in float64 (a bf16 bucket would round the loss), on the device the
+    # backend wants (NCCL takes CUDA tensors only).
+    device = params[0].device if params else torch.device("cpu")
+    extra = torch.tensor([step_nll, 1.0 if stop else 0.0], dtype=torch.float64, device=device)
+    _collective("summing the step's loss", lambda: dist.all_reduce(extra))
+    return float(extra[0]), bool(extra[1] > 0)
+
+
+# --- the launcher
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the launcher dies, so no rank outlives the job."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_words(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"stopped with exit code {code}"
+
+
+def launch(argv: list[str], nproc: int, num_machines: int = 1, machine_rank: int = 0,
+           main_process_ip: str | None = None, main_process_port: int | None = None,
+           after_failure=None) -> int:
+    """Run `tunesmith <argv>` as `nproc` processes on this machine (machine `machine_rank` of `num_machines`)
+    and wait for them.  When one fails, the others are stopped at once (a collective cannot go on without
+    it) and a sentence says which; `after_failure()` may add what to do next.  Returns the job's exit code."""
+    if num_machines > 1 and not main_process_ip:
+        raise UserError("--num-machines above 1 needs --main-process-ip: the address of machine 0, which every "
+                        "machine can reach.")
+    if not 0 <= machine_rank < num_machines:
+        raise UserError(f"--machine-rank {machine_rank} is outside 0..{num_machines - 1} (--num-machines {num_machines}).")
+    world_size = nproc * num_machines
+    port = main_process_port or (_free_port() if num_machines == 1 else 29500)
+    from tunesmith.hardware import cpu_threads
+
+    threads = str(max(1, cpu_threads() // nproc))
+    children: list[subprocess.Popen] = []
+    for local in range(nproc):
+        env = dict(os.environ)
+        env.update(RANK=str(machine_rank * nproc + local), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR=main_process_ip or "127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONUNBUFFERED="1")
+        env.setdefault("OMP_NUM_THREADS", threads)  # the cores are shared out, not oversubscribed
+        children.append(subprocess.Popen([sys.executable, "-m", "tunesmith.cli", *argv], env=env,
+                                         start_new_session=True, preexec_fn=_die_with_parent))
+
+    def forward(signum, frame):  # Ctrl-C reaches only us (the children have their own session): pass it on
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def failure():  # 130 is a stop on request: the others stop at the same step, and process 0 saves first
+        return next(((i, c.returncode) for i, c in enumerate(children) if c.returncode not in (None, 0, 130)), None)
+
+    try:
+        failed = None
+        while any(child.poll() is None for child in children):
+            failed = failure()
+            if failed is not None:
+                break
+            time.sleep(0.1)
+        else:
+            failed = failure()
+        if failed is None:
+            return 130 if any(c.returncode == 130 for c in children) else 0
+        # A process that dies takes the others' collectives down with it within moments, and they exit too
+        # (code 2, "lost the other processes"): give them a second, then name the one that went first if it
+        # was killed, rather than a survivor that noticed first.
+        grace = time.time() + 1.0
+        while time.time() < grace and any(child.poll() is None for child in children):
+            time.sleep(0.05)
+        exited = {i: c.returncode for i, c in enumerate(children) if c.poll() is not None and c.returncode not in (0, 130)}
+        by_signal = [i for i, code in exited.items() if code < 0]
+        index = by_signal[0] if by_signal else failed[0]
+        code = exited[index]
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+        for child in children:
+            child.wait()
+        rank = machine_rank * nproc + index
+        message = (f"tunesmith: process {rank} of {world_size} {_exit_words(code)}; the other processes on this "
+                   "machine were stopped with it.")
+        extra = after_failure() if after_failure else None
+        print(message + (" " + extra if extra else ""), file=sys.stderr, flush=True)
+        return code if code > 0 else 128 - code
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,176 @@
+"""Several processes (gloo on CPU): the same steps as one process with the same global batch, a checkpoint
+that resumes on one process, a killed process that ends the whole job with a sentence."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import save_tiny_model_folder
+from tunesmith.config import load_config
+from tunesmith.train.loop import run_training
+
+ROWS = [
+    {"instruction": f"Repeat the word {w} {'twice' if i % 2 else 'three times'}.", "input": "",
+     "output": " ".join([w] * (2 if i % 2 else 3))}
+    for i, w in enumerate(["river", "stone", "cloud", "apple", "green", "music", "paper", "light", "house", "water",
+                           "field", "chair", "bread", "sugar"])
+]
+
+
+def _overrides(model_dir, data, **extra):
+    settings = {
+        "model.name": model_dir, "data.path": data, "data.validation_split": 0.15, "eval.enabled": "false",
+        "training.batch_size": 2, "training.max_steps": 6, "training.epochs": 100, "training.save_steps": 3,
+        "training.learning_rate": 3e-3, "training.eval_steps": 3,
+        "lora.dropout": 0.1,  # dropout masks must also be the ones one process draws
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env, **kw)
+
+
+def _set(overrides):
+    return [x for item in overrides for x in ("--set", item)]
+
+
+def _train_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+
+
+def _adapter(run_dir):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """One tiny model and data set; a 2-process run (micro-batch 2, accumulation 1) through `--nproc 2`."""
+    root = tmp_path_factory.mktemp("ddp")
+    model_dir, data = save_tiny_model_folder(root, ROWS)
+    config = root / "cfg.yaml"
+    config.write_text("{}\n")
+    run_dir = root / "two"
+    result = _cli(["train", str(config), "--nproc", "2", "--output", str(run_dir),
+                   *_set(_overrides(model_dir, data, **{"training.gradient_accumulation": 1}))])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, model_dir, data, run_dir, result
+
+
+def test_two_processes_take_the_steps_of_one_process_with_the_same_global_batch(two_process_run, tmp_path):
+    root, model_dir, data, run_dir, result = two_process_run
+    assert "global batch = micro-batch 2 x accumulation 1 x 2 processes = 4 rows per optimiser step" in result.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["distributed"] == {"processes": 2, "global_batch_rows": 4, "micro_batches_per_step": 2}
+
+    one = tmp_path / "one"
+    run_training(load_config(None, _overrides(model_dir, data, **{"training.gradient_accumulation": 2})), one)
+
+    two_losses, one_losses = _train_losses(run_dir), _train_losses(one)
+    assert sorted(two_losses) == sorted(one_losses) == list(range(1, 7))
+    for step in one_losses:
+        assert two_losses[step] == pytest.approx(one_losses[step], abs=1e-4), step
+    assert one_losses[6] < one_losses[1]  # it learned: the comparison is between runs that did something
+    a, b = _adapter(run_dir), _adapter(one)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    # The validation loss the first process computed and shared is the one-process run's.
+    assert summary["validation"]["loss"] == pytest.approx(
+        json.loads((one / "summary.json").read_text())["validation"]["loss"], abs=1e-4)
+
+
+def test_a_checkpoint_from_two_processes_resumes_on_one(two_process_run, tmp_path):
+    root, model_dir, data, run_dir, _ = two_process_run
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", stopped / "config.yaml")
+    shutil.copy(run_dir / "metrics.jsonl", stopped / "metrics.jsonl")
+    shutil.copytree(run_dir / "checkpoints" / "step-00000003", stopped / "checkpoints" / "step-00000003")
+
+    cfg = load_config(stopped / "config.yaml")
+    assert cfg.training.gradient_accumulation == 1  # one process alone would take half the rows per step...
+    resumed = run_training(cfg, stopped, resume=True)  # ...but the checkpoint's steps are kept
+
+    assert resumed["train"]["steps"] == 6
+    two_losses, resumed_losses = _train_losses(run_dir), _train_losses(stopped)
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(two_losses[step], abs=1e-4), step
+    a, b = _adapter(run_dir), _adapter(stopped)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_killed_process_ends_the_whole_job_with_a_sentence(two_process_run, tmp_path):
+    root, model_dir, data, _, _ = two_process_run
+    run_dir = tmp_path / "killed"
+    config = root / "cfg.yaml"
+    overrides = _overrides(model_dir, data, **{"training.max_steps": 2000, "training.save_steps": 2,
+                                               "training.eval_steps": "null"})
+    launcher = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(config), "--nproc", "2",
+                                 "--output", str(run_dir), *_set(overrides)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("step-*")):
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+        ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launcher.pid).children()}
+        assert sorted(ranks) == [0, 1]
+        ranks[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert time.time() - killed_at < 60  # bounded: nobody waits for the dead process's collective
+    assert launcher.returncode != 0
+    assert "process 1 of 2 was killed by SIGKILL; the other processes on this machine were stopped" in err
+    assert f"continue with: tunesmith train {run_dir / 'config.yaml'} --resume --nproc 2" in err
+    assert "Traceback" not in err
+    assert not ranks[0].is_running() or ranks[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(two_process_run, tmp_path):
+    root, model_dir, data, _, _ = two_process_run
+    run_dir = tmp_path / "stopped"
+    overrides = _overrides(model_dir, data, **{"training.max_steps": 2000, "training.save_steps": 1000,
+                                               "training.eval_steps": "null"})
+    launcher = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(root / "cfg.yaml"), "--nproc",
+                                 "2", "--output", str(run_dir), *_set(overrides)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while len(_train_losses(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}) < 3:
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            assert time.time() < deadline, "three steps did not finish within 300 s"
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, err[-3000:]
+    match = re.search(r"SIGTERM received: stopped after step (\d+) and saved (\S+)\. Continue with: "
+                      r"tunesmith train (\S+) --resume --nproc 2", err)
+    assert match, err[-3000:]
+    step = int(match[1])
+    assert match[2] == str(run_dir / "checkpoints" / f"step-{step:08d}") and Path(match[2]).is_dir()
+    assert max(_train_losses(run_dir)) == step  # no process went on past the step the checkpoint holds
+    assert "killed" not in err and "lost the other processes" not in err
