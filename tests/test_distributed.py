@@ -58,6 +58,22 @@ def _adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
+def _launch(root, run_dir, overrides):
+    return subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(root / "cfg.yaml"), "--nproc", "2",
+                             "--output", str(run_dir), *_set(overrides)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ranks_once_a_checkpoint_exists(launcher, run_dir) -> dict:
+    """{rank: psutil.Process} of the launcher's children, once the run has saved a checkpoint."""
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("step-*")):
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    return {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launcher.pid).children()}
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """One tiny model and data set; a 2-process run (micro-batch 2, accumulation 1) through `--nproc 2`."""
@@ -119,19 +135,10 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(two_process_run, tmp_pat
 def test_a_killed_process_ends_the_whole_job_with_a_sentence(two_process_run, tmp_path):
     root, model_dir, data, _, _ = two_process_run
     run_dir = tmp_path / "killed"
-    config = root / "cfg.yaml"
-    overrides = _overrides(model_dir, data, **{"training.max_steps": 2000, "training.save_steps": 2,
-                                               "training.eval_steps": "null"})
-    launcher = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(config), "--nproc", "2",
-                                 "--output", str(run_dir), *_set(overrides)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = _launch(root, run_dir, _overrides(model_dir, data, **{
+        "training.max_steps": 2000, "training.save_steps": 2, "training.eval_steps": "null"}))
     try:
-        deadline = time.time() + 300
-        while not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("step-*")):
-            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-            assert time.time() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.2)
-        ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launcher.pid).children()}
+        ranks = _ranks_once_a_checkpoint_exists(launcher, run_dir)
         assert sorted(ranks) == [0, 1]
         ranks[1].send_signal(signal.SIGKILL)
         killed_at = time.time()
@@ -150,11 +157,8 @@ def test_a_killed_process_ends_the_whole_job_with_a_sentence(two_process_run, tm
 def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(two_process_run, tmp_path):
     root, model_dir, data, _, _ = two_process_run
     run_dir = tmp_path / "stopped"
-    overrides = _overrides(model_dir, data, **{"training.max_steps": 2000, "training.save_steps": 1000,
-                                               "training.eval_steps": "null"})
-    launcher = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(root / "cfg.yaml"), "--nproc",
-                                 "2", "--output", str(run_dir), *_set(overrides)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = _launch(root, run_dir, _overrides(model_dir, data, **{
+        "training.max_steps": 2000, "training.save_steps": 1000, "training.eval_steps": "null"}))
     try:
         deadline = time.time() + 300
         while len(_train_losses(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}) < 3:
@@ -174,3 +178,34 @@ def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(two_p
     assert match[2] == str(run_dir / "checkpoints" / f"step-{step:08d}") and Path(match[2]).is_dir()
     assert max(_train_losses(run_dir)) == step  # no process went on past the step the checkpoint holds
     assert "killed" not in err and "lost the other processes" not in err
+
+
+def test_a_hung_process_is_given_up_after_the_timeout(two_process_run, tmp_path):
+    root, model_dir, data, _, _ = two_process_run
+    run_dir = tmp_path / "hung"
+    launcher = _launch(root, run_dir, _overrides(model_dir, data, **{
+        "training.max_steps": 2000, "training.save_steps": 2, "training.eval_steps": "null",
+        "distributed.timeout_s": 10}))
+    try:
+        ranks = _ranks_once_a_checkpoint_exists(launcher, run_dir)
+        ranks[1].suspend()  # alive but silent: only the timeout can tell
+        stopped_at = time.time()
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert 5 < time.time() - stopped_at < 90
+    assert launcher.returncode == 2
+    assert "lost the other processes of this run while summing gradients" in err
+    assert "process 0 of 2 stopped with exit code 2; the other processes on this machine were stopped" in err
+    assert "The newest checkpoint is" in err and "Traceback" not in err
+    assert not ranks[1].is_running() or ranks[1].status() == psutil.STATUS_ZOMBIE
+
+
+def test_bad_input_stops_every_process_with_one_sentence(two_process_run, tmp_path):
+    root, model_dir, data, _, _ = two_process_run
+    launcher = _launch(root, tmp_path / "bad", _overrides(model_dir, tmp_path / "missing.jsonl"))
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2
+    assert f"tunesmith: data.path: {tmp_path / 'missing.jsonl'} does not exist" in err
+    assert "process 0 of 2 stopped with exit code 2" in err and "Traceback" not in err

@@ -69,9 +69,11 @@ def _launch_processes(args: argparse.Namespace, cfg, run_dir: Path) -> int:
     def after_failure() -> str:
         if args.num_machines > 1 and args.machine_rank != 0:
             return "Machine 0 holds the run folder and its checkpoints."
-        saved = list_checkpoints(run_dir) if run_dir.is_dir() else []
+        if not (run_dir / "config.yaml").is_file():
+            return ""  # it stopped before training began: its own message says why
+        saved = list_checkpoints(run_dir)
         if not saved:
-            return f"No checkpoint was saved yet (training.save_steps); {run_dir} can be deleted and the run started again."
+            return "No checkpoint was saved yet (training.save_steps); start the run again into a new --output folder."
         return (f"The newest checkpoint is {saved[-1]}; continue with: tunesmith train {run_dir / 'config.yaml'} "
                 f"--resume --nproc {args.nproc}" + (f" --num-machines {args.num_machines} ..." if args.num_machines > 1 else ""))
 

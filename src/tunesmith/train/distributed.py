@@ -21,6 +21,7 @@ MASTER_PORT, and accelerate's `PartialState` opens the process group from those 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -84,9 +85,8 @@ def _collective(what: str, call):
     except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"process {world_from_env().rank}: lost the other processes of this run while {what} ({first[:200]}). "
-            "One of them stopped or the network between them failed; the newest checkpoint in the run folder "
-            "is intact, and `tunesmith train RUN/config.yaml --resume` continues from it."
+            f"lost the other processes of this run while {what} ({first[:160]}); another process stopped (its "
+            "own message says why) or the network between them failed."
         ) from None
 
 
@@ -106,6 +106,16 @@ def barrier(world: World, what: str) -> None:
         import torch.distributed as dist
 
         _collective(what, dist.barrier)
+
+
+@contextlib.contextmanager
+def first_on_each_machine(world: World, what: str):
+    """The block runs on each machine's first process, then on the others (which read what it cached)."""
+    if world.size > 1 and world.local_rank != 0:
+        barrier(world, what)
+    yield
+    if world.size > 1 and world.local_rank == 0:
+        barrier(world, what)
 
 
 def align(params: list[torch.nn.Parameter], world: World) -> None:

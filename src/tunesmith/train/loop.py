@@ -151,7 +151,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
             "words with; use the tokenizer the model was trained with, or set model.task to what the model is."
         )
     # Tokenised rows are cached by a hash of the data and every setting that changes tokens.
-    with accelerator.local_main_process_first():  # the first process tokenises into the cache; the rest read it
+    with distributed.first_on_each_machine(world, "waiting for the first process to tokenise the data"):
         bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized", task=task)
     if not bundle.train:
         raise UserError(f"data.path: {cfg.data.path} gave no trainable rows; `tunesmith data inspect` shows why.")
