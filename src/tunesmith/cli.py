@@ -77,8 +77,7 @@ def _launch_processes(args: argparse.Namespace, cfg, run_dir: Path) -> int:
         return (f"The newest checkpoint is {saved[-1]}; continue with: tunesmith train {run_dir / 'config.yaml'} "
                 f"--resume --nproc {args.nproc}" + (f" --num-machines {args.num_machines} ..." if args.num_machines > 1 else ""))
 
-    print(f"tunesmith: {world_size} training processes ({args.nproc} on this machine), "
-          f"{'resuming' if args.resume else 'training into'} {run_dir}", flush=True)
+    print(f"tunesmith: starting {args.nproc} of the job's {world_size} training processes on this machine", flush=True)
     return distributed.launch(argv, args.nproc, args.num_machines, args.machine_rank, args.main_process_ip,
                               args.main_process_port, after_failure)
 
