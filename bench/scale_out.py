@@ -1,18 +1,21 @@
 """One process against several, on the same global batch (issue 9).
 
-Trains the quickstart config (the built-in model, LoRA, the dates data) for the same steps twice through the
-command line, as a user would:
+Trains the quickstart config (the built-in model, LoRA, the dates data) for the same steps three times through
+the command line, as a user would:
 
 - `one`: one process with training.gradient_accumulation = N (the global batch: batch_size x N rows);
-- `nproc`: `tunesmith train ... --nproc N` with accumulation 1, the same global batch over N processes.
+- `ddp`: `tunesmith train ... --nproc N` with accumulation 1, the same global batch over N processes, each
+  holding the whole model;
+- `fsdp`: the same with distributed.strategy=fsdp, each process holding 1/N of the weights.
 
-It prints the per-step losses of both, their largest difference (they take the same steps, so it should be
-float rounding), trained tokens/s of each and their ratio, and the peak RSS each process reported (process 0's
-for the N-process run; every process holds the whole model, so the job's total is about N times that).
+It prints the per-step losses, their largest difference from `one` (the same steps, so float rounding),
+trained tokens/s and the ratio to `one`, and process 0's resident memory: the median over the training steps
+(what the process holds while it trains) and the peak (which includes loading the whole model before sharding
+it, and process 0 holding it again after training to save and evaluate it).
 On a CPU the processes share its cores (cores / N threads each), so the ratio measures what splitting the work
 into processes costs or saves, not extra hardware.
 
-    .venv/bin/python bench/scale_out.py                # N = 2, 10 steps
+    .venv/bin/python bench/scale_out.py                # N = 2, 10 steps each
     .venv/bin/python bench/scale_out.py --nproc 2 --steps 20
 
 Results: bench/results/scale_out.json (written then renamed) and a summary on stdout.
@@ -48,6 +51,8 @@ def train(run_dir: Path, steps: int, extra: list[str]) -> dict:
         "losses": [r["loss"] for r in records if r["type"] == "train"],
         "trained_tokens_per_s": summary["train"]["trained_tokens_per_s"],
         "peak_rss_bytes_process_0": summary["memory"]["peak_rss_bytes"],
+        "median_training_rss_bytes_process_0": sorted(r["rss_bytes"] for r in records if r["type"] == "train")[
+            len([r for r in records if r["type"] == "train"]) // 2],
         "distributed": summary.get("distributed"),
     }
 
@@ -59,34 +64,38 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"result file (default {shown(DEFAULT_OUT)})")
     args = parser.parse_args()
 
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="tunesmith-scale-out-") as tmp:
-        one = train(Path(tmp) / "one", args.steps, ["--set", f"training.gradient_accumulation={args.nproc}"])
-        many = train(Path(tmp) / "nproc", args.steps, ["--nproc", str(args.nproc)])
-    gaps = [abs(a - b) for a, b in zip(one["losses"], many["losses"])]
+        runs["one"] = train(Path(tmp) / "one", args.steps, ["--set", f"training.gradient_accumulation={args.nproc}"])
+        for strategy in ("ddp", "fsdp"):
+            runs[strategy] = train(Path(tmp) / strategy, args.steps,
+                                   ["--nproc", str(args.nproc), "--set", f"distributed.strategy={strategy}"])
+    one = runs["one"]
+    for run in runs.values():
+        run["loss_max_abs_gap_to_one"] = max(abs(a - b) for a, b in zip(one["losses"], run["losses"]))
+        run["tokens_per_s_ratio_to_one"] = run["trained_tokens_per_s"] / one["trained_tokens_per_s"]
     result = {
         "when": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
         "nproc": args.nproc,
         "steps": args.steps,
-        "one_process": one,
-        "n_processes": many,
-        "loss_max_abs_gap": max(gaps),
-        "tokens_per_s_ratio": many["trained_tokens_per_s"] / one["trained_tokens_per_s"],
+        "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=2) + "\n")
     tmp_out.replace(args.out)
 
-    print(f"global batch: {many['distributed']['global_batch_rows']} rows per step, {args.steps} steps")
-    print(f"{'step':>4}  {'1 process':>12}  {f'{args.nproc} processes':>12}")
-    for i, (a, b) in enumerate(zip(one["losses"], many["losses"]), 1):
-        print(f"{i:>4}  {a:>12.6f}  {b:>12.6f}")
-    print(f"largest per-step loss gap: {result['loss_max_abs_gap']:.2e}")
-    print(f"trained tokens/s: 1 process {one['trained_tokens_per_s']:.1f}, {args.nproc} processes "
-          f"{many['trained_tokens_per_s']:.1f} ({result['tokens_per_s_ratio']:.2f}x)")
-    print(f"peak RSS: 1 process {one['peak_rss_bytes_process_0'] / 2**30:.2f} GiB; process 0 of {args.nproc} "
-          f"{many['peak_rss_bytes_process_0'] / 2**30:.2f} GiB")
+    print(f"global batch: {runs['ddp']['distributed']['global_batch_rows']} rows per step, {args.steps} steps; "
+          f"one = 1 process, ddp/fsdp = {args.nproc} processes")
+    print(f"{'step':>4}" + "".join(f"  {name:>10}" for name in runs))
+    for i, losses in enumerate(zip(*(run["losses"] for run in runs.values())), 1):
+        print(f"{i:>4}" + "".join(f"  {loss:>10.6f}" for loss in losses))
+    for name, run in runs.items():
+        print(f"{name:>4}: loss gap to one {run['loss_max_abs_gap_to_one']:.1e}, "
+              f"{run['trained_tokens_per_s']:.1f} trained tokens/s ({run['tokens_per_s_ratio_to_one']:.2f}x), "
+              f"process 0 RSS while training {run['median_training_rss_bytes_process_0'] / 2**30:.2f} GiB "
+              f"(peak {run['peak_rss_bytes_process_0'] / 2**30:.2f} GiB)")
     print(f"written: {shown(args.out)}")
 
 

@@ -92,7 +92,8 @@ def test_two_processes_take_the_steps_of_one_process_with_the_same_global_batch(
     root, model_dir, data, run_dir, result = two_process_run
     assert "global batch = micro-batch 2 x accumulation 1 x 2 processes = 4 rows per optimiser step" in result.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["distributed"] == {"processes": 2, "global_batch_rows": 4, "micro_batches_per_step": 2}
+    assert summary["distributed"] == {"processes": 2, "strategy": "ddp", "global_batch_rows": 4,
+                                      "micro_batches_per_step": 2}
 
     one = tmp_path / "one"
     run_training(load_config(None, _overrides(model_dir, data, **{"training.gradient_accumulation": 2})), one)
@@ -130,6 +131,51 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(two_process_run, tmp_pat
     a, b = _adapter(run_dir), _adapter(stopped)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_takes_the_same_steps_and_its_sharded_checkpoint_resumes_sharded_or_not(two_process_run, tmp_path):
+    root, model_dir, data, ddp_dir, _ = two_process_run
+    fsdp_dir = tmp_path / "fsdp"
+    overrides = _overrides(model_dir, data, **{"training.gradient_accumulation": 1, "distributed.strategy": "fsdp",
+                                               "training.save_total_limit": 3})
+    result = _cli(["train", str(root / "cfg.yaml"), "--nproc", "2", "--output", str(fsdp_dir), *_set(overrides)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "sharded over the processes (FSDP)" in result.stdout
+    assert json.loads((fsdp_dir / "summary.json").read_text())["distributed"]["strategy"] == "fsdp"
+    # The DDP run took one process's steps (the test above); FSDP takes the same ones.
+    ddp_losses, fsdp_losses = _train_losses(ddp_dir), _train_losses(fsdp_dir)
+    for step in ddp_losses:
+        assert fsdp_losses[step] == pytest.approx(ddp_losses[step], abs=1e-4), step
+    final = _adapter(fsdp_dir)
+    for name, value in _adapter(ddp_dir).items():
+        torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6)
+
+    # Checkpoints hold whole tensors: step 3 resumes sharded on 2 processes and unsharded on one, to the same end.
+    for name, nproc in (("again-fsdp", "2"), ("again-one", "1")):
+        stopped = tmp_path / name
+        (stopped / "checkpoints").mkdir(parents=True)
+        shutil.copy(fsdp_dir / "config.yaml", stopped / "config.yaml")
+        shutil.copy(fsdp_dir / "metrics.jsonl", stopped / "metrics.jsonl")
+        shutil.copytree(fsdp_dir / "checkpoints" / "step-00000003", stopped / "checkpoints" / "step-00000003")
+        result = _cli(["train", str(stopped / "config.yaml"), "--resume", "--nproc", nproc, "--output", str(stopped)])
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        resumed_losses = _train_losses(stopped)
+        for step in (4, 5, 6):
+            assert resumed_losses[step] == pytest.approx(fsdp_losses[step], abs=1e-4), (name, step)
+        resumed = _adapter(stopped)
+        for key, value in final.items():
+            torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_refuses_what_it_cannot_shard(two_process_run, tmp_path):
+    root, model_dir, data, _, _ = two_process_run
+    launcher = _launch(root, tmp_path / "q", _overrides(model_dir, data, **{"distributed.strategy": "fsdp",
+                                                                             "method": "adalora"}))
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2
+    assert "distributed.strategy: fsdp: method adalora keeps state FSDP cannot shard here" in err
+    assert err.count("distributed.strategy: fsdp:") == 1  # said once, before any process started
+    assert "use distributed.strategy: ddp" in err and "Traceback" not in err
 
 
 def test_a_killed_process_ends_the_whole_job_with_a_sentence(two_process_run, tmp_path):
@@ -196,7 +242,7 @@ def test_a_hung_process_is_given_up_after_the_timeout(two_process_run, tmp_path)
             launcher.kill()
     assert 5 < time.time() - stopped_at < 90
     assert launcher.returncode == 2
-    assert "lost the other processes of this run while summing gradients" in err
+    assert "lost the other processes of this run while" in err  # summing gradients, or sharing the seed
     assert "process 0 of 2 stopped with exit code 2; the other processes on this machine were stopped" in err
     assert "The newest checkpoint is" in err and "Traceback" not in err
     assert not ranks[1].is_running() or ranks[1].status() == psutil.STATUS_ZOMBIE

@@ -242,6 +242,11 @@ class DistillConfig(_Section):
 
 
 class DistributedConfig(_Section):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: `ddp` keeps the whole model in every process and sums the "
+        "gradients; `fsdp` (PyTorch FSDP2) shards the weights, gradients and optimiser state over the processes, "
+        "so each holds about 1/N of them, at the cost of gathering each layer's weights when it runs."
+    )
     timeout_s: float = Field(
         1800, gt=0, description="With several processes (--nproc, torchrun, accelerate launch): how long one waits "
         "for the others at a collective step before the job stops with a sentence."

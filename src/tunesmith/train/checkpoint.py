@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.fileio import atomic_write_dir
 from tunesmith.models.adapters import load_method_state, method_state
+from tunesmith.train.distributed import full, shard_like
 
 STATE_FILE = "state.json"
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -41,21 +42,22 @@ def _sha256(path: Path) -> str:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    """The trained parameters, whole (a sharded model's are gathered: every process must call this)."""
+    return {name: full(p.detach()).contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split the optimiser's state into tensors (for safetensors) and plain values (for JSON)."""
-    full = optimizer.state_dict()
+    saved = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict] = {}
-    for index, slots in full["state"].items():
+    for index, slots in saved["state"].items():
         for key, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{index}.{key}"] = full(value.detach()).contiguous().cpu()
             else:
                 plain.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": full["param_groups"], "plain_state": plain}
+    return tensors, {"param_groups": saved["param_groups"], "plain_state": plain}
 
 
 def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -76,13 +78,17 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return states
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict) -> Path:
-    """Write checkpoints/step-NNNNNNNN atomically; `progress` is the loop's JSON-able position and totals."""
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict, write: bool = True) -> Path | None:
+    """Write checkpoints/step-NNNNNNNN atomically; `progress` is the loop's JSON-able position and totals.
+    A sharded (FSDP) model's processes all call this, to gather the tensors; the one with `write` writes."""
     folder = run_dir / "checkpoints" / f"step-{progress['step']:08d}"
+    trainable = trainable_state(model)
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    if not write:
+        return None
 
     def fill(tmp: Path) -> None:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        save_file(trainable, tmp / "trainable.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file(_rng_tensors(), tmp / "rng.safetensors")
         files = list(TENSOR_FILES)
@@ -154,7 +160,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(value) and key != "step":
-                    optimizer.state[p][key] = value.to(device_of[id(p)])
+                    optimizer.state[p][key] = shard_like(value.to(device_of[id(p)]), p)
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
@@ -171,7 +177,7 @@ def load_trainable(folder: Path, model) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in saved.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+            params[name].copy_(shard_like(value.to(params[name].device, params[name].dtype), params[name]))
 
 
 def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> None:

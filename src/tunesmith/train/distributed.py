@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -164,7 +165,88 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World, step_nll: floa
             offset += g.numel()
     # The two numbers travel on their own, in float64 (a bf16 bucket would round the loss), on the device the
     # backend wants (NCCL takes CUDA tensors only).
-    device = params[0].device if params else torch.device("cpu")
+    return sum_scalars(world, step_nll, stop, params[0].device if params else torch.device("cpu"))
+
+
+# --- FSDP (distributed.strategy: fsdp)
+#
+# FSDP2's `fully_shard` keeps each parameter as a DTensor holding 1/N of its rows and gathers a layer's rows
+# only while that layer runs (its forward hooks), reduce-scattering the gradients in the backward pass.  The
+# loss here does not call the model's own forward (train/loss.py reaches the decoder and the output projection
+# directly), so the whole loss computation runs as one registered "forward method" of the root module,
+# `tunesmith_call`: FSDP's hooks then gather and release the root's own weights (embeddings, final norm, output
+# projection) around it and reduce their gradients, as they do around a forward.  Every process must run the
+# same number of such calls per step (each gathers weights with the others); the loop pads a short share with
+# zero-weight passes.  Saving gathers the full tensors (every process takes part; process 0 writes).
+
+
+def refuse_unshardable(cfg, task: str | None = None, distilling: bool = False) -> None:
+    """What distributed.strategy: fsdp does not do, said before anything loads (`task` None: not known yet)."""
+    why = None
+    if distilling or task not in (None, "causal_lm"):
+        why = f"it shards causal language models being fine-tuned, and this is a {task} {'distillation' if distilling else 'run'}"
+    elif cfg.method in ("qlora", "adalora"):
+        why = (f"method {cfg.method} keeps state FSDP cannot shard here "
+               + ("(4-bit weights)" if cfg.method == "qlora" else "(AdaLoRA's rank budget reads whole weights)"))
+    elif cfg.training.optimizer != "adamw":
+        why = f"training.optimizer {cfg.training.optimizer} (bitsandbytes) cannot step sharded parameters"
+    if why:
+        raise UserError(f"distributed.strategy: fsdp: {why}; use distributed.strategy: ddp.")
+
+
+def shard(model: torch.nn.Module, world: World, device: torch.device) -> None:
+    """Shard `model` in place over the processes: each decoder layer a unit, the rest one root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from tunesmith.train.loss import _decoder_and_head
+
+    decoder, _ = _decoder_and_head(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UserError("distributed.strategy: fsdp shards a causal LM layer by layer, and tunesmith cannot find "
+                        "this model's decoder layers; use distributed.strategy: ddp.")
+    mesh = init_device_mesh(device.type, (world.size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.tunesmith_call = types.MethodType(_call, model)
+    register_fsdp_forward_method(model, "tunesmith_call")
+
+
+def _call(self, fn, *args):
+    return fn(self, *args)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return hasattr(model, "tunesmith_call")
+
+
+def run(model: torch.nn.Module, fn, *args):
+    """`fn(model, *args)`, inside FSDP's gather/release of the root's weights when the model is sharded."""
+    return model.tunesmith_call(fn, *args) if is_sharded(model) else fn(model, *args)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (every process must call this together); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor, the same on every process) cut the way `like` is sharded; no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return value
+    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def sum_scalars(world: World, step_nll: float, stop: bool, device: torch.device) -> tuple[float, bool]:
+    """(the step's NLL summed over the processes, whether any was asked to stop), in float64."""
+    import torch.distributed as dist
+
     extra = torch.tensor([step_nll, 1.0 if stop else 0.0], dtype=torch.float64, device=device)
     _collective("summing the step's loss", lambda: dist.all_reduce(extra))
     return float(extra[0]), bool(extra[1] > 0)

@@ -142,6 +142,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     source = resolve_model_source(cfg.model.name)
     tokenizer = load_tokenizer(source, cfg.model)
     task = model_task(source, cfg)
+    fsdp = world.size > 1 and cfg.distributed.strategy == "fsdp"
+    if fsdp:
+        distributed.refuse_unshardable(cfg, task, distiller is not None)
     if distiller is not None and task != "causal_lm":
         raise UserError(f"model.name: {cfg.model.name} is a {task} model; distillation here is for causal language "
                         "models (the student and the teacher).")
@@ -206,17 +209,20 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     trainable, total_params = count_parameters(model)
     log(f"model: {cfg.model.name}, {cfg.method}, {trainable:,} of {total_params:,} parameters trainable; {device}, {dtype}"
         + (f", autocast {str(half).replace('torch.', '')}" if half is not None else ""))
-    optimizer = make_optimizer(model, cfg, report=log)
-    scheduler = _make_scheduler(optimizer, cfg, total_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if world.size == 1:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    else:
+    if world.size > 1:
         # Not accelerator.prepare: it would wrap the model in DDP (see train/distributed.py for why not) and step
         # the schedule once per process.
         log(f"{world.size} processes, data parallel: global batch = micro-batch {t.batch_size} x accumulation "
-            f"{window / world.size:g} x {world.size} processes = {t.batch_size * window} rows per optimiser step")
-        distributed.align(params, world)
+            f"{window / world.size:g} x {world.size} processes = {t.batch_size * window} rows per optimiser step"
+            + ("; weights, gradients and optimiser state sharded over the processes (FSDP)" if fsdp else ""))
+        distributed.align([p for p in model.parameters() if p.requires_grad], world)
+        if fsdp:
+            distributed.shard(model, world, accelerator.device)  # before the optimiser: it keeps the shards
+            release_free_memory()  # the whole weights the shards were cut from
+    optimizer = make_optimizer(model, cfg, report=log)
+    scheduler = _make_scheduler(optimizer, cfg, total_steps)
+    if world.size == 1:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     if checkpoint is not None:
         progress = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
@@ -237,8 +243,20 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
                          distiller, world)
     finally:
         metrics_log.close()
+    if fsdp:  # every process takes part in gathering the trained weights
+        trained = {name: distributed.full(p.detach()) for name, p in model.named_parameters() if p.requires_grad}
     if not world.main:  # what follows (best weights, saving, evaluating, the report) is the first process's
         return {"run_dir": str(run_dir), "rank": world.rank, "train": _train_stats(progress, per_epoch)}
+    if fsdp:  # process 0 goes on with an unsharded model: the base again, with the gathered trained weights
+        del model, optimizer
+        release_free_memory()
+        model = prepare_trainable(load_model(source, cfg, dtype, task), cfg, total_steps).to(accelerator.device)
+        model.config.use_cache = False
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in trained.items():
+                params[name].copy_(value)
+        del trained
     metrics_log.records = read_metrics(run_dir / "metrics.jsonl")
     val_records = progress["val_records"]
     train_stats = _train_stats(progress, per_epoch)
@@ -293,8 +311,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
         "memory": {"peak_rss_bytes": peak_rss_bytes(), **{k: v for k, v in memory_snapshot(device).items() if k != "rss_bytes"}},
         "health": health,
         "wall_s": time.time() - started,
-        **({"distributed": {"processes": world.size, "global_batch_rows": t.batch_size * window,
-                            "micro_batches_per_step": window}} if world.size > 1 else {}),
+        **({"distributed": {"processes": world.size, "strategy": cfg.distributed.strategy,
+                            "global_batch_rows": t.batch_size * window, "micro_batches_per_step": window}}
+           if world.size > 1 else {}),
         "next_commands": [
             f"tunesmith eval {run_dir}   # base vs tuned: loss, ROUGE, BLEU, chrF, exact match, similarity",
             f"tunesmith chat {run_dir}   # talk to the tuned model",
@@ -373,8 +392,12 @@ def _validate(model, bundle, cfg, accelerator, progress, metrics_log, bar, objec
     """Validation loss now; updates the best-so-far record.  True when early stopping says stop.
     With several processes the first computes it and the others take its numbers, so all stop together."""
     t = cfg.training
-    held = heldout_loss(model, bundle.validation, t.eval_batch_size, accelerator.device, objective) if world.main else None
-    held = distributed.broadcast_object(held, world, "sharing the validation loss")
+    if distributed.is_sharded(model):  # every process takes part in each forward pass
+        held = distributed.run(model, lambda m: heldout_loss(m, bundle.validation, t.eval_batch_size,
+                                                             accelerator.device, objective))
+    else:
+        held = heldout_loss(model, bundle.validation, t.eval_batch_size, accelerator.device, objective) if world.main else None
+        held = distributed.broadcast_object(held, world, "sharing the validation loss")
     val = {"type": "validation", "step": progress["step"], "epoch": progress["epoch"],
            "val_loss": held["loss"], "val_perplexity": held["perplexity"]}
     metrics_log.write(val)
@@ -460,6 +483,16 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
     (`world`), each runs its share of a step's micro-batches and the gradients are summed (train/distributed.py)."""
     t = cfg.training
     window = progress.get("window", t.gradient_accumulation)  # micro-batches per optimiser step, all processes
+    fsdp = distributed.is_sharded(model)
+    # FSDP reduce-scatters the mean of the processes' gradients; the loop wants their sum.
+    loss_scale = world.size if fsdp else 1
+
+    def unit_loss(m, unit):
+        if distiller is not None:
+            return distiller.loss_sum(m, unit)[0]
+        if isinstance(unit, dict):
+            return objective.nll_sum(m, unit)[0]
+        return loss_fns.packed_nll_sum(m, unit)[0]
     params = [p for p in model.parameters() if p.requires_grad]
     unwrapped = accelerator.unwrap_model(model)
     last_saved = {"step": progress["step"]}
@@ -472,11 +505,14 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
         scaler.load_state_dict(progress["grad_scaler"])
 
     def checkpoint() -> None:
-        if accelerator.is_main_process and last_saved["step"] != progress["step"]:
-            save_checkpoint(run_dir, unwrapped, optimizer, scheduler, progress)
+        if last_saved["step"] == progress["step"] or not (world.main or fsdp):
+            return
+        # A sharded model's processes all gather the tensors; the first one writes.
+        save_checkpoint(run_dir, unwrapped, optimizer, scheduler, progress, write=world.main)
+        if world.main:
             best = run_dir / "checkpoints" / f"step-{progress['best_step']:08d}" if progress["best_step"] else None
             prune_checkpoints(run_dir, t.save_total_limit, protect=best if t.load_best_at_end else None)
-            last_saved["step"] = progress["step"]
+        last_saved["step"] = progress["step"]
 
     def validate_and_maybe_stop() -> bool:
         done = progress["val_records"]
@@ -502,7 +538,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                 # Every process lays out the whole step (so all divide by the same token count) and runs
                 # micro-batches rank, rank + W, ... of it.
                 units = [
-                    (j % world.size == world.rank, unit)
+                    (j % world.size, unit)
                     for j, b in enumerate(batches[window_start : window_start + window])
                     for unit in _micro_units(objective, b, pass_tokens, key=(t.seed, epoch, window_start, j))
                 ]
@@ -511,31 +547,35 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                 progress["window_start"] = window_start + window
                 if window_tokens == 0:
                     continue
+                progress["all_tokens"] += sum(all_tokens for _, all_tokens in counts)
+                runs = [(unit, layout, 1.0) for owner, (unit, layout) in units if owner == world.rank]
+                if fsdp:  # as many passes as the busiest process (each pass gathers weights with the others)
+                    busiest = max(sum(owner == r for owner, _ in units) for r in range(world.size))
+                    runs += [(*units[0][1], 0.0)] * (busiest - len(runs))
                 step_nll = 0.0
                 step_seed = new_mask_seed()  # with each row's key, fixes its LoRA dropout masks (dropout_rows)
-                for (mine, (unit, layout)), (_, unit_all) in zip(units, counts):
-                    progress["all_tokens"] += unit_all
-                    if not mine:
-                        continue
+                if world.size > 1:  # process 0's: the others' generators may have drifted (DoRA's dropout draws)
+                    step_seed = distributed.broadcast_object(step_seed, world, "sharing the step's dropout seed")
+                for i, (unit, layout, weight) in enumerate(runs):
+                    if fsdp:  # reduce-scatter once, after the step's last pass
+                        model.set_requires_gradient_sync(i == len(runs) - 1)
                     with dropout_rows(step_seed, layout):
                         with autocast:
                             on_device = ({k: v.to(accelerator.device) for k, v in unit.items()} if isinstance(unit, dict)
                                          else unit.to(accelerator.device))
-                            if distiller is not None:
-                                nll, _ = distiller.loss_sum(model, on_device)
-                            elif isinstance(unit, dict):
-                                nll, _ = objective.nll_sum(model, on_device)
-                            else:
-                                nll, _ = loss_fns.packed_nll_sum(model, on_device)
+                            nll = distributed.run(model, unit_loss, on_device)
                         forget_shared_mask()
-                        accelerator.backward(scaler.scale(nll / window_tokens))
+                        accelerator.backward(scaler.scale(nll * (weight * loss_scale) / window_tokens))
                         forget_shared_mask()
-                    step_nll += float(nll.detach())
+                    step_nll += weight * float(nll.detach())
                 penalty = extra_loss(model)  # AdaLoRA's orthogonality term, once per optimiser step
                 if penalty is not None:  # every process adds it; the sum over processes must count it once
                     accelerator.backward(scaler.scale(penalty / world.size))
                 stop_all = False  # several processes: one decision for all, or the rest would wait for the stopped one
-                if world.size > 1:
+                if fsdp:  # the gradients were reduce-scattered in the backward pass
+                    step_nll, stop_all = distributed.sum_scalars(world, step_nll, bool(stop_requested["signal"]),
+                                                                 accelerator.device)
+                elif world.size > 1:
                     step_nll, stop_all = distributed.sum_gradients(params, world, step_nll, bool(stop_requested["signal"]))
                 loss = step_nll / window_tokens
                 if not math.isfinite(loss):
@@ -548,7 +588,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                 max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
                 scaler.unscale_(optimizer)
                 grad_norm = float(accelerator.clip_grad_norm_(params, max_norm) if world.size == 1
-                                  else torch.nn.utils.clip_grad_norm_(params, max_norm))
+                                  else distributed.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
                 lr = scheduler.get_last_lr()[0]
                 scaler.step(optimizer)  # a plain optimizer.step() when the scaler is off
                 scaler.update()
