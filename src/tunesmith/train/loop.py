@@ -397,7 +397,7 @@ def _validate(model, bundle, cfg, accelerator, progress, metrics_log, bar, objec
                                                              accelerator.device, objective))
     else:
         held = heldout_loss(model, bundle.validation, t.eval_batch_size, accelerator.device, objective) if world.main else None
-        held = distributed.broadcast_object(held, world, "sharing the validation loss")
+    held = distributed.broadcast_object(held, world, "sharing the validation loss")  # one number, one decision
     val = {"type": "validation", "step": progress["step"], "epoch": progress["epoch"],
            "val_loss": held["loss"], "val_perplexity": held["perplexity"]}
     metrics_log.write(val)
