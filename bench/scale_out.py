@@ -46,13 +46,13 @@ def train(run_dir: Path, steps: int, extra: list[str]) -> dict:
         sys.exit(f"bench: {' '.join(command)} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rss = sorted(r["rss_bytes"] for r in records if r["type"] == "train")
     return {
         "command": " ".join(["tunesmith", *command[3:]]),
         "losses": [r["loss"] for r in records if r["type"] == "train"],
         "trained_tokens_per_s": summary["train"]["trained_tokens_per_s"],
         "peak_rss_bytes_process_0": summary["memory"]["peak_rss_bytes"],
-        "median_training_rss_bytes_process_0": sorted(r["rss_bytes"] for r in records if r["type"] == "train")[
-            len([r for r in records if r["type"] == "train"]) // 2],
+        "median_training_rss_bytes_process_0": rss[len(rss) // 2],
         "distributed": summary.get("distributed"),
     }
 

@@ -1,6 +1,7 @@
 """Several processes (gloo on CPU): the same steps as one process with the same global batch, a checkpoint
 that resumes on one process, a killed process that ends the whole job with a sentence."""
 
+import contextlib
 import json
 import os
 import re
@@ -64,6 +65,27 @@ def _launch(root, run_dir, overrides):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _stopped_at_step_3(run_dir, stopped):
+    """`stopped`: `run_dir` as if it had been killed after its step-3 checkpoint (config, metrics, that checkpoint)."""
+    (stopped / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", stopped / "config.yaml")
+    shutil.copy(run_dir / "metrics.jsonl", stopped / "metrics.jsonl")
+    shutil.copytree(run_dir / "checkpoints" / "step-00000003", stopped / "checkpoints" / "step-00000003")
+    return stopped
+
+
+@contextlib.contextmanager
+def _long_job(root, run_dir, model_dir, data, **extra):
+    """A 2-process run of 2000 steps (it is stopped long before): the launcher, killed on the way out if still alive."""
+    launcher = _launch(root, run_dir, _overrides(model_dir, data, **{
+        "training.max_steps": 2000, "training.save_steps": 2, "training.eval_steps": "null", **extra}))
+    try:
+        yield launcher
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
 def _ranks_once_a_checkpoint_exists(launcher, run_dir) -> dict:
     """{rank: psutil.Process} of the launcher's children, once the run has saved a checkpoint."""
     deadline = time.time() + 300
@@ -114,11 +136,7 @@ def test_two_processes_take_the_steps_of_one_process_with_the_same_global_batch(
 
 def test_a_checkpoint_from_two_processes_resumes_on_one(two_process_run, tmp_path):
     root, model_dir, data, run_dir, _ = two_process_run
-    stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copy(run_dir / "config.yaml", stopped / "config.yaml")
-    shutil.copy(run_dir / "metrics.jsonl", stopped / "metrics.jsonl")
-    shutil.copytree(run_dir / "checkpoints" / "step-00000003", stopped / "checkpoints" / "step-00000003")
+    stopped = _stopped_at_step_3(run_dir, tmp_path / "stopped")
 
     cfg = load_config(stopped / "config.yaml")
     assert cfg.training.gradient_accumulation == 1  # one process alone would take half the rows per step...
@@ -152,11 +170,7 @@ def test_fsdp_takes_the_same_steps_and_its_sharded_checkpoint_resumes_sharded_or
 
     # Checkpoints hold whole tensors: step 3 resumes sharded on 2 processes and unsharded on one, to the same end.
     for name, nproc in (("again-fsdp", "2"), ("again-one", "1")):
-        stopped = tmp_path / name
-        (stopped / "checkpoints").mkdir(parents=True)
-        shutil.copy(fsdp_dir / "config.yaml", stopped / "config.yaml")
-        shutil.copy(fsdp_dir / "metrics.jsonl", stopped / "metrics.jsonl")
-        shutil.copytree(fsdp_dir / "checkpoints" / "step-00000003", stopped / "checkpoints" / "step-00000003")
+        stopped = _stopped_at_step_3(fsdp_dir, tmp_path / name)
         result = _cli(["train", str(stopped / "config.yaml"), "--resume", "--nproc", nproc, "--output", str(stopped)])
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         resumed_losses = _train_losses(stopped)
@@ -181,17 +195,12 @@ def test_fsdp_refuses_what_it_cannot_shard(two_process_run, tmp_path):
 def test_a_killed_process_ends_the_whole_job_with_a_sentence(two_process_run, tmp_path):
     root, model_dir, data, _, _ = two_process_run
     run_dir = tmp_path / "killed"
-    launcher = _launch(root, run_dir, _overrides(model_dir, data, **{
-        "training.max_steps": 2000, "training.save_steps": 2, "training.eval_steps": "null"}))
-    try:
+    with _long_job(root, run_dir, model_dir, data) as launcher:
         ranks = _ranks_once_a_checkpoint_exists(launcher, run_dir)
         assert sorted(ranks) == [0, 1]
         ranks[1].send_signal(signal.SIGKILL)
         killed_at = time.time()
         _, err = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
     assert time.time() - killed_at < 60  # bounded: nobody waits for the dead process's collective
     assert launcher.returncode != 0
     assert "process 1 of 2 was killed by SIGKILL; the other processes on this machine were stopped" in err
@@ -203,9 +212,7 @@ def test_a_killed_process_ends_the_whole_job_with_a_sentence(two_process_run, tm
 def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(two_process_run, tmp_path):
     root, model_dir, data, _, _ = two_process_run
     run_dir = tmp_path / "stopped"
-    launcher = _launch(root, run_dir, _overrides(model_dir, data, **{
-        "training.max_steps": 2000, "training.save_steps": 1000, "training.eval_steps": "null"}))
-    try:
+    with _long_job(root, run_dir, model_dir, data, **{"training.save_steps": 1000}) as launcher:
         deadline = time.time() + 300
         while len(_train_losses(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}) < 3:
             assert launcher.poll() is None, launcher.communicate()[1][-3000:]
@@ -213,9 +220,6 @@ def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(two_p
             time.sleep(0.2)
         launcher.send_signal(signal.SIGTERM)
         _, err = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
     assert launcher.returncode == 130, err[-3000:]
     match = re.search(r"SIGTERM received: stopped after step (\d+) and saved (\S+)\. Continue with: "
                       r"tunesmith train (\S+) --resume --nproc 2", err)
@@ -229,17 +233,11 @@ def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(two_p
 def test_a_hung_process_is_given_up_after_the_timeout(two_process_run, tmp_path):
     root, model_dir, data, _, _ = two_process_run
     run_dir = tmp_path / "hung"
-    launcher = _launch(root, run_dir, _overrides(model_dir, data, **{
-        "training.max_steps": 2000, "training.save_steps": 2, "training.eval_steps": "null",
-        "distributed.timeout_s": 10}))
-    try:
+    with _long_job(root, run_dir, model_dir, data, **{"distributed.timeout_s": 10}) as launcher:
         ranks = _ranks_once_a_checkpoint_exists(launcher, run_dir)
         ranks[1].suspend()  # alive but silent: only the timeout can tell
         stopped_at = time.time()
         _, err = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
     assert 5 < time.time() - stopped_at < 90
     assert launcher.returncode == 2
     assert "lost the other processes of this run while" in err  # summing gradients, or sharing the seed

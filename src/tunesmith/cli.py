@@ -231,6 +231,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_arguments(command: argparse.ArgumentParser, config_help: str, set_example: str) -> None:
+    """CONFIG, --set and --output: what every command that makes a run folder takes."""
+    command.add_argument("config", help=config_help)
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help=f"override a config key (dotted), e.g. --set {set_example}; repeatable")
+    command.add_argument("--output", metavar="DIR", help="run folder (default: runs/<config name>-<date>-<time>)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunesmith",
@@ -247,10 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training.png, summary.json, report.md. With an eval: section (on by default) the base and tuned "
         "models are compared on the held-out rows.",
     )
-    train.add_argument("config", help="YAML run config, e.g. examples/quickstart.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key (dotted), e.g. --set training.epochs=1; repeatable")
-    train.add_argument("--output", metavar="DIR", help="run folder (default: runs/<config name>-<date>-<time>)")
+    _run_arguments(train, "YAML run config, e.g. examples/quickstart.yaml", "training.epochs=1")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output DIR (or the config's output.dir) from its newest valid checkpoint")
     scale = train.add_argument_group(
@@ -282,10 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the student trains on those answers. The run folder holds what `tunesmith train` writes, plus "
         "distill.json comparing teacher and student.",
     )
-    distill.add_argument("config", help="YAML config with teacher: and student: sections, e.g. examples/distill.yaml")
-    distill.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config key (dotted), e.g. --set distill.alpha=0.8; repeatable")
-    distill.add_argument("--output", metavar="DIR", help="run folder (default: runs/<config name>-<date>-<time>)")
+    _run_arguments(distill, "YAML config with teacher: and student: sections, e.g. examples/distill.yaml",
+                   "distill.alpha=0.8")
     distill.add_argument("--cache-teacher", action="store_true",
                          help="compute the teacher's top-k log-probs (distill.top_k) once before training, keep them "
                          "on disk (distill.cache_dir, default RUN/teacher-cache) and train from them, with the "
@@ -367,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         interrupted = type(exc).__name__ == "TrainingInterrupted"
-        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
-        if rank == "0":
+        from tunesmith.train.distributed import world_from_env
+
+        rank = world_from_env().rank
+        if rank == 0:
             print(f"tunesmith: {exc}", file=sys.stderr)
         elif not interrupted:  # every process stops on request; the first one says so
             print(f"tunesmith (process {rank}): {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,15 @@ def _umask() -> int:
 # open() would have given it (0666 less the umask), so other users and tools (an Ollama server) can read it.
 FILE_MODE = 0o666 & ~_umask()
 DIR_MODE = 0o777 & ~_umask()  # likewise for mkdtemp's 0700 folders
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read a MiB at a time (checkpoints and the teacher cache keep these)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.errors import UserError
-from tunesmith.fileio import atomic_write_json
+from tunesmith.fileio import atomic_write_json, sha256_file
 from tunesmith.train.loss import LOSS_CHUNK_TOKENS
 
 MANIFEST = "manifest.json"
@@ -33,14 +33,6 @@ FORMAT_VERSION = 1
 def row_key(ids) -> str:
     """The cache key of a row: a hash of its token ids."""
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:32]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe(teacher_label: str, temperature: float, top_k: int, vocab: int, tokenizer_fingerprint: str) -> dict:
@@ -66,7 +58,7 @@ def build_cache(folder: Path, teacher, units, about: dict, report=print) -> None
         partial = folder / (name + ".partial")
         save_file(pending, str(partial), metadata={"teacher": about["teacher"]})
         os.replace(partial, folder / name)
-        shards.append({"file": name, "rows": len(pending) // 2, "sha256": _sha256(folder / name)})
+        shards.append({"file": name, "rows": len(pending) // 2, "sha256": sha256_file(folder / name)})
         pending.clear()
 
     done = 0
@@ -118,7 +110,7 @@ class TeacherCache:
         self.folder, self.files, self.where = folder, [], {}
         for shard in manifest["shards"]:
             path = folder / shard["file"]
-            if not path.is_file() or _sha256(path) != shard["sha256"]:
+            if not path.is_file() or sha256_file(path) != shard["sha256"]:
                 raise UserError(f"{path}: missing or not what the cache's {MANIFEST} recorded (checksum differs); "
                                 f"delete {folder} and run with --cache-teacher again to rebuild it.")
             handle = safe_open(str(path), framework="pt")

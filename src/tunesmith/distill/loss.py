@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunesmith.train.loss import LOSS_CHUNK_TOKENS
+from tunesmith.train.loss import LOSS_CHUNK_TOKENS, scaled_saved_gradients
 
 
 @dataclass
@@ -119,10 +119,7 @@ class LinearDistillSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
-        gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None
+        return *scaled_saved_gradients(ctx, grad_total), None, None, None, None
 
 
 def distill_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, teacher, temperature: float,

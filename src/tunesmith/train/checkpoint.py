@@ -15,7 +15,6 @@ reported and skipped on resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -24,21 +23,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith.fileio import atomic_write_dir
+from tunesmith.fileio import atomic_write_dir, sha256_file
 from tunesmith.models.adapters import load_method_state, method_state
 from tunesmith.train.distributed import full, shard_like
 
 STATE_FILE = "state.json"
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
 METHOD_FILE = "method.safetensors"  # written only by methods with state beyond weights (AdaLoRA)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -103,7 +94,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict, 
             "scheduler": scheduler.state_dict(),
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "method": method_values,
-            "sha256": {name: _sha256(tmp / name) for name in files},
+            "sha256": {name: sha256_file(tmp / name) for name in files},
         }
         (tmp / STATE_FILE).write_text(json.dumps(state))
 
@@ -125,7 +116,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != expected.get(name):
+        if sha256_file(path) != expected.get(name):
             return f"{name} does not match its checksum (corrupt)"
     return None
 
@@ -173,10 +164,14 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
 
 
 def load_trainable(folder: Path, model) -> None:
-    saved = load_file(folder / "trainable.safetensors")
+    set_trainable(model, load_file(folder / "trainable.safetensors"))
+
+
+def set_trainable(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (by parameter name) into `model`'s parameters, sharded or not."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, value in saved.items():
+        for name, value in tensors.items():
             params[name].copy_(shard_like(value.to(params[name].device, params[name].dtype), params[name]))
 
 

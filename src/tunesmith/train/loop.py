@@ -48,6 +48,7 @@ from tunesmith.train.checkpoint import (
     newest_valid_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    set_trainable,
 )
 from tunesmith.train.compute import (
     autocast_dtype,
@@ -252,10 +253,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
         release_free_memory()
         model = prepare_trainable(load_model(source, cfg, dtype, task), cfg, total_steps).to(accelerator.device)
         model.config.use_cache = False
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in trained.items():
-                params[name].copy_(value)
+        set_trainable(model, trained)
         del trained
     metrics_log.records = read_metrics(run_dir / "metrics.jsonl")
     val_records = progress["val_records"]

@@ -82,6 +82,15 @@ def head_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return total
 
 
+def scaled_saved_gradients(ctx, grad_total: torch.Tensor):
+    """Backward of a loss whose forward saved (d total / d hidden, d total / d weight), either None when not
+    wanted: those, times the incoming gradient, in the hidden states' and the weight's dtypes."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
+    gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
+    return gh, gw
+
+
 class LinearCrossEntropySum(torch.autograd.Function):
     """sum_i NLL(targets_i | softmax(hidden_i @ weight.T)), with the gradients computed chunk by chunk in forward.
 
@@ -128,10 +137,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
-        gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None
+        return *scaled_saved_gradients(ctx, grad_total), None
 
 
 _logits_scratch: dict = {}
