@@ -1,12 +1,14 @@
 """One process against several, on the same global batch (issue 9).
 
-Trains the quickstart config (the built-in model, LoRA, the dates data) for the same steps three times through
+Trains the quickstart config (the built-in model, LoRA, the dates data) for the same steps five times through
 the command line, as a user would:
 
 - `one`: one process with training.gradient_accumulation = N (the global batch: batch_size x N rows);
 - `ddp`: `tunesmith train ... --nproc N` with accumulation 1, the same global batch over N processes, each
   holding the whole model;
-- `fsdp`: the same with distributed.strategy=fsdp, each process holding 1/N of the weights.
+- `fsdp`: the same with distributed.strategy=fsdp, each process holding 1/N of the weights;
+- `zero2`, `zero3`: the same with distributed.strategy=deepspeed and zero_stage 2 (optimiser state and
+  gradients sharded) or 3 (the weights too).
 
 It prints the per-step losses, their largest difference from `one` (the same steps, so float rounding),
 trained tokens/s and the ratio to `one`, and process 0's resident memory: the median over the training steps
@@ -67,9 +69,11 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory(prefix="tunesmith-scale-out-") as tmp:
         runs["one"] = train(Path(tmp) / "one", args.steps, ["--set", f"training.gradient_accumulation={args.nproc}"])
-        for strategy in ("ddp", "fsdp"):
-            runs[strategy] = train(Path(tmp) / strategy, args.steps,
-                                   ["--nproc", str(args.nproc), "--set", f"distributed.strategy={strategy}"])
+        for name, settings in (("ddp", ["distributed.strategy=ddp"]), ("fsdp", ["distributed.strategy=fsdp"]),
+                               ("zero2", ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]),
+                               ("zero3", ["distributed.strategy=deepspeed", "distributed.zero_stage=3"])):
+            runs[name] = train(Path(tmp) / name, args.steps,
+                               ["--nproc", str(args.nproc), *[x for item in settings for x in ("--set", item)]])
     one = runs["one"]
     for run in runs.values():
         run["loss_max_abs_gap_to_one"] = max(abs(a - b) for a, b in zip(one["losses"], run["losses"]))
@@ -87,12 +91,12 @@ def main() -> None:
     tmp_out.replace(args.out)
 
     print(f"global batch: {runs['ddp']['distributed']['global_batch_rows']} rows per step, {args.steps} steps; "
-          f"one = 1 process, ddp/fsdp = {args.nproc} processes")
+          f"one = 1 process, the others {args.nproc} processes")
     print(f"{'step':>4}" + "".join(f"  {name:>10}" for name in runs))
     for i, losses in enumerate(zip(*(run["losses"] for run in runs.values())), 1):
         print(f"{i:>4}" + "".join(f"  {loss:>10.6f}" for loss in losses))
     for name, run in runs.items():
-        print(f"{name:>4}: loss gap to one {run['loss_max_abs_gap_to_one']:.1e}, "
+        print(f"{name:>5}: loss gap to one {run['loss_max_abs_gap_to_one']:.1e}, "
               f"{run['trained_tokens_per_s']:.1f} trained tokens/s ({run['tokens_per_s_ratio_to_one']:.2f}x), "
               f"process 0 RSS while training {run['median_training_rss_bytes_process_0'] / 2**30:.2f} GiB "
               f"(peak {run['peak_rss_bytes_process_0'] / 2**30:.2f} GiB)")

@@ -74,6 +74,20 @@ def _stopped_at_step_3(run_dir, stopped):
     return stopped
 
 
+def _resume_from_step_3(run_dir, stopped, nproc, extra, losses, adapter):
+    """`run_dir` stopped after its step-3 checkpoint, resumed on `nproc` processes: steps 4-6 and the adapter must be
+    the uninterrupted run's (`losses`, `adapter`)."""
+    _stopped_at_step_3(run_dir, stopped)
+    result = _cli(["train", str(stopped / "config.yaml"), "--resume", "--nproc", nproc, "--output", str(stopped), *extra])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed_losses = _train_losses(stopped)
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-4), (stopped.name, step)
+    resumed = _adapter(stopped)
+    for key, value in adapter.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-6)
+
+
 @contextlib.contextmanager
 def _long_job(root, run_dir, model_dir, data, **extra):
     """A 2-process run of 2000 steps (it is stopped long before): the launcher, killed on the way out if still alive."""
@@ -170,15 +184,34 @@ def test_fsdp_takes_the_same_steps_and_its_sharded_checkpoint_resumes_sharded_or
 
     # Checkpoints hold whole tensors: step 3 resumes sharded on 2 processes and unsharded on one, to the same end.
     for name, nproc in (("again-fsdp", "2"), ("again-one", "1")):
-        stopped = _stopped_at_step_3(fsdp_dir, tmp_path / name)
-        result = _cli(["train", str(stopped / "config.yaml"), "--resume", "--nproc", nproc, "--output", str(stopped)])
+        _resume_from_step_3(fsdp_dir, tmp_path / name, nproc, [], fsdp_losses, final)
+
+
+def test_deepspeed_zero_2_and_3_take_the_same_steps_and_their_checkpoints_resume_anywhere(two_process_run, tmp_path):
+    root, model_dir, data, ddp_dir, _ = two_process_run
+    ddp_losses, ddp_adapter = _train_losses(ddp_dir), _adapter(ddp_dir)
+    for stage in (2, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        overrides = _overrides(model_dir, data, **{"training.gradient_accumulation": 1, "distributed.strategy": "deepspeed",
+                                                   "distributed.zero_stage": stage})
+        result = _cli(["train", str(root / "cfg.yaml"), "--nproc", "2", "--output", str(run_dir), *_set(overrides)])
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        resumed_losses = _train_losses(stopped)
-        for step in (4, 5, 6):
-            assert resumed_losses[step] == pytest.approx(fsdp_losses[step], abs=1e-4), (name, step)
-        resumed = _adapter(stopped)
-        for key, value in final.items():
-            torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-6)
+        assert f"DeepSpeed ZeRO stage {stage} shards" in result.stdout
+        assert "Traceback" not in result.stderr
+        assert json.loads((run_dir / "summary.json").read_text())["distributed"]["strategy"] == "deepspeed"
+        losses = _train_losses(run_dir)
+        for step in ddp_losses:  # the DDP run took one process's steps (the first test); ZeRO takes the same ones
+            assert losses[step] == pytest.approx(ddp_losses[step], abs=1e-4), (stage, step)
+        final = _adapter(run_dir)
+        for name, value in ddp_adapter.items():
+            torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6)
+
+    # A ZeRO checkpoint holds whole tensors (weights, AdamW's moments): stage 3's resumes into stage 2's partitions
+    # and on one process alone, stage 2's into stage 3's, and each ends where the uninterrupted run ended.
+    for name, source, nproc, stage in (("again-zero2", "zero3", "2", "2"), ("again-zero3", "zero2", "2", "3"),
+                                       ("again-one", "zero3", "1", "3")):
+        _resume_from_step_3(tmp_path / source, tmp_path / name, nproc, ["--set", f"distributed.zero_stage={stage}"],
+                            ddp_losses, ddp_adapter)
 
 
 def test_fsdp_refuses_what_it_cannot_shard(two_process_run, tmp_path):
@@ -187,7 +220,7 @@ def test_fsdp_refuses_what_it_cannot_shard(two_process_run, tmp_path):
                                                                              "method": "adalora"}))
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 2
-    assert "distributed.strategy: fsdp: method adalora keeps state FSDP cannot shard here" in err
+    assert "distributed.strategy: fsdp: method adalora keeps state that cannot be sharded here" in err
     assert err.count("distributed.strategy: fsdp:") == 1  # said once, before any process started
     assert "use distributed.strategy: ddp" in err and "Traceback" not in err
 

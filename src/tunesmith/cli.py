@@ -62,7 +62,7 @@ def _launch_processes(args: argparse.Namespace, cfg, run_dir: Path) -> int:
     if distributed.world_from_env().size > 1:
         raise UserError("--nproc: this process is already one of several (started by torchrun or accelerate "
                         "launch); leave --nproc and --num-machines out there.")
-    if cfg.distributed.strategy == "fsdp":
+    if cfg.distributed.strategy != "ddp":
         distributed.refuse_unshardable(cfg)  # once here, rather than once from every process
     argv = ["train", args.config, "--output", str(run_dir)] + [x for item in args.set for x in ("--set", item)]
     argv += ["--resume"] if args.resume else []
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "several processes (data parallel)",
         "Each process trains on its share of every optimiser step; the global batch is training.batch_size x "
         "training.gradient_accumulation x processes. Each holds the whole model, or 1/N of it with --set "
-        "distributed.strategy=fsdp. On CPU the processes talk over gloo and share the cores; "
+        "distributed.strategy=fsdp (or =deepspeed, ZeRO stage distributed.zero_stage 2 or 3). On CPU the processes talk over gloo and share the cores; "
         "on CUDA, over NCCL, one GPU each. `torchrun --nproc-per-node N -m tunesmith.cli train CONFIG` works too "
         "(and `accelerate launch --multi_gpu ...` on GPUs).",
     )

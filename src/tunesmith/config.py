@@ -242,10 +242,15 @@ class DistillConfig(_Section):
 
 
 class DistributedConfig(_Section):
-    strategy: Literal["ddp", "fsdp"] = Field(
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="With several processes: `ddp` keeps the whole model in every process and sums the "
         "gradients; `fsdp` (PyTorch FSDP2) shards the weights, gradients and optimiser state over the processes, "
-        "so each holds about 1/N of them, at the cost of gathering each layer's weights when it runs."
+        "so each holds about 1/N of them, at the cost of gathering each layer's weights when it runs; `deepspeed` "
+        "runs DeepSpeed ZeRO (stage in zero_stage; pip install 'tunesmith[deepspeed]')."
+    )
+    zero_stage: Literal[2, 3] = Field(
+        2, description="With strategy deepspeed: 2 shards the optimiser state and gradients of what trains; 3 also "
+        "shards every weight of the model (gathered layer by layer as it runs)."
     )
     timeout_s: float = Field(
         1800, gt=0, description="With several processes (--nproc, torchrun, accelerate launch): how long one waits "

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.fileio import atomic_write_dir, sha256_file
 from tunesmith.models.adapters import load_method_state, method_state
-from tunesmith.train.distributed import full, shard_like
+from tunesmith.train import zero
+from tunesmith.train.distributed import full, shard_like, whole_trainables
 
 STATE_FILE = "state.json"
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -34,12 +35,13 @@ METHOD_FILE = "method.safetensors"  # written only by methods with state beyond 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained parameters, whole (a sharded model's are gathered: every process must call this)."""
-    return {name: full(p.detach()).contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: value.contiguous().cpu() for name, value in whole_trainables(model).items()}
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split the optimiser's state into tensors (for safetensors) and plain values (for JSON)."""
-    saved = optimizer.state_dict()
+    # A ZeRO-managed optimiser's state is gathered into the unsharded optimiser's layout (train/zero.py).
+    saved = zero.optimizer_state_dict(optimizer) if hasattr(optimizer, "tunesmith_zero") else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict] = {}
     for index, slots in saved["state"].items():

@@ -84,11 +84,22 @@ def _collective(what: str, call):
     try:
         return call()
     except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"lost the other processes of this run while {what} ({first[:160]}); another process stopped (its "
-            "own message says why) or the network between them failed."
-        ) from None
+        raise lost(what, exc) from None
+
+
+def lost(what: str, exc: BaseException) -> UserError:
+    """The sentence for a collective that failed because another process went away or hung."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"lost the other processes of this run while {what} ({first[:160]}); another process stopped "
+                     "(its own message says why) or the network between them failed.")
+
+
+def lost_peers(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another process went away (FSDP's and DeepSpeed's
+    collectives run inside the forward and backward passes, outside `_collective`)."""
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or (
+        isinstance(exc, RuntimeError) and any(word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed")))
 
 
 def broadcast_object(value, world: World, what: str):
@@ -181,17 +192,23 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World, step_nll: floa
 
 
 def refuse_unshardable(cfg, task: str | None = None, distilling: bool = False) -> None:
-    """What distributed.strategy: fsdp does not do, said before anything loads (`task` None: not known yet)."""
+    """What the sharding strategies (fsdp, deepspeed) do not do, said before anything loads (`task` None: not
+    known yet)."""
+    what = cfg.distributed.strategy + (f" (ZeRO stage {cfg.distributed.zero_stage})" if cfg.distributed.strategy == "deepspeed" else "")
     why = None
     if distilling or task not in (None, "causal_lm"):
         why = f"it shards causal language models being fine-tuned, and this is a {task} {'distillation' if distilling else 'run'}"
     elif cfg.method in ("qlora", "adalora"):
-        why = (f"method {cfg.method} keeps state FSDP cannot shard here "
+        why = (f"method {cfg.method} keeps state that cannot be sharded here "
                + ("(4-bit weights)" if cfg.method == "qlora" else "(AdaLoRA's rank budget reads whole weights)"))
     elif cfg.training.optimizer != "adamw":
         why = f"training.optimizer {cfg.training.optimizer} (bitsandbytes) cannot step sharded parameters"
     if why:
-        raise UserError(f"distributed.strategy: fsdp: {why}; use distributed.strategy: ddp.")
+        raise UserError(f"distributed.strategy: {what}: {why}; use distributed.strategy: ddp.")
+    if cfg.distributed.strategy == "deepspeed":
+        from tunesmith.train.zero import import_deepspeed
+
+        import_deepspeed()  # installed, or a sentence saying how
 
 
 def shard(model: torch.nn.Module, world: World, device: torch.device) -> None:
@@ -232,6 +249,16 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def whole_trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters by name, whole whatever shards them (every process must call this together)."""
+    from tunesmith.train import zero
+
+    gathered = zero.whole_trainables(model)
+    if gathered is not None:
+        return gathered
+    return {name: full(p.detach()) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ from tunesmith.train.compute import (
     enable_gradient_checkpointing,
     want_gradient_checkpointing,
 )
-from tunesmith.train import distributed
+from tunesmith.train import distributed, zero
 from tunesmith.train.optim import make_optimizer
 from tunesmith.train.packing import make_pass, packed_attention, plan_passes, resolve_pass_tokens, want_packing
 from tunesmith.train import loss as loss_fns
@@ -143,8 +143,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     source = resolve_model_source(cfg.model.name)
     tokenizer = load_tokenizer(source, cfg.model)
     task = model_task(source, cfg)
-    fsdp = world.size > 1 and cfg.distributed.strategy == "fsdp"
-    if fsdp:
+    sharding = world.size > 1 and cfg.distributed.strategy != "ddp"  # fsdp or deepspeed
+    fsdp = sharding and cfg.distributed.strategy == "fsdp"
+    if sharding:
         distributed.refuse_unshardable(cfg, task, distiller is not None)
     if distiller is not None and task != "causal_lm":
         raise UserError(f"model.name: {cfg.model.name} is a {task} model; distillation here is for causal language "
@@ -215,7 +216,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
         # the schedule once per process.
         log(f"{world.size} processes, data parallel: global batch = micro-batch {t.batch_size} x accumulation "
             f"{window / world.size:g} x {world.size} processes = {t.batch_size * window} rows per optimiser step"
-            + ("; weights, gradients and optimiser state sharded over the processes (FSDP)" if fsdp else ""))
+            + ("; weights, gradients and optimiser state sharded over the processes (FSDP)" if fsdp else "")
+            + (f"; DeepSpeed ZeRO stage {cfg.distributed.zero_stage} shards the optimiser state and gradients"
+               + (" and the weights" if cfg.distributed.zero_stage == 3 else "") if sharding and not fsdp else ""))
         distributed.align([p for p in model.parameters() if p.requires_grad], world)
         if fsdp:
             distributed.shard(model, world, accelerator.device)  # before the optimiser: it keeps the shards
@@ -234,21 +237,32 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     else:
         progress = new_progress(base_metrics, base_answers)
     progress["window"] = window
+    if sharding and not fsdp:  # after loading: the checkpoint's whole tensors go into ZeRO's partitions
+        if half is torch.float16 and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad):
+            raise UserError("distributed.strategy: deepspeed does not take tunesmith's fp16 loss scaling; set "
+                            "training.autocast: false, or use distributed.strategy: ddp or fsdp.")
+        zero.wrap(model, optimizer, cfg, world, accelerator.device)
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl" if world.main else None)
     try:
         with stop_on_signals() as stop_requested, fast_lora(model), fast_norm_rope(model), \
                 (packed_attention(model) if packing else contextlib.nullcontext()):
-            _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch,
-                         total_steps, metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens,
-                         distiller, world)
+            try:
+                _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, per_epoch,
+                             total_steps, metrics_log, progress, run_dir, stop_requested, half, objective, pass_tokens,
+                             distiller, world)
+            except RuntimeError as exc:
+                if world.size == 1 or not distributed.lost_peers(exc):
+                    raise
+                raise distributed.lost(f"training step {progress['step'] + 1}", exc) from None
     finally:
         metrics_log.close()
-    if fsdp:  # every process takes part in gathering the trained weights
-        trained = {name: distributed.full(p.detach()) for name, p in model.named_parameters() if p.requires_grad}
+    if sharding:  # every process takes part in gathering the trained weights
+        trained = distributed.whole_trainables(model)
     if not world.main:  # what follows (best weights, saving, evaluating, the report) is the first process's
         return {"run_dir": str(run_dir), "rank": world.rank, "train": _train_stats(progress, per_epoch)}
-    if fsdp:  # process 0 goes on with an unsharded model: the base again, with the gathered trained weights
+    if sharding:  # process 0 goes on with an unsharded model: the base again, with the gathered trained weights
+        model.__dict__.pop("tunesmith_engine", None)  # the DeepSpeed engine, which holds the model
         del model, optimizer
         release_free_memory()
         model = prepare_trainable(load_model(source, cfg, dtype, task), cfg, total_steps).to(accelerator.device)
@@ -481,9 +495,10 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
     (`world`), each runs its share of a step's micro-batches and the gradients are summed (train/distributed.py)."""
     t = cfg.training
     window = progress.get("window", t.gradient_accumulation)  # micro-batches per optimiser step, all processes
-    fsdp = distributed.is_sharded(model)
-    # FSDP reduce-scatters the mean of the processes' gradients; the loop wants their sum.
-    loss_scale = world.size if fsdp else 1
+    sharded = distributed.is_sharded(model)  # FSDP or DeepSpeed ZeRO
+    engine = zero.engine_of(model)  # DeepSpeed's, which then reduces, clips and steps
+    # FSDP and ZeRO reduce the mean of the processes' gradients; the loop wants their sum.
+    loss_scale = world.size if sharded else 1
 
     def unit_loss(m, unit):
         if distiller is not None:
@@ -503,7 +518,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
         scaler.load_state_dict(progress["grad_scaler"])
 
     def checkpoint() -> None:
-        if last_saved["step"] == progress["step"] or not (world.main or fsdp):
+        if last_saved["step"] == progress["step"] or not (world.main or sharded):
             return
         # A sharded model's processes all gather the tensors; the first one writes.
         save_checkpoint(run_dir, unwrapped, optimizer, scheduler, progress, write=world.main)
@@ -521,7 +536,8 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
             checkpoint()  # the best weights must stay on disk to be loaded at the end
         return stop
 
-    allocate_early(params, optimizer)
+    if engine is None:  # ZeRO keeps gradients and optimiser state in its own flat buffers
+        allocate_early(params, optimizer)
     model.train()
     bar = tqdm(total=total_steps, initial=progress["step"], desc="training", unit="step",
                disable=not accelerator.is_main_process)
@@ -547,7 +563,7 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                     continue
                 progress["all_tokens"] += sum(all_tokens for _, all_tokens in counts)
                 runs = [(unit, layout, 1.0) for owner, (unit, layout) in units if owner == world.rank]
-                if fsdp:  # as many passes as the busiest process (each pass gathers weights with the others)
+                if sharded:  # as many passes as the busiest process (each pass gathers weights with the others)
                     busiest = max(sum(owner == r for owner, _ in units) for r in range(world.size))
                     runs += [(*units[0][1], 0.0)] * (busiest - len(runs))
                 step_nll = 0.0
@@ -555,7 +571,9 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                 if world.size > 1:  # process 0's: the others' generators may have drifted (DoRA's dropout draws)
                     step_seed = distributed.broadcast_object(step_seed, world, "sharing the step's dropout seed")
                 for i, (unit, layout, weight) in enumerate(runs):
-                    if fsdp:  # reduce-scatter once, after the step's last pass
+                    if engine is not None:  # ZeRO: the step's last pass is where gradients are final
+                        engine.set_gradient_accumulation_boundary(i == len(runs) - 1)
+                    elif sharded:  # FSDP: reduce-scatter once, after the step's last pass
                         model.set_requires_gradient_sync(i == len(runs) - 1)
                     with dropout_rows(step_seed, layout):
                         with autocast:
@@ -563,14 +581,18 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                                          else unit.to(accelerator.device))
                             nll = distributed.run(model, unit_loss, on_device)
                         forget_shared_mask()
-                        accelerator.backward(scaler.scale(nll * (weight * loss_scale) / window_tokens))
+                        scaled = nll * (weight * loss_scale) / window_tokens
+                        if engine is not None:
+                            engine.backward(scaled, scale_wrt_gas=False)
+                        else:
+                            accelerator.backward(scaler.scale(scaled))
                         forget_shared_mask()
                     step_nll += weight * float(nll.detach())
                 penalty = extra_loss(model)  # AdaLoRA's orthogonality term, once per optimiser step
                 if penalty is not None:  # every process adds it; the sum over processes must count it once
                     accelerator.backward(scaler.scale(penalty / world.size))
                 stop_all = False  # several processes: one decision for all, or the rest would wait for the stopped one
-                if fsdp:  # the gradients were reduce-scattered in the backward pass
+                if sharded:  # the gradients were reduced in the backward passes
                     step_nll, stop_all = distributed.sum_scalars(world, step_nll, bool(stop_requested["signal"]),
                                                                  accelerator.device)
                 elif world.size > 1:
@@ -583,18 +605,24 @@ def _train_steps(model, optimizer, scheduler, accelerator, bundle, cfg, device, 
                         + (f"the last good checkpoint is {saved[-1]}. " if saved else "")
                         + "Lower training.learning_rate (or set training.max_grad_norm) and run again."
                     )
-                max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
-                scaler.unscale_(optimizer)
-                grad_norm = float(accelerator.clip_grad_norm_(params, max_norm) if world.size == 1
-                                  else distributed.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
                 lr = scheduler.get_last_lr()[0]
-                scaler.step(optimizer)  # a plain optimizer.step() when the scaler is off
-                scaler.update()
+                if engine is not None:  # clips to training.max_grad_norm, steps, zeroes the gradients
+                    engine.step()
+                    norm = engine.get_global_grad_norm()
+                    grad_norm = float(norm) if norm is not None else float("nan")
+                else:
+                    max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+                    scaler.unscale_(optimizer)
+                    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm) if world.size == 1
+                                      else distributed.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+                    scaler.step(optimizer)  # a plain optimizer.step() when the scaler is off
+                    scaler.update()
                 if use_scaler:
                     progress["grad_scaler"] = scaler.state_dict()
                 after_optimizer_step(model, progress["step"] + 1)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=False)  # the gradient buffers stay where allocate_early put them
+                if engine is None:
+                    optimizer.zero_grad(set_to_none=False)  # the gradient buffers stay where allocate_early put them
                 elapsed = time.perf_counter() - tick
                 progress["step"] += 1
                 progress["train_time"] += elapsed

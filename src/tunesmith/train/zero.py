@@ -1,0 +1,184 @@
+"""`distributed.strategy: deepspeed`: DeepSpeed's ZeRO stage 2 or 3 under the loop in train/loop.py.
+
+What each stage shards over the N processes (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models", 2020): stage 2 the optimiser state and the gradients of the trained parameters,
+stage 3 those and every weight of the model, gathered layer by layer when it runs.
+
+How it fits the loop.  The loop's losses do not go through the model's forward (train/loss.py runs the
+backbone and the output projection separately), so DeepSpeed is handed a small module, `_Step`, whose forward
+runs one of the loop's functions on the model: the engine's forward hooks then surround exactly the loss.
+Under stage 3 the decoder layers are DeepSpeed "leaf" modules, gathered whole when they run, as FSDP does
+(the fast LoRA/norm paths read weights inside a layer without calling each submodule), and the output
+projection's weight is registered with `_Step`, so it is gathered for the loss and its backward too.
+
+The loop keeps its own learning-rate schedule (on the torch optimiser DeepSpeed steps), its own token-
+weighted loss and the step's boundary: each pass says whether it is the step's last, and `engine.step()`
+then clips (training.max_grad_norm) and steps.  Checkpoints hold whole tensors in tunesmith's own format
+(safetensors), not DeepSpeed's (which pickles), so a ZeRO run resumes on any number of processes, with any
+strategy, or on one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from tunesmith.errors import UserError
+
+INSTALL = "pip install 'tunesmith[deepspeed]'"
+STATE_KEYS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-element state; "step" is one number per group
+
+
+def import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise UserError(f"distributed.strategy: deepspeed needs DeepSpeed, which is not installed "
+                        f"({exc}); install it with {INSTALL}, or use distributed.strategy: fsdp.") from None
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown the run's log
+    # DeepSpeed calls torch collectives that torch has renamed; the notice is for DeepSpeed, not the user.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            category=FutureWarning)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # On the CPU DeepSpeed compiles a shared-memory all-reduce kernel when its process group opens; only its
+        # inference all-reduce uses it, and compiling needs a C++ toolchain the machine may lack: not wanted.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+class _Step(torch.nn.Module):
+    """What the engine wraps: calling it runs `fn(model, *args)` inside the engine's forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, world, device: torch.device):
+    """Hand `model` and `optimizer` to a DeepSpeed engine (ZeRO stage `distributed.zero_stage`); the loop
+    then reaches it through `engine_of(model)`.  State already loaded into `optimizer` (a resumed run) is
+    carried into ZeRO's partitions."""
+    deepspeed = import_deepspeed()
+    from tunesmith.train.loss import _decoder_and_head
+
+    stage = cfg.distributed.zero_stage
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    loaded = {index: optimizer.state.pop(p) for index, p in enumerate(order) if optimizer.state.get(p)}
+    groups = list(optimizer.param_groups)  # the dicts the schedule sets lr in (ZeRO swaps their "params")
+    sizes = [len(g["params"]) for g in groups]
+    decoder, head = _decoder_and_head(model)
+    if stage == 3:
+        layers = getattr(decoder, "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList) or head is None:
+            raise UserError("distributed.zero_stage: 3 shards a causal LM layer by layer, and tunesmith cannot find "
+                            "this model's decoder layers; use distributed.zero_stage: 2.")
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [type(layers[0])])
+        embeddings = decoder.get_input_embeddings()
+        if not embeddings.weight.requires_grad:
+            # ZeRO-3 frees a layer's weights once the gradient of its input is computed; when that input needs no
+            # gradient (frozen embeddings, as under LoRA) it frees them too early, before the first layer's LoRA
+            # weights have their gradients.  An input that asks for a gradient puts the release where it belongs.
+            embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    dtype = next((p.dtype for p in order), torch.float32)
+    t = cfg.training
+    config = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": 1,  # the loop marks each step's last pass itself
+        "train_batch_size": t.batch_size * world.size,
+        "gradient_clipping": float(t.max_grad_norm or 0.0),
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},  # every weight sharded
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=_Step(model), optimizer=optimizer, config=config,
+                                           dist_init_required=False)
+    if stage == 3:
+        deepspeed.zero.register_external_parameter(engine.module, head.weight)
+    object.__setattr__(model, "tunesmith_engine", engine)  # not a submodule: the engine holds the model
+    model.tunesmith_call = lambda fn, *args: engine(fn, *args)
+    optimizer.tunesmith_zero = {"order": order, "sizes": sizes, "groups": groups, "engine": engine}
+    if loaded:
+        _put_optimizer_state(engine, optimizer, order, loaded)
+    return engine
+
+
+def engine_of(model: torch.nn.Module):
+    return model.__dict__.get("tunesmith_engine")
+
+
+def _flat_partitions(engine) -> list[torch.Tensor]:
+    """This process's flat fp32 partitions of the trained parameters, the tensors the torch optimiser steps
+    (and keys its state by)."""
+    zero_optimizer = engine.optimizer
+    if engine.zero_optimization_stage() == 3:
+        return list(zero_optimizer.fp32_partitioned_groups_flat)
+    return list(zero_optimizer.single_partition_of_fp32_groups)
+
+
+def _put_optimizer_state(engine, optimizer, order, loaded: dict[int, dict]) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    # Every parameter trains at every step, so AdamW's step count is one number for all of them.
+    step = next((slots["step"] for slots in loaded.values() if "step" in slots), 0)
+    for flat in _flat_partitions(engine):  # what AdamW's first step would make, filled below
+        state = optimizer.state[flat]
+        state["step"] = step.detach().clone() if torch.is_tensor(step) else torch.tensor(float(step))
+        for key in STATE_KEYS:
+            state[key] = torch.zeros_like(flat)
+    linker = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if linker is not None:  # stage 2 links each parameter to its slice of the partitions' state lazily
+        linker()
+    for index, p in enumerate(order):  # a collective under stage 3: every process, every parameter
+        for key in STATE_KEYS:
+            value = loaded.get(index, {}).get(key)
+            if value is None:
+                value = torch.zeros(_shape(p), dtype=torch.float32)
+            safe_set_full_optimizer_state(p, value.to(engine.device, torch.float32), key)
+
+
+def _shape(p: torch.nn.Parameter) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # stage 3 leaves an empty tensor in .data
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """The ZeRO-managed optimiser's state as torch's `state_dict()` of the unsharded optimiser would give it:
+    whole tensors, one entry per parameter.  Every process must call this together (gathers)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    zero = optimizer.tunesmith_zero
+    flats = [optimizer.state.get(flat) for flat in _flat_partitions(zero["engine"])]
+    step = next((state["step"] for state in flats if state and "step" in state), None)
+    state: dict[int, dict] = {}
+    for index, p in enumerate(zero["order"] if step is not None else []):  # none before the first step
+        state[index] = {"step": step.detach().clone()}
+        for key in STATE_KEYS:
+            state[index][key] = safe_get_full_optimizer_state(p, key).reshape(_shape(p)).cpu()
+    groups, start = [], 0
+    for group, size in zip(zero["groups"], zero["sizes"], strict=True):  # lr as the schedule left it
+        groups.append({k: v for k, v in group.items() if k != "params"} | {"params": list(range(start, start + size))})
+        start += size
+    return {"state": state, "param_groups": groups}
+
+
+def whole_trainables(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trained parameters as whole tensors under stage 3 (every process must call this), else None."""
+    engine = engine_of(model)
+    if engine is None or engine.zero_optimization_stage() != 3:
+        return None
+    import deepspeed
+
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        return {name: p.detach().clone() for name, p in named}
