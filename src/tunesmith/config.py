@@ -249,8 +249,9 @@ class DistributedConfig(_Section):
         "runs DeepSpeed ZeRO (stage in zero_stage; pip install 'tunesmith[deepspeed]')."
     )
     zero_stage: Literal[2, 3] = Field(
-        2, description="With strategy deepspeed: 2 shards the optimiser state and gradients of what trains; 3 also "
-        "shards every weight of the model (gathered layer by layer as it runs)."
+        2, description="With strategy deepspeed: 2 shards the optimiser state and gradients of what trains (and "
+        "takes method qlora, whose 4-bit base stays whole in each process); 3 also shards every weight of the model "
+        "(gathered layer by layer as it runs)."
     )
     timeout_s: float = Field(
         1800, gt=0, description="With several processes (--nproc, torchrun, accelerate launch): how long one waits "

@@ -198,6 +198,8 @@ def refuse_unshardable(cfg, task: str | None = None, distilling: bool = False) -
     why = None
     if distilling or task not in (None, "causal_lm"):
         why = f"it shards causal language models being fine-tuned, and this is a {task} {'distillation' if distilling else 'run'}"
+    elif cfg.method == "qlora" and cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage == 2:
+        pass  # ZeRO-2 shards only what trains (LoRA's gradients and moments); the 4-bit base stays whole in each
     elif cfg.method in ("qlora", "adalora"):
         why = (f"method {cfg.method} keeps state that cannot be sharded here "
                + ("(4-bit weights)" if cfg.method == "qlora" else "(AdaLoRA's rank budget reads whole weights)"))
