@@ -214,23 +214,27 @@ def test_deepspeed_zero_2_and_3_take_the_same_steps_and_their_checkpoints_resume
                             ddp_losses, ddp_adapter)
 
 
-def test_qlora_under_zero_2_takes_the_steps_of_one_process(two_process_run, tmp_path):
-    """ZeRO-2 shards only what trains, so QLoRA's 4-bit base (whole in each process) is allowed with it."""
+def test_qlora_under_fsdp_and_zero_2_takes_the_steps_of_one_process(two_process_run, tmp_path):
+    """The 4-bit base stays whole in each process (FSDP leaves it out of its shards; ZeRO-2 shards only what
+    trains); what trains is sharded, and the steps are one process's."""
     root, model_dir, data, _, _ = two_process_run
     settings = {"method": "qlora", "training.max_steps": 3, "training.save_steps": "null", "training.eval_steps": "null"}
-    run_dir = tmp_path / "zero2-qlora"
-    result = _cli(["train", str(root / "cfg.yaml"), "--nproc", "2", "--output", str(run_dir), *_set(_overrides(
-        model_dir, data, **settings, **{"training.gradient_accumulation": 1, "distributed.strategy": "deepspeed"}))])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one = tmp_path / "one"
     run_training(load_config(None, _overrides(model_dir, data, **settings, **{"training.gradient_accumulation": 2})), one)
-    losses, one_losses = _train_losses(run_dir), _train_losses(one)
-    assert sorted(losses) == sorted(one_losses) == [1, 2, 3]
-    for step in one_losses:
-        assert losses[step] == pytest.approx(one_losses[step], abs=1e-4), step
-    a, b = _adapter(run_dir), _adapter(one)
-    for name in b:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    one_losses, one_adapter = _train_losses(one), _adapter(one)
+    for name, strategy in (("fsdp", {"distributed.strategy": "fsdp"}),
+                           ("zero2", {"distributed.strategy": "deepspeed", "distributed.zero_stage": 2})):
+        run_dir = tmp_path / name
+        result = _cli(["train", str(root / "cfg.yaml"), "--nproc", "2", "--output", str(run_dir), *_set(_overrides(
+            model_dir, data, **settings, **strategy, **{"training.gradient_accumulation": 1}))])
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        losses = _train_losses(run_dir)
+        assert sorted(losses) == sorted(one_losses) == [1, 2, 3]
+        for step in one_losses:
+            assert losses[step] == pytest.approx(one_losses[step], abs=1e-4), (name, step)
+        adapter = _adapter(run_dir)
+        for key, value in one_adapter.items():
+            torch.testing.assert_close(adapter[key], value, rtol=1e-4, atol=1e-6)
 
 
 def test_fsdp_refuses_what_it_cannot_shard(two_process_run, tmp_path):

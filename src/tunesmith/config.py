@@ -245,8 +245,8 @@ class DistributedConfig(_Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="With several processes: `ddp` keeps the whole model in every process and sums the "
         "gradients; `fsdp` (PyTorch FSDP2) shards the weights, gradients and optimiser state over the processes, "
-        "so each holds about 1/N of them, at the cost of gathering each layer's weights when it runs; `deepspeed` "
-        "runs DeepSpeed ZeRO (stage in zero_stage; pip install 'tunesmith[deepspeed]')."
+        "so each holds about 1/N of them (QLoRA's 4-bit weights stay whole), at the cost of gathering each layer's "
+        "weights when it runs; `deepspeed` runs DeepSpeed ZeRO (stage in zero_stage; pip install 'tunesmith[deepspeed]')."
     )
     zero_stage: Literal[2, 3] = Field(
         2, description="With strategy deepspeed: 2 shards the optimiser state and gradients of what trains (and "

@@ -198,11 +198,13 @@ def refuse_unshardable(cfg, task: str | None = None, distilling: bool = False) -
     why = None
     if distilling or task not in (None, "causal_lm"):
         why = f"it shards causal language models being fine-tuned, and this is a {task} {'distillation' if distilling else 'run'}"
-    elif cfg.method == "qlora" and cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage == 2:
-        pass  # ZeRO-2 shards only what trains (LoRA's gradients and moments); the 4-bit base stays whole in each
-    elif cfg.method in ("qlora", "adalora"):
-        why = (f"method {cfg.method} keeps state that cannot be sharded here "
-               + ("(4-bit weights)" if cfg.method == "qlora" else "(AdaLoRA's rank budget reads whole weights)"))
+    elif cfg.method == "qlora" and (cfg.distributed.strategy == "fsdp" or cfg.distributed.zero_stage == 2):
+        pass  # the 4-bit base stays whole in each process: FSDP leaves it out, ZeRO-2 shards only what trains
+    elif cfg.method == "qlora":  # ZeRO-3 would cut the 4-bit weights into shards
+        raise UserError(f"distributed.strategy: {what}: method qlora's 4-bit weights cannot be sharded; use "
+                        "distributed.zero_stage: 2 (or distributed.strategy: fsdp), which keep them whole in each process.")
+    elif cfg.method == "adalora":
+        why = "method adalora keeps state that cannot be sharded here (AdaLoRA's rank budget reads whole weights)"
     elif cfg.training.optimizer != "adamw":
         why = f"training.optimizer {cfg.training.optimizer} (bitsandbytes) cannot step sharded parameters"
     if why:
@@ -226,9 +228,12 @@ def shard(model: torch.nn.Module, world: World, device: torch.device) -> None:
         raise UserError("distributed.strategy: fsdp shards a causal LM layer by layer, and tunesmith cannot find "
                         "this model's decoder layers; use distributed.strategy: ddp.")
     mesh = init_device_mesh(device.type, (world.size,))
+    # bitsandbytes' 4-bit weights (QLoRA) carry their quantisation state beside the packed bytes, which FSDP2
+    # cannot cut into shards: they stay whole in every process, and everything else is sharded.
+    whole = {p for p in model.parameters() if getattr(p, "quant_state", None) is not None} or None
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, ignored_params=whole)
+    fully_shard(model, mesh=mesh, ignored_params=whole)
     model.tunesmith_call = types.MethodType(_call, model)
     register_fsdp_forward_method(model, "tunesmith_call")
 
