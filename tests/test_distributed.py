@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import save_tiny_model_folder
 from tunesmith.config import load_config
+from tunesmith.train import distributed
 from tunesmith.train.loop import run_training
 
 ROWS = [
@@ -192,9 +193,16 @@ def test_deepspeed_zero_2_and_3_take_the_same_steps_and_their_checkpoints_resume
     ddp_losses, ddp_adapter = _train_losses(ddp_dir), _adapter(ddp_dir)
     for stage in (2, 3):
         run_dir = tmp_path / f"zero{stage}"
-        overrides = _overrides(model_dir, data, **{"training.gradient_accumulation": 1, "distributed.strategy": "deepspeed",
-                                                   "distributed.zero_stage": stage})
-        result = _cli(["train", str(root / "cfg.yaml"), "--nproc", "2", "--output", str(run_dir), *_set(overrides)])
+        overrides = _set(_overrides(model_dir, data, **{"training.gradient_accumulation": 1}))
+        train = ["train", str(root / "cfg.yaml"), "--output", str(run_dir), *overrides]
+        if stage == 2:  # through the config and --nproc
+            result = _cli([*train, "--nproc", "2", "--set", "distributed.strategy=deepspeed"])
+        else:  # through accelerate's own flags, which the run follows
+            result = subprocess.run(
+                [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_deepspeed", "--zero_stage", "3",
+                 "--num_processes", "2", "--main_process_port", str(distributed._free_port()), "-m", "tunesmith.cli",
+                 *train], capture_output=True, text=True, timeout=600)
+            assert "accelerate launch chose distributed.strategy: deepspeed, distributed.zero_stage: 3" in result.stdout
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert f"DeepSpeed ZeRO stage {stage} shards" in result.stdout
         assert "Traceback" not in result.stderr

@@ -191,6 +191,28 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World, step_nll: floa
 # zero-weight passes.  Saving gathers the full tensors (every process takes part; process 0 writes).
 
 
+def strategy_from_launcher(cfg, report=print):
+    """`cfg`, with the strategy `accelerate launch --use_deepspeed [--zero_stage S]` or `--use_fsdp` chose (the
+    launcher's flags come last, so they win); other launchers leave `cfg` as it is."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
+        stage = int(stage) if stage.isdigit() else cfg.distributed.zero_stage
+        if stage not in (2, 3):
+            raise UserError(f"accelerate launch --zero_stage {stage}: tunesmith runs DeepSpeed ZeRO stage 2 or 3; "
+                            "launch with --zero_stage 2 or 3.")
+        chosen = {"strategy": "deepspeed", "zero_stage": stage}
+    elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        chosen = {"strategy": "fsdp"}  # FSDP2 always; accelerate's other FSDP_* settings are not read
+    else:
+        return cfg
+    said = {key: getattr(cfg.distributed, key) for key in chosen}
+    if said != chosen:
+        report("accelerate launch chose " + ", ".join(f"distributed.{k}: {v}" for k, v in chosen.items())
+               + " (the config said " + ", ".join(f"{v}" for v in said.values()) + "); the run follows the launcher")
+    return cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update=chosen)})
+
+
 def refuse_unshardable(cfg, task: str | None = None, distilling: bool = False) -> None:
     """What the sharding strategies (fsdp, deepspeed) do not do, said before anything loads (`task` None: not
     known yet)."""

@@ -113,6 +113,8 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     seed_everything(t.seed)
     device = detect_device()
     world = distributed.start(device, cfg.distributed.timeout_s)  # one process of several, or alone
+    if world.size > 1:
+        cfg = distributed.strategy_from_launcher(cfg, report=print if world.main else (lambda *a, **k: None))
     if device == "cpu":  # several processes on one machine share its cores out
         torch.set_num_threads(t.num_threads or max(1, cpu_threads() // world.local_size))
     dtype = resolve_dtype(cfg.model.dtype, device)
