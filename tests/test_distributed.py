@@ -28,6 +28,10 @@ ROWS = [
     for i, w in enumerate(["river", "stone", "cloud", "apple", "green", "music", "paper", "light", "house", "water",
                            "field", "chair", "bread", "sugar"])
 ]
+# ZeRO reduces gradients in its own buckets and order, so they differ from DDP's in the last bits; AdamW divides by
+# sqrt(v), which blows that up for an element whose gradient is near zero (one of 2048 moved 3.7e-6 over 6 steps
+# at lr 3e-3). 1e-5 is a third of one percent of one step's move, still far below a wrong step or a lost update.
+ZERO_ATOL = 1e-5
 
 
 def _overrides(model_dir, data, **extra):
@@ -75,9 +79,9 @@ def _stopped_at_step_3(run_dir, stopped):
     return stopped
 
 
-def _resume_from_step_3(run_dir, stopped, nproc, extra, losses, adapter):
+def _resume_from_step_3(run_dir, stopped, nproc, extra, losses, adapter, atol=1e-6):
     """`run_dir` stopped after its step-3 checkpoint, resumed on `nproc` processes: steps 4-6 and the adapter must be
-    the uninterrupted run's (`losses`, `adapter`)."""
+    the uninterrupted run's (`losses`, `adapter`, to `atol`)."""
     _stopped_at_step_3(run_dir, stopped)
     result = _cli(["train", str(stopped / "config.yaml"), "--resume", "--nproc", nproc, "--output", str(stopped), *extra])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -86,7 +90,7 @@ def _resume_from_step_3(run_dir, stopped, nproc, extra, losses, adapter):
         assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-4), (stopped.name, step)
     resumed = _adapter(stopped)
     for key, value in adapter.items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=atol)
 
 
 @contextlib.contextmanager
@@ -206,20 +210,21 @@ def test_deepspeed_zero_2_and_3_take_the_same_steps_and_their_checkpoints_resume
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert f"DeepSpeed ZeRO stage {stage} shards" in result.stdout
         assert "Traceback" not in result.stderr
-        assert json.loads((run_dir / "summary.json").read_text())["distributed"]["strategy"] == "deepspeed"
+        ran = json.loads((run_dir / "summary.json").read_text())["distributed"]
+        assert (ran["strategy"], ran["zero_stage"]) == ("deepspeed", stage)
         losses = _train_losses(run_dir)
         for step in ddp_losses:  # the DDP run took one process's steps (the first test); ZeRO takes the same ones
             assert losses[step] == pytest.approx(ddp_losses[step], abs=1e-4), (stage, step)
         final = _adapter(run_dir)
         for name, value in ddp_adapter.items():
-            torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(final[name], value, rtol=1e-4, atol=ZERO_ATOL, msg=lambda m: f"stage {stage}: {m}")
 
     # A ZeRO checkpoint holds whole tensors (weights, AdamW's moments): stage 3's resumes into stage 2's partitions
     # and on one process alone, stage 2's into stage 3's, and each ends where the uninterrupted run ended.
     for name, source, nproc, stage in (("again-zero2", "zero3", "2", "2"), ("again-zero3", "zero2", "2", "3"),
                                        ("again-one", "zero3", "1", "3")):
         _resume_from_step_3(tmp_path / source, tmp_path / name, nproc, ["--set", f"distributed.zero_stage={stage}"],
-                            ddp_losses, ddp_adapter)
+                            ddp_losses, ddp_adapter, atol=ZERO_ATOL)
 
 
 def test_qlora_under_fsdp_and_zero_2_takes_the_steps_of_one_process(two_process_run, tmp_path):

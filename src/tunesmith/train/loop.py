@@ -326,6 +326,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
         "health": health,
         "wall_s": time.time() - started,
         **({"distributed": {"processes": world.size, "strategy": cfg.distributed.strategy,
+                            **({"zero_stage": cfg.distributed.zero_stage} if cfg.distributed.strategy == "deepspeed" else {}),
                             "global_batch_rows": t.batch_size * window, "micro_batches_per_step": window}}
            if world.size > 1 else {}),
         "next_commands": [
