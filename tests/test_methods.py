@@ -293,6 +293,36 @@ def test_qlora_loads_linear_layers_as_nf4_double_quantised(tiny_model_dir, tiny_
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@needs_four_bit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_gradients_are_the_same_after_an_evaluation_pass(tiny_model_dir, tiny_data, dtype):
+    """A run evaluates between steps (the base model first, validation, samples). bitsandbytes repacks a 4-bit
+    weight for its AVX512-BF16 CPU kernel the first time the layer runs in eval mode, and that kernel has no
+    backward: a training model that let it would lose the gradient through the frozen weights afterwards."""
+    cfg = _config(tiny_model_dir, tiny_data, "method=qlora", "lora.dropout=0.0")
+    model = prepare_trainable(load_model(str(tiny_model_dir), cfg, dtype), cfg)
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # B starts at zero, which would leave A without a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+
+    def gradients():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    assert all(g is not None and g.abs().sum() > 0 for g in before.values())
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = gradients()
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, msg=lambda m: f"{name}: {m}")
+
+
 def test_qlora_without_bitsandbytes_falls_back_to_lora_or_stops(tmp_path, tiny_model_dir, tiny_data, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     cfg = _config(tiny_model_dir, tiny_data, "method=qlora", "training.max_steps=3")

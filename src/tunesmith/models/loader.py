@@ -107,7 +107,23 @@ def load_model(source: str, cfg: Config, dtype: torch.dtype, task: str = "causal
         raise
     if "quantization_config" in extra:
         _release_checkpoint_map(model)
+        _keep_four_bit_trainable(model)
     return model
+
+
+def _keep_four_bit_trainable(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel in a model that trains.
+
+    On CPUs with AVX512-BF16 (bitsandbytes 0.50, `Linear4bit.forward`), the first forward of a 4-bit layer in
+    eval mode without gradients converts its weight, in place and for good, to a layout for a kernel that has
+    no backward.  A run evaluates between steps, so every later step would lose the gradient that flows through
+    the frozen 4-bit weights to the adapters beneath them (and a layer with a bias fails outright).  Inference
+    loads (chat, serve, the distillation teacher) keep the faster kernel."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _release_checkpoint_map(model) -> None:
