@@ -49,8 +49,13 @@ def _train_run_dir(args: argparse.Namespace, cfg) -> Path:
             raise UserError("--resume needs the run folder: give --output DIR, or the run's own config.yaml.")
         run_dir = Path(args.output or cfg.output.dir)
         if not run_dir.is_dir():
-            raise UserError(f"--resume: {run_dir} does not exist; give the folder of the run to continue.")
+            elsewhere = (f" Every machine of the job reads the checkpoint, so machine {args.machine_rank} needs the run "
+                         "folder at the same path as machine 0 (a shared file system, or a copy of it)."
+                         if getattr(args, "machine_rank", 0) else "")
+            raise UserError(f"--resume: {run_dir} does not exist; give the folder of the run to continue.{elsewhere}")
         return run_dir
+    if getattr(args, "machine_rank", 0):  # machine 0 picks and writes the folder; its first process tells the others
+        return Path(args.output or cfg.output.dir or _default_run_dir(args.config))
     return choose_run_dir(args.config, cfg.output.dir, args.output)
 
 
@@ -367,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        code = args.func(args)
     except UserError as exc:
         interrupted = type(exc).__name__ == "TrainingInterrupted"
         from tunesmith.train.distributed import world_from_env
@@ -377,10 +382,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tunesmith: {exc}", file=sys.stderr)
         elif not interrupted:  # every process stops on request; the first one says so
             print(f"tunesmith (process {rank}): {exc}", file=sys.stderr)
-        return 130 if interrupted else 2
+        code = 130 if interrupted else 2
     except KeyboardInterrupt:
         print("tunesmith: interrupted.", file=sys.stderr)
-        return 130
+        code = 130
+    if "torch.distributed" in sys.modules:  # one process of several ends here, whatever happened
+        from tunesmith.train.distributed import leave
+
+        return leave(code)
+    return code
 
 
 if __name__ == "__main__":
