@@ -82,9 +82,9 @@ def model_task(source: str, cfg: Config) -> str:
     return detect_task(model_config)
 
 
-def load_model(source: str, cfg: Config, dtype: torch.dtype, task: str = "causal_lm"):
+def load_model(source: str, cfg: Config, dtype: torch.dtype, task: str = "causal_lm", for_training: bool = True):
     """The model for `cfg.method` and `task`; `dtype` is the precision it computes in (and stores unquantised
-    weights in)."""
+    weights in).  `for_training=False` (inference only) lets bitsandbytes use its CPU inference kernel."""
     from tunesmith.tasks import auto_model_class
 
     extra = {}
@@ -107,7 +107,8 @@ def load_model(source: str, cfg: Config, dtype: torch.dtype, task: str = "causal
         raise
     if "quantization_config" in extra:
         _release_checkpoint_map(model)
-        _keep_four_bit_trainable(model)
+        if for_training:
+            _keep_four_bit_trainable(model)
     return model
 
 
@@ -118,7 +119,7 @@ def _keep_four_bit_trainable(model) -> None:
     eval mode without gradients converts its weight, in place and for good, to a layout for a kernel that has
     no backward.  A run evaluates between steps, so every later step would lose the gradient that flows through
     the frozen 4-bit weights to the adapters beneath them (and a layer with a bias fails outright).  Inference
-    loads (chat, serve, the distillation teacher) keep the faster kernel."""
+    loads (`for_training=False`: chat, serve, merge, the distillation teacher) keep the faster kernel."""
     from bitsandbytes.nn import Linear4bit
 
     for module in model.modules():

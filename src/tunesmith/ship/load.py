@@ -66,7 +66,7 @@ def load_base(handle: RunHandle, dtype: torch.dtype, task: str, dequantize: bool
     into ordinary ones in `dtype` (the weights the adapter was trained against, not the originals)."""
     from tunesmith.models.loader import load_model
 
-    model = load_model(handle.source, handle.cfg, dtype, task)
+    model = load_model(handle.source, handle.cfg, dtype, task, for_training=False)
     if dequantize and getattr(model, "is_loaded_in_4bit", False):
         model = model.dequantize()
         model.to(dtype)
