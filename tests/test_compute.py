@@ -81,7 +81,7 @@ def test_activation_estimate_follows_the_formula_and_auto_decides_on_it(tiny_lla
     "setting, device, dtype, fast, expected",
     [
         ("auto", "cpu", torch.float32, torch.float32, None),  # plain CPU: bf16 is emulated, stay in fp32
-        ("auto", "cpu", torch.float32, torch.bfloat16, torch.bfloat16),  # AMX / AVX512-BF16
+        ("auto", "xpu", torch.float32, torch.bfloat16, torch.bfloat16),  # fp32 weights on a bf16 device
         ("auto", "cuda", torch.bfloat16, torch.bfloat16, torch.bfloat16),
         ("auto", "cuda", torch.float16, torch.float16, torch.float16),
         (True, "cpu", torch.float32, torch.float32, torch.bfloat16),  # asked for: do it

@@ -133,7 +133,7 @@ class TrainingConfig(_Section):
     autocast: bool | Literal["auto"] = Field(
         "auto",
         description="Run matmuls in bf16/fp16 while trained weights stay in their own precision. auto: on where "
-        "the device is fast in 16-bit (GPUs, CPUs with AMX/AVX512-BF16), off on other CPUs.",
+        "the device is fast in 16-bit (GPUs), off on CPUs.",
     )
     packing: bool | Literal["auto"] = Field(
         "auto",

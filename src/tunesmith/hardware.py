@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 # CPU extensions that matter for training speed, as /proc/cpuinfo spells them (x86 `flags`,
-# ARM `Features`). amx_* and avx512_bf16 decide the CPU precision; the rest are reported.
+# ARM `Features`). amx_* and avx512_bf16 are named when auto explains its precision; the rest are reported.
 ML_CPU_FEATURES = (
     "avx", "avx2", "fma", "f16c", "avx_vnni",
     "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -107,8 +107,8 @@ def explain_dtype(device: str) -> tuple[torch.dtype, str]:
     """The dtype `precision: auto` trains in on `device`, and one sentence saying why.
 
     The one rule for `auto`: bf16 where the device has native bf16 matmuls (CUDA compute
-    capability 8.0+, ROCm, Intel XPU, CPUs with AMX-BF16 or AVX512-BF16), fp16 on older CUDA
-    cards and Apple MPS, fp32 on every other CPU.
+    capability 8.0+, ROCm, Intel XPU), fp16 on older CUDA cards and Apple MPS, fp32 on every CPU
+    (on those with AMX-BF16 or AVX512-BF16 too: see below).
     """
     if device == "cuda":
         if torch.version.hip:
@@ -129,7 +129,13 @@ def explain_dtype(device: str) -> tuple[torch.dtype, str]:
         found = [f for f in CPU_BF16_FEATURES if f in cpu_features()]
         if found:
             names = " and ".join(FEATURE_NAMES[f] for f in found)
-            return torch.bfloat16, f"this CPU has {names}, so it runs bf16 matmuls natively and auto trains in bf16."
+            # Measured on a 2-core AMX Xeon (bench/RESULTS.md, "Precision on a CPU with AMX"): bf16 matmuls run
+            # 4-7x faster than fp32 there, yet the quickstart trained at 45.0 tok/s and 3.24 GiB in bf16 against
+            # 61.5 tok/s and 1.97 GiB in fp32, because tunesmith's fused CPU paths (LoRA, SwiGLU, RMSNorm, RoPE)
+            # are fp32 and bf16 falls back to PEFT's and transformers' own, with their casts.
+            return torch.float32, (f"this CPU has {names} (native bf16 matmuls), but tunesmith's fused CPU training "
+                                   "paths are fp32, which trained faster and in less memory than bf16 on such a CPU; "
+                                   "auto trains in fp32 (model.dtype: bfloat16 asks for bf16).")
         return torch.float32, ("this CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be emulated and "
                                "slower than fp32; auto trains in fp32.")
     return torch.float32, f"device {device!r} is not one tunesmith knows the fast precision of, so auto trains in fp32."

@@ -2,8 +2,8 @@
 
 `training.autocast` runs matmuls in a 16-bit type while the weights that train stay in the
 type they were loaded in (LoRA adapters are kept in fp32 by PEFT).  `auto` turns it on where the
-device's fast precision is 16-bit (see `hardware.explain_dtype`): CUDA, XPU, MPS and CPUs with
-AMX-BF16/AVX512-BF16; on other CPUs bf16 is emulated and slower than fp32, so it stays off.
+device's fast precision is 16-bit (see `hardware.explain_dtype`): CUDA, XPU and MPS; on CPUs it
+stays off (tunesmith's fused CPU paths are fp32, and measured faster than bf16 even with AMX).
 
 `training.gradient_checkpointing` keeps only each decoder layer's input during the forward pass
 and recomputes the rest in the backward pass: about a third more compute for activation
