@@ -130,8 +130,8 @@ def explain_dtype(device: str) -> tuple[torch.dtype, str]:
         if found:
             names = " and ".join(FEATURE_NAMES[f] for f in found)
             # Measured on a 2-core AMX Xeon (bench/RESULTS.md, "Precision on a CPU with AMX"): bf16 matmuls run
-            # 4-7x faster than fp32 there, yet the quickstart trained at 45.0 tok/s and 3.24 GiB in bf16 against
-            # 61.5 tok/s and 1.97 GiB in fp32, because tunesmith's fused CPU paths (LoRA, SwiGLU, RMSNorm, RoPE)
+            # 4-7x faster than fp32 there, yet the quickstart trained at 44.2 tok/s (peak 3.24 GiB) in bf16 against
+            # 60.9 tok/s (peak 1.97 GiB) in fp32, because tunesmith's fused CPU paths (LoRA, SwiGLU, RMSNorm, RoPE)
             # are fp32 and bf16 falls back to PEFT's and transformers' own, with their casts.
             return torch.float32, (f"this CPU has {names} (native bf16 matmuls), but tunesmith's fused CPU training "
                                    "paths are fp32, which trained faster and in less memory than bf16 on such a CPU; "

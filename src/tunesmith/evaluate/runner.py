@@ -83,7 +83,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
         del base_model
         gc.collect()
         release_free_memory()
-        tuned, tuned_answers = run(load_model(str(tuned_dir), cfg, dtype, task).to(device), "tuned")
+        tuned, tuned_answers = run(load_model(str(tuned_dir), cfg, dtype, task, for_training=False).to(device), "tuned")
     if task == MASKED_LM:
         report("eval: a masked-language model does not generate; only the held-out loss is compared.")
 
