@@ -171,28 +171,35 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(two_process_run, tmp_pat
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
 
 
+def _two_machines(root, tmp_path, run_dir, overrides):
+    """`tunesmith train` on two "machines" of one process each, started as on a real cluster (the same command
+    with --machine-rank 0 and 1), each with its own TUNESMITH_HOME (tmp_path/home0, home1) as each machine has its
+    own disk: [(stdout, stderr)] of machine 0 and machine 1, both asserted to have succeeded."""
+    port = distributed._free_port()
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "tunesmith.cli", "train", str(root / "cfg.yaml"), "--output", str(run_dir),
+         "--nproc", "1", "--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1",
+         "--main-process-port", str(port), *_set(overrides)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env=dict(os.environ, TUNESMITH_HOME=str(tmp_path / f"home{rank}"), PYTHONUNBUFFERED="1")) for rank in (0, 1)]
+    outputs = [launcher.communicate(timeout=600) for launcher in machines]
+    assert [launcher.returncode for launcher in machines] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    return outputs
+
+
 def test_two_machines_each_tokenising_into_its_own_cache_take_the_steps_of_one(two_process_run, tmp_path):
     """Two "machines" on this host, one process each, joined through --num-machines/--machine-rank/
     --main-process-ip as on a real cluster; each has its own TUNESMITH_HOME, as each machine has its own disk."""
     root, model_dir, data, ddp_dir, _ = two_process_run
-    run_dir, port = tmp_path / "run", distributed._free_port()
-    machines = []
-    for rank in (0, 1):
-        home = tmp_path / f"home{rank}"
-        machines.append((home, subprocess.Popen(
-            [sys.executable, "-m", "tunesmith.cli", "train", str(root / "cfg.yaml"), "--output", str(run_dir),
-             "--nproc", "1", "--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1",
-             "--main-process-port", str(port), *_set(_overrides(model_dir, data, **{"training.gradient_accumulation": 1}))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-            env=dict(os.environ, TUNESMITH_HOME=str(home), PYTHONUNBUFFERED="1"))))
-    (out0, err0), (out1, err1) = (launcher.communicate(timeout=600) for _, launcher in machines)
-    assert [launcher.returncode for _, launcher in machines] == [0, 0], err0[-3000:] + err1[-3000:]
+    run_dir = tmp_path / "run"
+    (out0, err0), (out1, err1) = _two_machines(root, tmp_path, run_dir, _overrides(model_dir, data, **{
+        "training.gradient_accumulation": 1}))
     for out in (out0, out1):
         assert "starting 1 of the job's 2 training processes on this machine" in out
     # Machine 0's first process prints for the job; machine 1 says nothing past its launcher's line.
     assert "global batch = micro-batch 2 x accumulation 1 x 2 processes = 4 rows per optimiser step" in out0
     assert "global batch" not in out1 and "Traceback" not in err0 + err1
-    for home, _ in machines:  # each machine tokenised the data once, into its own cache
+    for home in (tmp_path / "home0", tmp_path / "home1"):  # each machine tokenised the data into its own cache
         assert len(list((home / "tokenized").iterdir())) >= 1, home
     # The job is the --nproc 2 job on one machine: the same steps and adapter.
     losses, ddp_losses = _train_losses(run_dir), _train_losses(ddp_dir)
@@ -208,6 +215,26 @@ def test_two_machines_each_tokenising_into_its_own_cache_take_the_steps_of_one(t
     assert result.returncode == 2
     assert "machine 1 needs the run folder at the same path as machine 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_gguf_model_is_converted_on_each_machine_before_the_job_starts(two_process_run, tmp_path):
+    """A .gguf (or built-in) model is dequantised into each machine's cache. Machine 1's process is process 1 of
+    the job, and transformers saves a model only from process 0 once a process group is up: the conversion must
+    come first, or machine 1's cache gets a folder with no weights."""
+    from tunesmith.ship.gguf_export import export_gguf
+
+    root, model_dir, data, _, _ = two_process_run
+    gguf = tmp_path / "tiny.gguf"
+    export_gguf(model_dir, gguf, quant="f16", report=lambda _: None)
+    outputs = _two_machines(root, tmp_path, tmp_path / "run", _overrides(gguf, data, **{
+        "training.max_steps": 2, "training.save_steps": "null", "training.eval_steps": "null"}))
+    for rank, (out, err) in enumerate(outputs):
+        assert "converting tiny.gguf to a safetensors folder" in out, rank
+        assert "Traceback" not in err
+        converted = list((tmp_path / f"home{rank}" / "models").glob("gguf-tiny-*"))
+        assert len(converted) == 1 and (converted[0] / "config.json").is_file(), rank
+        assert list(converted[0].glob("*.safetensors")), rank
+    assert sorted(_train_losses(tmp_path / "run")) == [1, 2]
 
 
 def test_fsdp_takes_the_same_steps_and_its_sharded_checkpoint_resumes_sharded_or_not(two_process_run, tmp_path):

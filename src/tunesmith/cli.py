@@ -102,6 +102,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--nproc and --num-machines count processes and machines: give 1 or more.")
     if args.nproc > 1 or args.num_machines > 1:
         return _launch_processes(args, cfg, _train_run_dir(args, cfg))
+    if distributed.world_from_env().size > 1:
+        # A built-in or .gguf model is converted into this machine's cache before the process group starts
+        # (transformers writes a model only from process 0 of a started group); the processes take turns.
+        from tunesmith.models.loader import resolve_model_source
+
+        resolve_model_source(cfg.model.name)
     world = distributed.start(detect_device(), cfg.distributed.timeout_s)
     if world.size == 1:
         run_dir = _train_run_dir(args, cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +31,26 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | Path):
+    """Hold an exclusive lock on `lock_path` (created if missing) while the block runs, so processes that would
+    each build the same cached folder (the processes of one job, two runs started together) take turns; the
+    one that waited then finds the folder built.  Where the OS has no `fcntl` (Windows) it does not lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import UserError
-from tunesmith.fileio import atomic_write_dir
+from tunesmith.fileio import atomic_write_dir, exclusive
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,11 @@ def builtin_path(name: str) -> Path:
     if _is_complete(target):
         return target
     source = _gguf_source(model)
-    # Written into a temporary folder, then renamed: a crash halfway never leaves a folder
-    # that looks complete.
-    atomic_write_dir(target, lambda tmp: _convert_gguf(source, tmp))
+    with exclusive(target.with_name(f".{target.name}.lock")):
+        if not _is_complete(target):  # else another process converted it while this one waited
+            # Written into a temporary folder, then renamed: a crash halfway never leaves a folder
+            # that looks complete.
+            atomic_write_dir(target, lambda tmp: _convert_gguf(source, tmp))
     return target
 
 
@@ -108,3 +110,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if not (out_dir / "config.json").is_file():
+        # transformers 5 writes a model only from process 0 of a started process group; tunesmith converts
+        # before joining one (cli.cmd_train), so this is a bug, not something the user did.
+        raise RuntimeError(f"converting {gguf_path} wrote no config.json (was a process group already started?)")

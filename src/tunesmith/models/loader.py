@@ -15,7 +15,7 @@ import torch
 
 from tunesmith.config import Config, ModelConfig
 from tunesmith.errors import UserError
-from tunesmith.fileio import atomic_write_dir
+from tunesmith.fileio import atomic_write_dir, exclusive
 from tunesmith.hardware import four_bit_status
 from tunesmith.models.builtin import BUILTIN_MODELS, _convert_gguf, builtin_path, tunesmith_home
 
@@ -26,7 +26,9 @@ def gguf_cached_path(gguf_file: Path) -> Path:
     key = hashlib.sha256(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = tunesmith_home() / "models" / f"gguf-{gguf_file.stem}-{key}"
     if not (target / "config.json").is_file():
-        atomic_write_dir(target, lambda tmp: _convert_gguf(gguf_file, tmp))
+        with exclusive(target.with_name(f".{target.name}.lock")):
+            if not (target / "config.json").is_file():  # else converted by another process meanwhile
+                atomic_write_dir(target, lambda tmp: _convert_gguf(gguf_file, tmp))
     return target
 
 
