@@ -74,15 +74,18 @@ def builtin_path(name: str) -> Path:
         raise UserError(f"`{name}` is not a built-in model; the built-in models are: {', '.join(BUILTIN_MODELS)}.")
     model = BUILTIN_MODELS[name]
     target = tunesmith_home() / "models" / f"{name}-{_CACHE_VERSION}"
-    if _is_complete(target):
-        return target
-    source = _gguf_source(model)
-    with exclusive(target.with_name(f".{target.name}.lock")):
-        if not _is_complete(target):  # else another process converted it while this one waited
-            # Written into a temporary folder, then renamed: a crash halfway never leaves a folder
-            # that looks complete.
-            atomic_write_dir(target, lambda tmp: _convert_gguf(source, tmp))
+    if not _is_complete(target):
+        convert_gguf_once(_gguf_source(model), target, _is_complete)
     return target
+
+
+def convert_gguf_once(gguf_path: Path, target: Path, complete) -> None:
+    """Convert `gguf_path` into the cache folder `target` unless `complete(target)` says another process did it
+    meanwhile: the processes that want it take turns (a lock beside the folder), and the folder is written at a
+    temporary name and renamed, so a crash halfway never leaves one that looks complete."""
+    with exclusive(target.with_name(f".{target.name}.lock")):
+        if not complete(target):
+            atomic_write_dir(target, lambda tmp: _convert_gguf(gguf_path, tmp))
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:

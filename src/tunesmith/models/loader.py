@@ -15,9 +15,8 @@ import torch
 
 from tunesmith.config import Config, ModelConfig
 from tunesmith.errors import UserError
-from tunesmith.fileio import atomic_write_dir, exclusive
 from tunesmith.hardware import four_bit_status
-from tunesmith.models.builtin import BUILTIN_MODELS, _convert_gguf, builtin_path, tunesmith_home
+from tunesmith.models.builtin import BUILTIN_MODELS, builtin_path, convert_gguf_once, tunesmith_home
 
 
 def gguf_cached_path(gguf_file: Path) -> Path:
@@ -25,10 +24,12 @@ def gguf_cached_path(gguf_file: Path) -> Path:
     stat = gguf_file.stat()
     key = hashlib.sha256(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = tunesmith_home() / "models" / f"gguf-{gguf_file.stem}-{key}"
-    if not (target / "config.json").is_file():
-        with exclusive(target.with_name(f".{target.name}.lock")):
-            if not (target / "config.json").is_file():  # else converted by another process meanwhile
-                atomic_write_dir(target, lambda tmp: _convert_gguf(gguf_file, tmp))
+
+    def converted(folder: Path) -> bool:
+        return (folder / "config.json").is_file()
+
+    if not converted(target):
+        convert_gguf_once(gguf_file, target, converted)
     return target
 
 
