@@ -43,8 +43,8 @@ def main() -> None:
 
     from tunesmith.config import load_config
     from tunesmith.data.build import load_eval_rows
-    from tunesmith.evaluate.quick import generate_answers
-    from tunesmith.evaluate.suite import build_inputs
+    from tunesmith.models.generate import generate_answers
+    from tunesmith.data.heldout import build_inputs
     from tunesmith.fileio import atomic_write_json
     from tunesmith.hardware import cpu_threads
     from tunesmith.models import load_tokenizer, resolve_model_source

@@ -88,7 +88,8 @@ def child_tunesmith(method: str, steps: int, config: Path, run_dir: Path, extra:
     """tunesmith's own run_training, with a wrapper around its model loader that reads RSS after loading."""
     from tunesmith.config import load_config
     from tunesmith.train import loop
-    from tunesmith.train.metrics import peak_rss_bytes, read_metrics, release_free_memory, rss_bytes
+    from tunesmith.hardware import peak_rss_bytes, release_free_memory, rss_bytes
+    from tunesmith.train.metrics_log import read_metrics
 
     after_load: dict = {}
     load_model = loop.load_model
@@ -130,7 +131,7 @@ def baseline_inputs(cfg):
     from tunesmith.data import build_datasets
     from tunesmith.hardware import cpu_threads
     from tunesmith.models import load_tokenizer, resolve_model_source, tunesmith_home
-    from tunesmith.train.batching import epoch_order
+    from tunesmith.data.batching import epoch_order
 
     t = cfg.training
     torch.manual_seed(t.seed)
@@ -150,8 +151,8 @@ def child_hf_peft(steps: int, config: Path, run_dir: Path, extra: list[str]) -> 
 
     from tunesmith.config import load_config
     from tunesmith.models.families import family_target_modules
-    from tunesmith.train.batching import collate
-    from tunesmith.train.metrics import peak_rss_bytes, rss_bytes
+    from tunesmith.data.batching import collate
+    from tunesmith.hardware import peak_rss_bytes, rss_bytes
 
     cfg = load_config(config, overrides("hf-peft", steps, extra))
     t = cfg.training

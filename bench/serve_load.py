@@ -183,7 +183,7 @@ def load(url: str, api_key: str | None, model: str, max_tokens: int, clients: in
 def check_against_generate_answers(server, max_tokens: int, answers: list[str]) -> int:
     """How many of the expected answers equal generate_answers' greedy answer on the served model."""
     from tunesmith.data.tokens import chat_ids
-    from tunesmith.evaluate.quick import generate_answers
+    from tunesmith.models.generate import generate_answers
 
     generator = server.generator
     prompts = [chat_ids(generator.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)

@@ -62,7 +62,7 @@ def main() -> None:
     from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
     from tunesmith.models.adapters import prepare_trainable
     from tunesmith.models.lora_fast import fast_lora, fast_norm_rope, forget_shared_mask
-    from tunesmith.train.batching import collate, epoch_order, iter_batches
+    from tunesmith.data.batching import collate, epoch_order, iter_batches
     from tunesmith.train.loss import packed_nll_sum, token_nll_sum
     from tunesmith.train.packing import make_pass, plan_passes
 

@@ -73,7 +73,7 @@ def workload(steps: int, data: Path, extra: dict) -> dict:
 def child_tunesmith(raw: dict, run_dir: Path) -> dict:
     from tunesmith.config import config_from_dict
     from tunesmith.train.loop import run_training
-    from tunesmith.train.metrics import read_metrics
+    from tunesmith.train.metrics_log import read_metrics
 
     summary = run_training(config_from_dict(raw, "bench workload"), run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -103,7 +103,7 @@ def child_baseline(raw: dict, run_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from tunesmith.config import config_from_dict
-    from tunesmith.train.batching import collate
+    from tunesmith.data.batching import collate
 
     cfg = config_from_dict(raw, "bench workload")
     t = cfg.training

@@ -142,7 +142,7 @@ def test_the_cache_with_k_as_large_as_the_vocabulary_gives_the_online_loss(tmp_p
     from tunesmith.distill.run import Distiller
     from tunesmith.distill.teacher import load_teacher
     from tunesmith.models.loader import load_model
-    from tunesmith.train.batching import collate
+    from tunesmith.data.batching import collate
     from tunesmith.train.packing import make_pass, plan_passes
 
     folder = _tiny_teacher_folder(tmp_path)

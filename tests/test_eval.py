@@ -11,10 +11,10 @@ import torch
 from test_train import ROWS, _config
 from tunesmith.cli import main
 from tunesmith.evaluate import metrics as m
-from tunesmith.evaluate.quick import heldout_loss
+from tunesmith.train.validation import heldout_loss
 from tunesmith.evaluate.runner import evaluate_run
 from tunesmith.errors import UserError
-from tunesmith.tasks import Objective
+from tunesmith.train.objective import Objective
 from tunesmith.train.loop import run_training
 
 GSM8K_REGEX = r"####\s*(-?[\d,.]+)"

@@ -91,7 +91,7 @@ def write_matrix():
 def test_method_trains_family(tmp_path, family, method):
     from conftest import build_tiny_tokenizer
 
-    from tunesmith.tasks import auto_model_class, detect_task
+    from tunesmith.models.tasks import auto_model_class, detect_task
 
     if method == "qlora":
         from tunesmith.hardware import four_bit_status

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.errors import UserError
 from tunesmith.models.lora_fast import DropoutLinear, DropoutThenLinear, fast_lora, fast_norm_rope, keep_scale
-from tunesmith.train.batching import collate
+from tunesmith.data.batching import collate
 from tunesmith.train.loss import LinearCrossEntropySum, head_nll_sum, packed_nll_sum, token_nll_sum
 from tunesmith.train.packing import PACKABLE_TYPES, make_pass, plan_passes, resolve_pass_tokens, want_packing
 
@@ -107,11 +107,11 @@ def test_no_row_sees_another_in_a_pass():
 
 def _per_row_nll(model, rows):
     """Each row's NLL out of one packed pass of all rows (the loss split back by row)."""
-    from tunesmith.train.loss import _decoder_and_head
+    from tunesmith.models.parts import decoder_and_head
     from tunesmith.train.packing import packed_attention
 
     p = make_pass(rows)
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     with packed_attention(model):
         hidden = decoder(input_ids=p.input_ids, position_ids=p.position_ids, cu_seq_lens_q=p.cu_seq_lens).last_hidden_state[0]
     nll = F.cross_entropy(head(hidden), p.targets.clamp(min=0), reduction="none") * (p.targets != IGNORE_INDEX)

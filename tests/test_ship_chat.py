@@ -10,7 +10,7 @@ import torch
 
 from tunesmith.data import encode_prompt
 from tunesmith.errors import UserError
-from tunesmith.evaluate.quick import generate_answers
+from tunesmith.models.generate import generate_answers
 from tunesmith.ship.chat import chat_repl, load_for_chat, pick_token, register, stream_reply
 from tunesmith.ship.merge import merge_run
 
@@ -54,7 +54,8 @@ def test_seq2seq_streamed_answer_is_the_greedy_answer():
     from conftest import build_tiny_tokenizer
 
     from test_tasks import _t5
-    from tunesmith.tasks import SEQ2SEQ, plain_prompt
+    from tunesmith.models.tasks import SEQ2SEQ
+    from tunesmith.data.tokens import plain_prompt
 
     tokenizer = build_tiny_tokenizer()
     model = _t5(len(tokenizer)).eval()

@@ -178,7 +178,7 @@ def tiny_adapter_run(tmp_path_factory):
 
 def test_adapter_run_exports_merged_with_a_modelfile(tiny_adapter_run):
     from tunesmith.data import encode_prompt
-    from tunesmith.ship.load import load_base, load_for_inference, open_run
+    from tunesmith.models.run_folder import load_base, load_for_inference, open_run
 
     run_dir, root = tiny_adapter_run
     out = root / "export" / "tiny.gguf"
@@ -296,9 +296,9 @@ def test_builtin_run_round_trips_through_gguf(tmp_path):
     from tunesmith.config import load_config
     from tunesmith.data import encode_prompt, prompt_and_references
     from tunesmith.data.build import load_eval_rows
-    from tunesmith.evaluate.quick import heldout_loss
-    from tunesmith.ship.load import load_for_inference, open_run
-    from tunesmith.tasks import Objective
+    from tunesmith.train.validation import heldout_loss
+    from tunesmith.models.run_folder import load_for_inference, open_run
+    from tunesmith.train.objective import Objective
     from tunesmith.train.loop import run_training
 
     examples = Path(__file__).resolve().parent.parent / "examples"

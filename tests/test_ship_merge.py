@@ -14,7 +14,7 @@ import torch
 
 from tunesmith.errors import UserError
 from tunesmith.hardware import four_bit_status
-from tunesmith.ship.load import load_for_inference, open_run
+from tunesmith.models.run_folder import load_for_inference, open_run
 from tunesmith.ship.merge import MERGE_INFO, merge_run, register
 
 from test_train import ROWS, _config
@@ -81,7 +81,7 @@ def test_merged_folder_is_a_plain_safetensors_folder_with_the_chat_template(lora
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data import encode_prompt
-    from tunesmith.evaluate.quick import generate_answers
+    from tunesmith.models.generate import generate_answers
 
     names = {p.name for p in merged.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", MERGE_INFO} <= names

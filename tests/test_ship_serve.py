@@ -18,8 +18,8 @@ import torch
 from test_train import ROWS, _config
 from tunesmith.data.tokens import chat_ids
 from tunesmith.errors import UserError
-from tunesmith.evaluate.quick import generate_answers
-from tunesmith.ship.load import load_for_inference, open_run
+from tunesmith.models.generate import generate_answers
+from tunesmith.models.run_folder import load_for_inference, open_run
 from tunesmith.ship.serve import (GenerationRequest, Generator, RequestError, _ReplyWatcher, is_loopback, make_server,
                                   register)
 

@@ -12,16 +12,10 @@ from conftest import build_tiny_tokenizer
 from tunesmith.config import load_config
 from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow, tokenize_sample
 from tunesmith.errors import UserError
-from tunesmith.tasks import (
-    CAUSAL_LM,
-    MASKED_LM,
-    SEQ2SEQ,
-    Objective,
-    detect_task,
-    mask_tokens,
-    masked_lm_ids,
-    plain_prompt,
-)
+from tunesmith.models.tasks import CAUSAL_LM, MASKED_LM, SEQ2SEQ, detect_task
+from tunesmith.train.objective import Objective
+from tunesmith.data.batching import mask_tokens
+from tunesmith.data.tokens import masked_lm_ids, plain_prompt
 from tunesmith.train.loop import run_training
 
 from test_train import ROWS as TRAIN_ROWS

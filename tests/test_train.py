@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from tunesmith.config import load_config
-from tunesmith.train.batching import collate
+from tunesmith.data.batching import collate
 from tunesmith.train.loop import plan_steps, run_training
-from tunesmith.train.loss import IGNORE_INDEX, token_nll_sum
+from tunesmith.data.tokens import IGNORE_INDEX
+from tunesmith.train.loss import token_nll_sum
 
 ROWS = [
     {"instruction": "Say the colour of the sky.", "input": "", "output": "The sky is blue."},

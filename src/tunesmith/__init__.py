@@ -17,3 +17,7 @@ if (_sys.platform == "linux" and "DS_ACCELERATOR" not in _os.environ
 import logging as _logging  # noqa: E402
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+from tunesmith import logs as _logs  # noqa: E402
+
+_logs.install()

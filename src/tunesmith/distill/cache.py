@@ -24,6 +24,8 @@ from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_json, sha256_file
 from tunesmith.train.loss import LOSS_CHUNK_TOKENS
+from tunesmith.distill.teacher import teacher_trained_hidden
+from tunesmith.distill.loss import SparseTeacher
 
 MANIFEST = "manifest.json"
 ROWS_PER_SHARD = 512
@@ -47,7 +49,6 @@ def build_cache(folder: Path, teacher, units, about: dict, report=print) -> None
     it, in order) and write the cache described by `about` into `folder` (which must be new or empty)."""
     from safetensors.torch import save_file
 
-    from tunesmith.distill.teacher import teacher_trained_hidden
 
     folder.mkdir(parents=True, exist_ok=True)
     temperature, k = about["temperature"], about["top_k"]
@@ -122,7 +123,6 @@ class TeacherCache:
 
     def lookup(self, rows_ids: list, counts: list[int]):
         """The SparseTeacher for rows with these token ids, each with this many trained tokens."""
-        from tunesmith.distill.loss import SparseTeacher
 
         indices, logprobs = [], []
         for ids, n in zip(rows_ids, counts):

@@ -28,8 +28,30 @@ from tunesmith.distill.loss import DenseTeacher, distill_sum
 from tunesmith.distill.teacher import Teacher, load_teacher, model_weight_files, same_tokenizer, teacher_trained_hidden
 from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
-from tunesmith.train.loss import _decoder_and_head, head_nll_sum, packed_trained_hidden, padded_trained_hidden
+from tunesmith.models.parts import decoder_and_head
+from tunesmith.train.loss import head_nll_sum, packed_trained_hidden, padded_trained_hidden
 from tunesmith.train.report import render_report
+from tunesmith.distill.prune import prune_layers
+from tunesmith.hardware import resolve_dtype
+from tunesmith.models.loader import load_model
+from tunesmith.models.run_folder import load_for_inference, open_run
+from tunesmith.hardware import detect_device, resolve_dtype
+from tunesmith.models import resolve_model_source
+from tunesmith.models.loader import load_tokenizer
+from tunesmith.train.loop import run_training
+from tunesmith.data import build_datasets
+from tunesmith.models.generate import generate_answers
+from tunesmith.train.validation import heldout_loss
+from tunesmith.data.heldout import build_inputs
+from tunesmith.models import tunesmith_home
+from tunesmith.train.objective import Objective
+from tunesmith.data.build import _tokenizer_fingerprint
+from tunesmith.distill.cache import MANIFEST, TeacherCache, build_cache, describe
+from tunesmith.data.batching import collate, iter_batches
+from tunesmith.train.packing import make_pass, plan_passes, resolve_pass_tokens
+from tunesmith.data.build import _load_samples, split_indices
+from tunesmith.data.formats import prompt_and_reference
+from tunesmith.data.tokens import encode_prompt
 
 GENERATION_PROMPTS = 8  # held-out prompts each model answers for the generation-speed comparison
 
@@ -42,7 +64,7 @@ class Distiller:
 
     def loss_sum(self, model, unit) -> tuple[torch.Tensor, int]:
         """(summed distillation loss over the unit's trained tokens, how many there were)."""
-        decoder, head = _decoder_and_head(model)
+        decoder, head = decoder_and_head(model)
         if decoder is None:
             raise UserError("distillation needs a student whose decoder and output layer tunesmith can reach apart.")
         if isinstance(unit, dict):
@@ -79,10 +101,6 @@ def _student_cfg(cfg, name: str):
 
 def make_pruned_student(cfg, teacher: Teacher, folder: Path, report=print) -> list[int]:
     """Write the layer-pruned copy of the teacher (its weights merged with any adapter) to `folder`."""
-    from tunesmith.distill.prune import prune_layers
-    from tunesmith.hardware import resolve_dtype
-    from tunesmith.models.loader import load_model
-    from tunesmith.ship.load import load_for_inference, open_run
 
     dtype = resolve_dtype(cfg.model.dtype, "cpu")
     if Path(teacher.label, "config.yaml").is_file():
@@ -102,10 +120,6 @@ def make_pruned_student(cfg, teacher: Teacher, folder: Path, report=print) -> li
 
 def run_distillation(cfg, run_dir: Path, cache_teacher: bool = False, report=print) -> dict:
     """Distil as the config says into `run_dir`; returns the run's summary (with a `distill` section)."""
-    from tunesmith.hardware import detect_device, resolve_dtype
-    from tunesmith.models import resolve_model_source
-    from tunesmith.models.loader import load_tokenizer
-    from tunesmith.train.loop import run_training
 
     if cfg.method == "adalora":
         raise UserError("method: adalora adds its own loss term; distil with lora, dora, rslora, qlora or full.")
@@ -147,7 +161,6 @@ def run_distillation(cfg, run_dir: Path, cache_teacher: bool = False, report=pri
         seq_cfg = write_teacher_answers(cfg, student_cfg, teacher, student_tokenizer, run_dir, device, report)
         summary = run_training(seq_cfg, run_dir)
 
-    from tunesmith.ship.load import load_for_inference, open_run
 
     student_model, student_tok, _ = load_for_inference(open_run(run_dir), device=device)
     student_after = teacher_numbers(student_model, student_tok, cfg, device)
@@ -179,11 +192,6 @@ def run_distillation(cfg, run_dir: Path, cache_teacher: bool = False, report=pri
 def teacher_numbers(model, tokenizer, cfg, device) -> dict:
     """Held-out loss on the validation rows (tokenised by `tokenizer`) and greedy generation speed on a few
     held-out prompts, for the teacher-vs-student table."""
-    from tunesmith.data import build_datasets
-    from tunesmith.evaluate.quick import generate_answers, heldout_loss
-    from tunesmith.evaluate.suite import build_inputs
-    from tunesmith.models import tunesmith_home
-    from tunesmith.tasks import Objective
 
     bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized")
     out = {}
@@ -206,12 +214,6 @@ def teacher_numbers(model, tokenizer, cfg, device) -> dict:
 
 def open_or_build_cache(cfg, student_cfg, teacher: Teacher, tokenizer, run_dir: Path, device, report):
     """The teacher cache for this run's training rows: reused from distill.cache_dir when it matches, else built."""
-    from tunesmith.data import build_datasets
-    from tunesmith.data.build import _tokenizer_fingerprint
-    from tunesmith.distill.cache import MANIFEST, TeacherCache, build_cache, describe
-    from tunesmith.models import tunesmith_home
-    from tunesmith.train.batching import collate, iter_batches
-    from tunesmith.train.packing import make_pass, plan_passes, resolve_pass_tokens
 
     d = cfg.distill
     folder = Path(d.cache_dir) if d.cache_dir else run_dir / "teacher-cache"
@@ -240,10 +242,6 @@ def write_teacher_answers(cfg, student_cfg, teacher: Teacher, student_tokenizer,
     """Sequence-level distillation's data: the teacher's answer to every training prompt
     (`teacher-answers.jsonl`), the data's own validation rows (`validation.jsonl`); returns the config that
     trains the student on them."""
-    from tunesmith.data.build import _load_samples, split_indices
-    from tunesmith.data.formats import prompt_and_reference
-    from tunesmith.data.tokens import encode_prompt
-    from tunesmith.evaluate.quick import generate_answers
 
     data = cfg.data
     _, samples, _, _ = _load_samples(data.path, "data.path", data, data.limit)

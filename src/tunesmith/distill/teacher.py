@@ -9,7 +9,12 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import UserError
-from tunesmith.train.loss import _decoder_and_head, packed_trained_hidden, padded_trained_hidden
+from tunesmith.models.parts import decoder_and_head
+from tunesmith.train.loss import packed_trained_hidden, padded_trained_hidden
+from tunesmith.models import resolve_model_source
+from tunesmith.models.loader import load_model, load_tokenizer, model_task
+from tunesmith.models.run_folder import load_for_inference, open_run
+from tunesmith.train.packing import packing_unsupported
 
 
 @dataclass
@@ -29,10 +34,6 @@ def model_weight_files(folder: str | Path) -> list[Path]:
 
 def load_teacher(cfg, device: str, dtype: torch.dtype) -> Teacher:
     """`teacher.name` loaded for inference in `dtype` on `device` (4-bit with `teacher.load_in_4bit`)."""
-    from tunesmith.models import resolve_model_source
-    from tunesmith.models.loader import load_model, load_tokenizer, model_task
-    from tunesmith.ship.load import load_for_inference, open_run
-    from tunesmith.train.packing import packing_unsupported
 
     name = cfg.teacher.name
     if not name:
@@ -69,7 +70,7 @@ def same_tokenizer(a, b) -> bool:
 def teacher_trained_hidden(teacher: Teacher, unit) -> tuple[torch.Tensor, torch.nn.Module]:
     """(the teacher's last hidden states at the unit's trained positions [N, H_teacher], its output projection),
     in the order the student's loss takes them.  `unit` is a padded batch (dict) or a `train.packing.Pass`."""
-    decoder, head = _decoder_and_head(teacher.model)
+    decoder, head = decoder_and_head(teacher.model)
     if decoder is None:
         raise UserError(f"teacher.name: tunesmith cannot reach {teacher.label}'s decoder and output layer apart, "
                         "which logit distillation needs.")

@@ -13,21 +13,24 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.data import build_datasets
+from tunesmith.data.build import load_eval_rows
+from tunesmith.evaluate.suite import Scorer, evaluate_model, write_eval_folder
+from tunesmith.data.heldout import build_inputs
+from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
+from tunesmith.models import tunesmith_home
+from tunesmith.models.loader import load_model, model_task
+from tunesmith.models.run_folder import load_base, load_tokenizer_for, open_run
+from tunesmith.models.tasks import MASKED_LM
+from tunesmith.train.objective import Objective
+from tunesmith.hardware import release_free_memory
+from tunesmith.models import without_bitsandbytes
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None = None,
                  overrides: list[str] | tuple = (), report=print) -> dict:
     """Score base and tuned on the run's held-out rows (or every row of `data`), at most `limit` rows
     (default: the config's eval.limit); returns {"base", "tuned", "notes", "eval_dir"}."""
-    from tunesmith.data import build_datasets
-    from tunesmith.data.build import load_eval_rows
-    from tunesmith.evaluate.suite import Scorer, build_inputs, evaluate_model, write_eval_folder
-    from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
-    from tunesmith.models import tunesmith_home
-    from tunesmith.models.loader import load_model, model_task
-    from tunesmith.ship.load import load_base, load_tokenizer_for, open_run
-    from tunesmith.tasks import MASKED_LM, Objective
-    from tunesmith.train.metrics import release_free_memory
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a number of rows of at least 1 (or leave it out for eval.limit).")
@@ -69,8 +72,6 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     base_model = load_base(handle, dtype, task).to(device)
     release_free_memory()
     if kind == "adapter":
-        from tunesmith.models import without_bitsandbytes
-
         with without_bitsandbytes():
             from peft import PeftModel
 

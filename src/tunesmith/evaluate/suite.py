@@ -13,44 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.config import EvalConfig
+from tunesmith.data.heldout import EvalInputs, build_inputs
 from tunesmith.evaluate import metrics as m
-from tunesmith.evaluate.quick import generate_answers, heldout_loss
+from tunesmith.models.generate import generate_answers
+from tunesmith.train.validation import heldout_loss
 from tunesmith.fileio import atomic_write_json, atomic_write_text
 
 EXAMPLES_IN_REPORT = 5
-
-
-@dataclass
-class EvalInputs:
-    """The held-out rows both models are scored on."""
-
-    prompts: list[list[int]]  # token ids that generation continues (empty for plain text / masked LM)
-    references: list[list[str]]  # every acceptable answer of each prompt
-    prompt_texts: list[str]  # the last user message, for people to read
-    rows: list = field(default_factory=list)  # tokenised rows (labels masked as in training), for perplexity
-
-
-def build_inputs(samples: list[dict], rows: list, tokenizer, max_length: int, task: str, text_only: bool,
-                 limit: int | None) -> EvalInputs:
-    """The first `limit` held-out samples as generation prompts with their references, and the first
-    `limit` tokenised rows for perplexity.  Plain text has no answers to generate and a masked LM does
-    not generate: those get the loss only."""
-    from tunesmith.data import encode_prompt, prompt_and_references
-    from tunesmith.tasks import MASKED_LM, SEQ2SEQ, plain_prompt
-
-    samples = samples[:limit] if limit else samples
-    rows = rows[:limit] if limit else rows
-    prompts, references, texts = [], [], []
-    if not text_only and task != MASKED_LM:
-        for sample in samples:
-            messages, refs = prompt_and_references(sample)
-            if task == SEQ2SEQ:
-                prompts.append(list(tokenizer(plain_prompt(messages))["input_ids"])[:max_length])
-            else:
-                prompts.append(encode_prompt(messages, tokenizer))
-            references.append(refs)
-            texts.append(messages[-1]["content"])
-    return EvalInputs(prompts=prompts, references=references, prompt_texts=texts, rows=list(rows))
 
 
 class Scorer:
@@ -188,3 +157,51 @@ def write_eval_folder(folder: Path, base: dict, tuned: dict, inputs: EvalInputs,
         }, ensure_ascii=False))
     atomic_write_text(folder / "predictions.jsonl", "".join(line + "\n" for line in lines))
     atomic_write_text(folder / "report.md", render_report(base, tuned, inputs, base_answers, tuned_answers, about, notes))
+
+
+class BeforeAfter:
+    """The base model before training and the tuned model after, on the run's held-out rows with the same
+    decoding; `tunesmith.train.loop.run_training` calls `before` once the model is loaded and `after` once
+    the trained weights are saved (the train layer knows only these two methods, not this module).
+
+    `before` returns what the run keeps in its checkpoints (the base scores and answers), so a resumed run
+    does not evaluate the base again; `after` writes `RUN_DIR/eval/` and returns the summary's `eval`
+    section and the report's sample answers."""
+
+    SAMPLES_IN_REPORT = 1
+
+    def __init__(self, cfg, bundle, tokenizer, task: str, device, objective, log=print):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.device = device
+        self.objective = objective
+        self.log = log
+        self.inputs = build_inputs(bundle.test_samples, bundle.test, tokenizer, cfg.data.max_length, task,
+                                   bundle.format == "text", cfg.eval.limit)
+        self.scorer = Scorer(cfg.eval, device=str(device), report=log)
+
+    def _score(self, model, label: str) -> tuple[dict, list[str]]:
+        return evaluate_model(model, self.tokenizer, self.inputs, self.cfg.eval, self.device, label, self.objective,
+                              self.scorer, self.cfg.training.eval_batch_size)
+
+    def before(self, model) -> dict:
+        rows = max(len(self.inputs.rows), len(self.inputs.prompts))
+        self.log(f"before: evaluating the base model on {rows} held-out rows")
+        metrics, answers = self._score(model, "base")
+        self.log("before: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in NOT_SCORES))
+        self.scorer.release()  # the embedding model need not sit in memory while training
+        return {"base_metrics": metrics, "base_answers": answers}
+
+    def after(self, model, base: dict, run_dir: Path) -> tuple[dict, list[dict]]:
+        self.log("after: evaluating the tuned model on the same rows")
+        tuned_metrics, tuned_answers = self._score(model, "tuned")
+        base_metrics, base_answers = base["base_metrics"], base["base_answers"]
+        inputs = self.inputs
+        samples = [{"prompt": inputs.prompt_texts[i], "reference": inputs.references[i][0],
+                    "base": base_answers[i], "tuned": tuned_answers[i]}
+                   for i in range(min(self.SAMPLES_IN_REPORT, len(inputs.references)))]
+        about = {"run_dir": str(run_dir), "model": self.cfg.model.name, "what": f"base vs {self.cfg.method}-tuned",
+                 "data": "the run's held-out rows", "max_new_tokens": self.cfg.eval.max_new_tokens}
+        write_eval_folder(run_dir / "eval", base_metrics, tuned_metrics, inputs, base_answers, tuned_answers, about,
+                          self.scorer.notes)
+        return {"base": base_metrics, "tuned": tuned_metrics}, samples

@@ -27,6 +27,8 @@ import torch
 from tunesmith.config import Config
 from tunesmith.errors import UserError
 from tunesmith.models.families import family_target_modules
+from tunesmith.models.quantized import without_bitsandbytes
+from tunesmith.models.tasks import detect_task, peft_task_type
 
 def _linear_classes() -> tuple[type, ...]:
     """Layer types adapters attach to: torch's Linear (bitsandbytes' 4-bit layers subclass it) and GPT-2's Conv1D."""
@@ -118,7 +120,6 @@ def prepare_trainable(model: torch.nn.Module, cfg: Config, total_steps: int | No
         for param in model.parameters():
             param.requires_grad_(True)
         return model
-    from tunesmith.models import without_bitsandbytes
 
     with without_bitsandbytes():  # a model without 4/8-bit layers does not need it imported
         from peft import get_peft_model
@@ -141,7 +142,6 @@ def prepare_trainable(model: torch.nn.Module, cfg: Config, total_steps: int | No
 
 def _peft_task_type(model) -> str | None:
     """PEFT's task type for this model (CAUSAL_LM, SEQ_2_SEQ_LM, or None for masked LM)."""
-    from tunesmith.tasks import detect_task, peft_task_type
 
     return peft_task_type(detect_task(getattr(model, "config", None)))
 

@@ -17,6 +17,8 @@ from tunesmith.config import Config, ModelConfig
 from tunesmith.errors import UserError
 from tunesmith.hardware import four_bit_status
 from tunesmith.models.builtin import BUILTIN_MODELS, builtin_path, convert_gguf_once, tunesmith_home
+from tunesmith.models.tasks import detect_task
+from tunesmith.models.tasks import auto_model_class
 
 
 def gguf_cached_path(gguf_file: Path) -> Path:
@@ -74,7 +76,6 @@ def model_task(source: str, cfg: Config) -> str:
     """`model.task` for this model: as configured, or (auto) from its config.json (see tunesmith.tasks)."""
     from transformers import AutoConfig
 
-    from tunesmith.tasks import detect_task
 
     if cfg.model.task != "auto":
         return cfg.model.task
@@ -88,7 +89,6 @@ def model_task(source: str, cfg: Config) -> str:
 def load_model(source: str, cfg: Config, dtype: torch.dtype, task: str = "causal_lm", for_training: bool = True):
     """The model for `cfg.method` and `task`; `dtype` is the precision it computes in (and stores unquantised
     weights in).  `for_training=False` (inference only) lets bitsandbytes use its CPU inference kernel."""
-    from tunesmith.tasks import auto_model_class
 
     extra = {}
     if cfg.method == "qlora":

@@ -18,6 +18,13 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.data import encode_prompt
+from tunesmith.models.tasks import SEQ2SEQ
+from tunesmith.data.tokens import plain_prompt
+from tunesmith.models.loader import model_task
+from tunesmith.models.run_folder import load_for_inference, open_run
+from tunesmith.ship.merge import MERGE_INFO
+from tunesmith.models.tasks import MASKED_LM
 
 DEFAULT_MAX_NEW_TOKENS = 512
 CHAT_HELP = (
@@ -29,8 +36,6 @@ CHAT_HELP = (
 def prompt_ids(messages: list[dict], tokenizer, task: str = "causal_lm") -> list[int]:
     """The ids a model reads before answering: the chat template with the generation prompt (as in
     training and evaluation); a seq2seq model's encoder reads the conversation as plain text instead."""
-    from tunesmith.data import encode_prompt
-    from tunesmith.tasks import SEQ2SEQ, plain_prompt
 
     if task == SEQ2SEQ:
         return list(tokenizer(plain_prompt(messages))["input_ids"])
@@ -82,7 +87,6 @@ def stream_reply(model, tokenizer, messages: list[dict], task: str = "causal_lm"
     SentencePiece do); should a tokenizer rewrite text already shown, pieces pause until the text agrees with it again.  The whole conversation is read afresh on every call (no cache is kept
     between turns), so a long conversation costs a longer prefill each turn.
     """
-    from tunesmith.tasks import SEQ2SEQ
 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(messages, tokenizer, task)], device=device)  # [1, prompt_len]
@@ -177,10 +181,6 @@ def chat_repl(reply: Callable[[list[dict]], Iterator[str]], system: str | None =
 def load_for_chat(run_dir: str | Path, report=print):
     """(model, tokenizer, task, default system prompt) for a run folder or a merged folder; a masked
     language model is refused (it fills in blanks, it does not write answers)."""
-    from tunesmith.models.loader import model_task
-    from tunesmith.ship.load import load_for_inference, open_run
-    from tunesmith.ship.merge import MERGE_INFO
-    from tunesmith.tasks import MASKED_LM
 
     handle = open_run(run_dir)
     if model_task(handle.source, handle.cfg) == MASKED_LM:

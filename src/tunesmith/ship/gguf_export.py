@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunesmith.errors import UserError
+from tunesmith.data.tokens import ensure_chat_template
+from tunesmith.fileio import atomic_write_file, atomic_write_text
+from tunesmith.models.run_folder import load_for_inference, load_tokenizer_for, open_run
 
 if TYPE_CHECKING:  # torch is imported where it is used: `tunesmith --help` should not wait for it
     import torch
@@ -361,9 +364,6 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", o
     Nothing that exists is written over.  Returns where things went and what the file holds."""
     import torch
 
-    from tunesmith.data.tokens import ensure_chat_template
-    from tunesmith.fileio import atomic_write_file, atomic_write_text
-    from tunesmith.ship.load import load_for_inference, load_tokenizer_for, open_run
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: give one of {', '.join(QUANTS)}.")

@@ -18,6 +18,10 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.hardware import DTYPES, resolve_dtype
+from tunesmith.fileio import atomic_write_dir, atomic_write_json
+from tunesmith.hardware import detect_device, four_bit_status
+from tunesmith.models.run_folder import load_for_inference, open_run
 
 MERGE_INFO = "tunesmith_merge.json"  # written beside the weights: where they came from and how
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -26,7 +30,6 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 def merge_dtype(handle, requested: str, device: str) -> torch.dtype:
     """The precision to merge and save in: as asked, or for "auto" the dtype the run trained in (its
     summary.json records it), else what `model.dtype` resolves to on this device."""
-    from tunesmith.hardware import DTYPES, resolve_dtype
 
     if requested not in DTYPE_CHOICES:
         raise UserError(f"--dtype {requested}: give one of {', '.join(DTYPE_CHOICES)}.")
@@ -46,9 +49,6 @@ def merge_dtype(handle, requested: str, device: str) -> torch.dtype:
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto", report=print) -> dict:
     """Merge RUN_DIR's adapter into its base and save it in `out_dir` (a new or empty folder, written
     atomically); a full fine-tune's model/ is re-saved as it is.  Returns what tunesmith_merge.json holds."""
-    from tunesmith.fileio import atomic_write_dir, atomic_write_json
-    from tunesmith.hardware import detect_device, four_bit_status
-    from tunesmith.ship.load import load_for_inference, open_run
 
     handle = open_run(run_dir)
     if handle.kind == "folder":

@@ -50,6 +50,13 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tunesmith.errors import UserError
 from tunesmith.ship.chat import stop_ids
+from tunesmith.data.tokens import ensure_chat_template
+from tunesmith.hardware import cpu_threads, detect_device
+from tunesmith.models.run_folder import load_for_inference, open_run
+from tunesmith.models.tasks import MASKED_LM
+from tunesmith.hardware import release_free_memory
+from tunesmith.data.tokens import chat_ids
+from tunesmith.data.tokens import plain_prompt
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than 1 MiB is refused with 413
 DRAIN_FACTOR = 16  # a body up to 16x that is read and dropped before the 413; a larger one closes the connection
@@ -540,11 +547,8 @@ class _Handler(BaseHTTPRequestHandler):
                                    "at once are not supported).", param="prompt")
         with generator.tokenizer_lock:
             if not chat or generator.encoder_decoder:
-                from tunesmith.tasks import plain_prompt
-
                 text = plain_prompt(messages) if chat else prompt
                 return list(generator.tokenizer(text)["input_ids"])
-            from tunesmith.data.tokens import chat_ids
 
             try:
                 return chat_ids(generator.tokenizer, messages, add_generation_prompt=True)
@@ -711,11 +715,6 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
     so it needs the unquantised memory); merged=False serves base + adapter as trained.
     `model_id` (default: the folder's name) is what /v1/models lists and requests must name.
     """
-    from tunesmith.data.tokens import ensure_chat_template
-    from tunesmith.hardware import cpu_threads, detect_device
-    from tunesmith.ship.load import load_for_inference, open_run
-    from tunesmith.tasks import MASKED_LM
-    from tunesmith.train.metrics import release_free_memory
 
     if max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit {max_tokens_limit}: give at least 1.")

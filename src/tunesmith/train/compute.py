@@ -18,6 +18,7 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.hardware import cuda_native_bf16, explain_dtype, memory_info
+from tunesmith.hardware import rss_bytes
 
 HALF_TYPES = (torch.bfloat16, torch.float16)
 
@@ -68,8 +69,6 @@ def _memory_left(device: str) -> int | None:
     available = info["ram_available_bytes"]
     limit = info["ram_limit_bytes"]
     if limit is not None and available is not None:
-        from tunesmith.train.metrics import rss_bytes
-
         available = min(available, max(limit - rss_bytes(), 0))
     return available
 

@@ -36,6 +36,10 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.models.parts import decoder_and_head
+from tunesmith.train import zero
+from tunesmith.hardware import cpu_threads
+from tunesmith.train.zero import import_deepspeed
 
 BUCKET_ELEMENTS = 1 << 24  # 64 MB of fp32 per all-reduce: large enough to amortise a call, small enough to copy
 
@@ -251,8 +255,6 @@ def refuse_unshardable(cfg, task: str | None = None, distilling: bool = False) -
     if why:
         raise UserError(f"distributed.strategy: {what}: {why}; use distributed.strategy: ddp.")
     if cfg.distributed.strategy == "deepspeed":
-        from tunesmith.train.zero import import_deepspeed
-
         import_deepspeed()  # installed, or a sentence saying how
 
 
@@ -261,9 +263,8 @@ def shard(model: torch.nn.Module, world: World, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from tunesmith.train.loss import _decoder_and_head
 
-    decoder, _ = _decoder_and_head(model)
+    decoder, _ = decoder_and_head(model)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise UserError("distributed.strategy: fsdp shards a causal LM layer by layer, and tunesmith cannot find "
@@ -301,7 +302,6 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 def whole_trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained parameters by name, whole whatever shards them (every process must call this together)."""
-    from tunesmith.train import zero
 
     gathered = zero.whole_trainables(model)
     if gathered is not None:
@@ -366,7 +366,6 @@ def launch(argv: list[str], nproc: int, num_machines: int = 1, machine_rank: int
         raise UserError(f"--machine-rank {machine_rank} is outside 0..{num_machines - 1} (--num-machines {num_machines}).")
     world_size = nproc * num_machines
     port = main_process_port or (_free_port() if num_machines == 1 else 29500)
-    from tunesmith.hardware import cpu_threads
 
     threads = str(max(1, cpu_threads() // nproc))
     children: list[subprocess.Popen] = []

@@ -32,14 +32,15 @@ from tqdm.auto import tqdm
 from tunesmith.config import Config, resolved_yaml
 from tunesmith.data import build_datasets
 from tunesmith.errors import UserError
-from tunesmith.evaluate.quick import heldout_loss
-from tunesmith.evaluate.suite import Scorer, build_inputs, evaluate_model, write_eval_folder
+from tunesmith.train.validation import heldout_loss
+from tunesmith.evaluate.suite import Scorer, evaluate_model, write_eval_folder
+from tunesmith.data.heldout import build_inputs
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
 from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
 from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
 from tunesmith.models.loader import model_task
 from tunesmith.models.adapters import after_optimizer_step, count_parameters, extra_loss, prepare_trainable
-from tunesmith.train.batching import epoch_order, iter_batches
+from tunesmith.data.batching import epoch_order, iter_batches
 from tunesmith.train.checkpoint import (
     STATE_FILE,
     list_checkpoints,
@@ -60,12 +61,11 @@ from tunesmith.train.optim import make_optimizer
 from tunesmith.train.packing import make_pass, packed_attention, plan_passes, resolve_pass_tokens, want_packing
 from tunesmith.train import loss as loss_fns
 from tunesmith.models.lora_fast import dropout_rows, fast_lora, fast_norm_rope, forget_shared_mask, new_mask_seed
-from tunesmith.train.metrics import MetricsLog, memory_snapshot, peak_rss_bytes, read_metrics, release_free_memory
+from tunesmith.train.metrics_log import MetricsLog, read_metrics
+from tunesmith.hardware import memory_snapshot, peak_rss_bytes, release_free_memory
 from tunesmith.train.report import health_check, plot_training, render_report
-from tunesmith.tasks import MASKED_LM, SEQ2SEQ, Objective
-
-SAMPLES_IN_REPORT = 1
-
+from tunesmith.models.tasks import MASKED_LM, SEQ2SEQ
+from tunesmith.train.objective import Objective
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -99,8 +99,12 @@ def plan_steps(n_train_rows: int, cfg: Config, window: int | None = None) -> tup
     return per_epoch, total
 
 
-def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=None) -> dict:
+def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=None, evaluation=None) -> dict:
     """Train as the config says and fill `run_dir`; returns the summary written to summary.json.
+
+    `evaluation` (e.g. `tunesmith.evaluate.suite.BeforeAfter`), when given and `eval.enabled`, is called as
+    `evaluation(cfg, bundle, tokenizer, task, device, objective, log)`; the object it makes scores the base
+    model (`.before(model)`, before training) and the tuned one (`.after(model, base, run_dir)`, at the end).
 
     With `resume`, continue from the newest valid checkpoint in `run_dir/checkpoints`.  With `distiller`
     (a `tunesmith.distill.run.Distiller`, causal LMs only), each unit's loss is its distillation loss
@@ -181,24 +185,13 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     model.config.use_cache = False
     objective = Objective(task, tokenizer)
 
-    # --- before: the base model on the held-out rows
-    do_eval = cfg.eval.enabled and bool(bundle.test_samples or bundle.test) and world.main
-    eval_inputs = (
-        build_inputs(bundle.test_samples, bundle.test, tokenizer, cfg.data.max_length, task,
-                     bundle.format == "text", cfg.eval.limit)
-        if do_eval else None
-    )
-    scorer = Scorer(cfg.eval, device=str(accelerator.device), report=log)
-    base_metrics: dict = progress.get("base_metrics", {}) if checkpoint else {}
-    base_answers: list[str] = progress.get("base_answers", []) if checkpoint else []
-    if do_eval and not base_metrics:
-        log(f"before: evaluating the base model on {max(len(eval_inputs.rows), len(eval_inputs.prompts))} held-out rows")
-        base_metrics, base_answers = evaluate_model(
-            model, tokenizer, eval_inputs, cfg.eval, accelerator.device, "base", objective, scorer,
-            cfg.training.eval_batch_size,
-        )
-        log("before: " + ", ".join(f"{k}={v:.4g}" for k, v in base_metrics.items() if k not in ("rows", "loss_tokens")))
-        scorer.release()  # the embedding model need not sit in memory while training
+    # --- before: the base model on the held-out rows (the evaluation is the caller's: see `evaluation` above)
+    evaluator = None
+    if evaluation is not None and cfg.eval.enabled and bool(bundle.test_samples or bundle.test) and world.main:
+        evaluator = evaluation(cfg, bundle, tokenizer, task, accelerator.device, objective, log)
+    base_eval: dict = progress.get("base_eval", {}) if checkpoint else {}
+    if evaluator is not None and not base_eval:
+        base_eval = evaluator.before(model)
 
     # --- how batches run, what trains, the optimiser and the schedule
     packing, why = want_packing(t.packing, model, task, cfg.data.max_length)
@@ -237,7 +230,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
             kept = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= progress["step"]]
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     else:
-        progress = new_progress(base_metrics, base_answers)
+        progress = new_progress(base_eval)
     progress["window"] = window
     if sharding and not fsdp:  # after loading: the checkpoint's whole tensors go into ZeRO's partitions
         if half is torch.float16 and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad):
@@ -292,23 +285,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     atomic_write_dir(run_dir / out_name, _save)
 
     # --- after: the tuned model on the same rows with the same decoding
-    samples: list[dict] = []
-    eval_section = None
-    if do_eval:
-        log("after: evaluating the tuned model on the same rows")
-        tuned_metrics, tuned_answers = evaluate_model(
-            unwrapped, tokenizer, eval_inputs, cfg.eval, accelerator.device, "tuned", objective, scorer,
-            cfg.training.eval_batch_size,
-        )
-        eval_section = {"base": base_metrics, "tuned": tuned_metrics}
-        for i in range(min(SAMPLES_IN_REPORT, len(eval_inputs.references))):
-            samples.append({"prompt": eval_inputs.prompt_texts[i], "reference": eval_inputs.references[i][0],
-                            "base": base_answers[i], "tuned": tuned_answers[i]})
-        if accelerator.is_main_process:
-            about = {"run_dir": str(run_dir), "model": cfg.model.name, "what": f"base vs {cfg.method}-tuned",
-                     "data": "the run's held-out rows", "max_new_tokens": cfg.eval.max_new_tokens}
-            write_eval_folder(run_dir / "eval", base_metrics, tuned_metrics, eval_inputs, base_answers,
-                              tuned_answers, about, scorer.notes)
+    eval_section, samples = evaluator.after(unwrapped, base_eval, run_dir) if evaluator is not None else (None, [])
 
     health = health_check(train_records)
     val_final = val_records[-1] if val_records else None
@@ -376,14 +353,14 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
-def new_progress(base_metrics: dict, base_answers: list[str]) -> dict:
+def new_progress(base_eval: dict) -> dict:
     """The loop's position and running totals: all of it goes into every checkpoint."""
     return {
         "step": 0, "epoch": 0, "window_start": 0,
         "first_loss": None, "final_loss": None,
         "trained_tokens": 0, "all_tokens": 0, "train_time": 0.0,
         "val_records": [], "best_val": None, "best_step": None, "bad_validations": 0, "stopped_early": False,
-        "base_metrics": base_metrics, "base_answers": base_answers,
+        "base_eval": base_eval,
     }
 
 

@@ -21,23 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.tokens import IGNORE_INDEX
+from tunesmith.models.parts import decoder_and_head
+from tunesmith.train.packing import packed_attention
 
 LOSS_CHUNK_TOKENS = 256  # rows of the output projection computed at once ([256 x vocab] fp32: 48 MiB for SmolLM2)
-
-
-def _decoder_and_head(model: torch.nn.Module):
-    """The transformer body and output projection, or (None, None) when the model hides them."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap PEFT
-    config = getattr(inner, "config", None)
-    # Models that post-process logits (soft-capping, scaling) go through their own forward.
-    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return None, None
-    get_decoder = getattr(inner, "get_decoder", None)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    decoder = get_decoder() if get_decoder is not None else None
-    if decoder is None or head is None or decoder is inner:
-        return None, None
-    return decoder, head
 
 
 def token_nll_sum(
@@ -49,7 +36,7 @@ def token_nll_sum(
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over trained positions, and how many positions that was."""
     targets = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     if decoder is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         nll = F.cross_entropy(
@@ -165,7 +152,7 @@ def _cpu_logits_scratch(hidden: torch.Tensor, vocab: int) -> torch.Tensor | None
 
 def packed_nll_sum(model: torch.nn.Module, one_pass) -> tuple[torch.Tensor, int]:
     """`token_nll_sum` for a padding-free pass (`train.packing.Pass`): rows end to end, each attending to itself."""
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     if decoder is None:
         raise RuntimeError("packed passes need a model whose decoder and output projection tunesmith can reach")
     selected, trained = packed_trained_hidden(model, decoder, one_pass)
@@ -175,8 +162,6 @@ def packed_nll_sum(model: torch.nn.Module, one_pass) -> tuple[torch.Tensor, int]
 def packed_trained_hidden(model, decoder, one_pass):
     """(last hidden states at the trained positions [N, H], their targets [N]) of a padding-free pass, its
     rows attending each to itself (`model` is whose attention setting `packed_attention` switches)."""
-    from tunesmith.train.packing import packed_attention
-
     cu = one_pass.cu_seq_lens
     with packed_attention(model):
         hidden = decoder(

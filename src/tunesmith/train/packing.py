@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.errors import UserError
+from tunesmith.models.parts import decoder_and_head
 
 ATTENTION_NAME = "tunesmith_varlen"
 # Model types whose decoder takes position ids, builds its mask through transformers' mask interface and
@@ -188,7 +189,6 @@ def _register() -> None:
 
 def packing_unsupported(model: torch.nn.Module, max_length: int) -> str | None:
     """Why this model cannot train padding-free (a phrase), or None when it can."""
-    from tunesmith.train.loss import _decoder_and_head
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(inner, "config", None)
@@ -200,7 +200,7 @@ def packing_unsupported(model: torch.nn.Module, max_length: int) -> str | None:
         return f"its sliding attention window ({window}) is shorter than data.max_length ({max_length})"
     if getattr(config, "attn_logit_softcapping", None):
         return "it soft-caps attention scores"
-    if _decoder_and_head(model)[0] is None:
+    if decoder_and_head(model)[0] is None:
         return "tunesmith cannot reach its decoder and output layer separately"
     return None
 

@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.models.parts import decoder_and_head
 
 INSTALL = "pip install 'tunesmith[deepspeed]'"
 STATE_KEYS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-element state; "step" is one number per group
@@ -67,14 +68,13 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, world, d
     then reaches it through `engine_of(model)`.  State already loaded into `optimizer` (a resumed run) is
     carried into ZeRO's partitions."""
     deepspeed = import_deepspeed()
-    from tunesmith.train.loss import _decoder_and_head
 
     stage = cfg.distributed.zero_stage
     order = [p for group in optimizer.param_groups for p in group["params"]]
     loaded = {index: optimizer.state.pop(p) for index, p in enumerate(order) if optimizer.state.get(p)}
     groups = list(optimizer.param_groups)  # the dicts the schedule sets lr in (ZeRO swaps their "params")
     sizes = [len(g["params"]) for g in groups]
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     if stage == 3:
         layers = getattr(decoder, "layers", None)
         if not isinstance(layers, torch.nn.ModuleList) or head is None:

@@ -13,6 +13,13 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.config import load_config
+from tunesmith.models.loader import resolve_model_source
+from tunesmith.models.loader import load_tokenizer
+from tunesmith.models.loader import load_model
+from tunesmith.hardware import detect_device, resolve_dtype
+from tunesmith.models.loader import load_model, model_task
+from tunesmith.models.quantized import without_bitsandbytes
 
 
 @dataclass
@@ -29,8 +36,6 @@ class RunHandle:
 
 def open_run(path: str | Path, overrides: list[str] | tuple = ()) -> RunHandle:
     """Check that `path` is a finished run folder or a model folder and say what it holds."""
-    from tunesmith.config import load_config
-    from tunesmith.models import resolve_model_source
 
     path = Path(path)
     if not path.is_dir():
@@ -55,7 +60,6 @@ def open_run(path: str | Path, overrides: list[str] | tuple = ()) -> RunHandle:
 
 def load_tokenizer_for(handle: RunHandle):
     """The tokenizer saved with the trained weights (it carries the chat template training used)."""
-    from tunesmith.models import load_tokenizer
 
     has_own = (handle.weights / "tokenizer_config.json").is_file()
     return load_tokenizer(str(handle.weights) if has_own else handle.source, handle.cfg.model)
@@ -64,7 +68,6 @@ def load_tokenizer_for(handle: RunHandle):
 def load_base(handle: RunHandle, dtype: torch.dtype, task: str, dequantize: bool = False):
     """The run's base model as it trained (4-bit for qlora); `dequantize` turns 4-bit layers back
     into ordinary ones in `dtype` (the weights the adapter was trained against, not the originals)."""
-    from tunesmith.models.loader import load_model
 
     model = load_model(handle.source, handle.cfg, dtype, task, for_training=False)
     if dequantize and getattr(model, "is_loaded_in_4bit", False):
@@ -77,16 +80,12 @@ def load_for_inference(handle: RunHandle, dtype: torch.dtype | None = None, devi
                        merged: bool = False, dequantize: bool = False):
     """(model, tokenizer, task) in eval mode.  For an adapter run the model is a PeftModel (its
     `disable_adapter()` gives the base), or with `merged` a plain model with the adapter folded in."""
-    from tunesmith.hardware import detect_device, resolve_dtype
-    from tunesmith.models.loader import load_model, model_task
 
     device = device or detect_device()
     dtype = dtype or resolve_dtype(handle.cfg.model.dtype, device)
     tokenizer = load_tokenizer_for(handle)
     task = model_task(handle.source, handle.cfg)
     if handle.kind == "adapter":
-        from tunesmith.models import without_bitsandbytes
-
         base = load_base(handle, dtype, task, dequantize=dequantize or merged)
         with without_bitsandbytes():  # a 4-bit base imported it while loading; then nothing is hidden
             from peft import PeftModel

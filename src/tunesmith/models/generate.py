@@ -1,36 +1,9 @@
-"""The two measurements every evaluation makes of a model: held-out loss / perplexity (labels
-masked exactly as in training) and greedy answers to held-out prompts (batched, left-padded, KV
-cache on).  Scoring the answers is tunesmith.evaluate.metrics; putting base and tuned side by side
-is tunesmith.evaluate.suite."""
+"""Greedy answers for held-out prompts: batched, left-padded, KV cache on."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm.auto import tqdm
-
-from tunesmith.train.batching import iter_batches
-
-
-@torch.no_grad()
-def heldout_loss(model, rows, batch_size: int, device, objective) -> dict:
-    """Token-weighted mean NLL over the rows (labels masked as in training) and its perplexity.
-
-    `objective` (a tunesmith.tasks.Objective) batches and scores the rows for the model's task; a
-    masked-LM batch hides the same tokens every time it is scored here.
-    """
-    was_training = model.training
-    model.eval()
-    nll_total, token_total = 0.0, 0
-    for index, batch_rows in enumerate(iter_batches(rows, batch_size, order=None)):
-        batch = {k: v.to(device) for k, v in objective.collate(batch_rows, key=("heldout", index)).items()}
-        nll, n = objective.nll_sum(model, batch)
-        nll_total += float(nll)
-        token_total += n
-    model.train(was_training)
-    loss = nll_total / max(token_total, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": token_total}
 
 
 @torch.no_grad()

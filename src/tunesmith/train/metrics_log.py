@@ -1,0 +1,36 @@
+"""metrics.jsonl: one JSON object a line, written as the run goes and read back for the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """Appends one JSON object a line to metrics.jsonl, flushed at once so a crash loses nothing.
+    With no path (a process other than the first of several) it only keeps the records."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.records: list[dict] = []
+        self._handle = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
