@@ -8,6 +8,7 @@ the numbers at the end of training and those of a later `eval` are computed the 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from tunesmith.models.generate import generate_answers
 from tunesmith.train.validation import heldout_loss
 from tunesmith.fileio import atomic_write_json, atomic_write_text
 
+log = logging.getLogger(__name__)
+
 EXAMPLES_IN_REPORT = 5
 
 
@@ -26,10 +29,9 @@ class Scorer:
     """The generation metrics `eval.metrics` asks for.  The embedding model loads once, on first use,
     and a metric that cannot run here is left out with one sentence in `notes`."""
 
-    def __init__(self, cfg: EvalConfig, device: str = "cpu", report=print):
+    def __init__(self, cfg: EvalConfig, device: str = "cpu"):
         self.cfg = cfg
         self.device = device
-        self.report = report
         self.notes: dict[str, str] = {}
         self._embedder = None
 
@@ -39,7 +41,7 @@ class Scorer:
     def _skip(self, name: str, why: str) -> None:
         if name not in self.notes:
             self.notes[name] = why
-            self.report(f"eval: {name} skipped: {why}")
+            log.info(f"eval: {name} skipped: {why}")
 
     def embedder(self):
         if self._embedder is None:
@@ -170,15 +172,14 @@ class BeforeAfter:
 
     SAMPLES_IN_REPORT = 1
 
-    def __init__(self, cfg, bundle, tokenizer, task: str, device, objective, log=print):
+    def __init__(self, cfg, bundle, tokenizer, task: str, device, objective):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.device = device
         self.objective = objective
-        self.log = log
         self.inputs = build_inputs(bundle.test_samples, bundle.test, tokenizer, cfg.data.max_length, task,
                                    bundle.format == "text", cfg.eval.limit)
-        self.scorer = Scorer(cfg.eval, device=str(device), report=log)
+        self.scorer = Scorer(cfg.eval, device=str(device))
 
     def _score(self, model, label: str) -> tuple[dict, list[str]]:
         return evaluate_model(model, self.tokenizer, self.inputs, self.cfg.eval, self.device, label, self.objective,
@@ -186,14 +187,14 @@ class BeforeAfter:
 
     def before(self, model) -> dict:
         rows = max(len(self.inputs.rows), len(self.inputs.prompts))
-        self.log(f"before: evaluating the base model on {rows} held-out rows")
+        log.info(f"before: evaluating the base model on {rows} held-out rows")
         metrics, answers = self._score(model, "base")
-        self.log("before: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in NOT_SCORES))
+        log.info("before: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in NOT_SCORES))
         self.scorer.release()  # the embedding model need not sit in memory while training
         return {"base_metrics": metrics, "base_answers": answers}
 
     def after(self, model, base: dict, run_dir: Path) -> tuple[dict, list[dict]]:
-        self.log("after: evaluating the tuned model on the same rows")
+        log.info("after: evaluating the tuned model on the same rows")
         tuned_metrics, tuned_answers = self._score(model, "tuned")
         base_metrics, base_answers = base["base_metrics"], base["base_answers"]
         inputs = self.inputs

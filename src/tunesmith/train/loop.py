@@ -103,7 +103,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     """Train as the config says and fill `run_dir`; returns the summary written to summary.json.
 
     `evaluation` (e.g. `tunesmith.evaluate.suite.BeforeAfter`), when given and `eval.enabled`, is called as
-    `evaluation(cfg, bundle, tokenizer, task, device, objective, log)`; the object it makes scores the base
+    `evaluation(cfg, bundle, tokenizer, task, device, objective)`; the object it makes scores the base
     model (`.before(model)`, before training) and the tuned one (`.after(model, base, run_dir)`, at the end).
 
     With `resume`, continue from the newest valid checkpoint in `run_dir/checkpoints`.  With `distiller`
@@ -188,7 +188,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     # --- before: the base model on the held-out rows (the evaluation is the caller's: see `evaluation` above)
     evaluator = None
     if evaluation is not None and cfg.eval.enabled and bool(bundle.test_samples or bundle.test) and world.main:
-        evaluator = evaluation(cfg, bundle, tokenizer, task, accelerator.device, objective, log)
+        evaluator = evaluation(cfg, bundle, tokenizer, task, accelerator.device, objective)
     base_eval: dict = progress.get("base_eval", {}) if checkpoint else {}
     if evaluator is not None and not base_eval:
         base_eval = evaluator.before(model)
