@@ -1,4 +1,4 @@
-"""Knowledge distillation against plain cross-entropy: does the teacher help a pruned student? (issue 7)
+"""Knowledge distillation against plain cross-entropy: does the teacher help a pruned student? (bench/RESULTS.md, "Distillation")
 
 The teacher is the quickstart-tuned built-in model (`examples/quickstart.yaml`, trained here first unless
 --teacher names a finished run).  The student is that teacher pruned to half its layers (15 of 30, evenly

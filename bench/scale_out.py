@@ -1,4 +1,4 @@
-"""One process against several, on the same global batch (issue 9).
+"""One process against several, on the same global batch (bench/RESULTS.md, "Several processes against one").
 
 Trains the quickstart config (the built-in model, LoRA, the dates data) for the same steps five times through
 the command line, as a user would:

@@ -1,4 +1,5 @@
-"""Each training-speed lever of issue 8 measured on its own, in one process, on the same batches.
+"""Each training-speed lever of bench/RESULTS.md's "Training throughput and memory vs Hugging Face Trainer + PEFT"
+measured on its own, in one process, on the same batches.
 
 The model is loaded once.  For every row of the table the LoRA adapters and the optimiser start
 from the same state and train the same `--steps` micro-batches of the standard workload (see
@@ -10,11 +11,11 @@ bench/train_throughput.py), with the levers of that row switched on, cumulativel
   packed          padding-free: the micro-batch's rows end to end, attention kept inside each row
   pass-512        ... split into passes of at most 512 tokens (less memory, gradients added up)
   fused-ce        cross-entropy gradients computed chunk by chunk in forward (LinearCrossEntropySum)
-  fast-lora       LoRA dropout + A in one function, shared masks, numpy RNG, addmm (models/lora_fast.py)
+  fast-lora       LoRA dropout + A in one function, shared masks, numpy RNG, addmm (models/fast/lora.py)
   kept-once       the SwiGLU MLP as one function keeping x, gate(x), up(x) (LoraSwiGLU), and attention
                   keeping its output once (packing.RowsAttention)
   pass-1024       passes of at most 1024 tokens (the CPU default): fewer passes, fewer weight reads
-  norm-rope       RMSNorm and the rotary embedding as one autograd function each (models/lora_fast.py,
+  norm-rope       RMSNorm and the rotary embedding as one autograd function each (models/fast/norm_rope.py,
                   fast_norm_rope): fewer [tokens x hidden] temporaries
 
 Speed is trained tokens over the summed step times (rows are run twice, interleaved, and the
@@ -52,7 +53,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    import tunesmith.models.lora_fast as lora_fast_module
+    import tunesmith.models.fast.lora as fast_lora_module
     import tunesmith.train.loss as loss_module
     import tunesmith.train.packing as packing_module
     from tunesmith.config import config_from_dict
@@ -61,7 +62,7 @@ def main() -> None:
     from tunesmith.hardware import cpu_threads
     from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
     from tunesmith.models.adapters import prepare_trainable
-    from tunesmith.models.lora_fast import fast_lora, fast_norm_rope, forget_shared_mask
+    from tunesmith.models.fast import fast_lora, fast_norm_rope, forget_shared_mask
     from tunesmith.data.batching import collate, epoch_order, iter_batches
     from tunesmith.train.loss import packed_nll_sum, token_nll_sum
     from tunesmith.train.packing import make_pass, plan_passes
@@ -94,11 +95,11 @@ def main() -> None:
     class SdpaRows:  # attention through F.scaled_dot_product_attention row by row, as before `kept-once`
         apply = staticmethod(packing_module.sdpa_rows)
 
-    real_swiglu, real_rows = lora_fast_module._swiglu_mlp, packing_module.RowsAttention
+    real_swiglu, real_rows = fast_lora_module._swiglu_mlp, packing_module.RowsAttention
 
     def run(level: int) -> dict:
         on = set(LEVERS[: level + 1])
-        lora_fast_module._swiglu_mlp = real_swiglu if "kept-once" in on else (lambda module: False)
+        fast_lora_module._swiglu_mlp = real_swiglu if "kept-once" in on else (lambda module: False)
         packing_module.RowsAttention = real_rows if "kept-once" in on else SdpaRows
         pass_tokens = 1024 if "pass-1024" in on else 512 if "pass-512" in on else 10**9
         for p, s in zip(params, start):

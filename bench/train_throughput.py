@@ -1,6 +1,6 @@
 """Training throughput and memory: tunesmith against Hugging Face Trainer + PEFT, same model, rows and settings.
 
-The standard workload (issue 8): the built-in SmolLM2-135M-Instruct in fp32; LoRA r=16, alpha=32,
+The standard workload (bench/RESULTS.md, "Training throughput and memory vs Hugging Face Trainer + PEFT"): the built-in SmolLM2-135M-Instruct in fp32; LoRA r=16, alpha=32,
 dropout 0.05 on all linear layers; `../shared/data/gpteacher-roleplay.json` (Alpaca rows through the
 chat template, prompt masked); max_length 512; micro-batch 4; AdamW, lr 1e-4; no gradient
 checkpointing; no autocast on a CPU.

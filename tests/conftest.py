@@ -7,6 +7,7 @@ package cannot provide it).
 
 from __future__ import annotations
 
+import logging
 import csv
 import json
 from pathlib import Path
@@ -195,3 +196,21 @@ def write_jsonl(write_data):
         return write_data(rows, name)
 
     return write
+
+
+@pytest.fixture
+def log_lines():
+    """Every line tunesmith logs (the `tunesmith` logger) while the test runs, in order."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("tunesmith")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)

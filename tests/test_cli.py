@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from tunesmith.cli import choose_run_dir, main
+from tunesmith.api import new_run_dir
+from tunesmith.cli import main
+from tunesmith.config import load_config
 
 
 def test_help_on_every_subcommand():
@@ -54,9 +56,9 @@ def test_an_existing_run_folder_is_never_written_over(tmp_path):
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"keep": True}))
     with pytest.raises(Exception, match="already exists"):
-        choose_run_dir(None, None, str(run))
+        new_run_dir(None, load_config(None), str(run))
     assert json.loads((run / "summary.json").read_text()) == {"keep": True}
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert choose_run_dir(None, None, str(empty)) == empty
-    assert choose_run_dir("examples/quickstart.yaml", None, None).name.startswith("quickstart-")
+    assert new_run_dir(None, load_config(None), str(empty)) == empty
+    assert new_run_dir("examples/quickstart.yaml", load_config(None)).name.startswith("quickstart-")

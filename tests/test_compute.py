@@ -9,7 +9,7 @@ import torch
 from tunesmith.config import load_config
 from tunesmith.models.adapters import prepare_trainable
 from tunesmith.train import compute
-from tunesmith.train.loop import run_training
+from tunesmith import api
 from tunesmith.train.loss import token_nll_sum
 
 from test_train import tiny_data, tiny_model_dir  # noqa: F401
@@ -113,6 +113,6 @@ def test_a_run_with_checkpointing_and_autocast_still_learns(tmp_path, tiny_model
         "training.lr_scheduler=constant", "lora.dropout=0.0", "eval.enabled=false",
         "training.gradient_checkpointing=true", "training.autocast=true",
     ])
-    summary = run_training(cfg, tmp_path / "run")
+    summary = api.train(cfg, tmp_path / "run")
     assert summary["hardware"]["autocast"] == "bfloat16" and summary["hardware"]["gradient_checkpointing"] is True
     assert summary["train"]["final_loss"] <= 0.9 * summary["train"]["first_loss"]

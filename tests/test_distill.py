@@ -153,7 +153,7 @@ def test_the_cache_with_k_as_large_as_the_vocabulary_gives_the_online_loss(tmp_p
     rows = bundle.train[:12]
     about = describe(str(folder), 2.0, vocab, vocab, _tokenizer_fingerprint(teacher.tokenizer))
     # built from packed passes of another size than training uses: rows are found by their ids
-    build_cache(tmp_path / "cache", teacher, [(make_pass(g), g) for g in plan_passes(rows, 100)], about, report=lambda *a: None)
+    build_cache(tmp_path / "cache", teacher, [(make_pass(g), g) for g in plan_passes(rows, 100)], about)
     cache = TeacherCache(tmp_path / "cache", about)
     assert cache.rows == 12
     torch.manual_seed(3)
@@ -177,14 +177,14 @@ def test_the_cache_with_k_as_large_as_the_vocabulary_gives_the_online_loss(tmp_p
         TeacherCache(tmp_path / "cache", about)
 
 
-def test_alpha_one_moves_a_pruned_student_towards_the_teacher(tmp_path):
-    from tunesmith.distill.run import run_distillation
+def test_alpha_one_moves_a_pruned_student_towards_the_teacher(tmp_path, log_lines):
+    from tunesmith import api
 
     teacher = _tiny_teacher_folder(tmp_path)
     cfg = _cfg(tmp_path, teacher, "student.prune.keep_layers=2", "method=full", "distill.alpha=1.0",
                "training.max_steps=15", "training.learning_rate=3e-3", "training.batch_size=8")
-    messages = []
-    summary = run_distillation(cfg, tmp_path / "run", report=messages.append)
+    messages = log_lines
+    summary = api.distill(cfg, tmp_path / "run")
     train = summary["train"]
     assert train["final_loss"] < 0.7 * train["first_loss"], train  # the loss is T^2 KL alone: it fell
     d = json.loads((tmp_path / "run" / "distill.json").read_text())
@@ -196,14 +196,14 @@ def test_alpha_one_moves_a_pruned_student_towards_the_teacher(tmp_path):
     assert any("logits from its forward pass" in m for m in messages)
 
 
-def test_different_tokenizers_switch_to_sequence_level_and_say_so(tmp_path):
-    from tunesmith.distill.run import run_distillation
+def test_different_tokenizers_switch_to_sequence_level_and_say_so(tmp_path, log_lines):
+    from tunesmith import api
 
     teacher = _tiny_teacher_folder(tmp_path, layers=2, vocab_size=700)
     student = _tiny_teacher_folder(tmp_path, layers=2, vocab_size=500)
     cfg = _cfg(tmp_path, teacher, f"student.name={student}", "distill.max_new_tokens=6", "training.max_steps=2")
-    messages = []
-    summary = run_distillation(cfg, tmp_path / "run", report=messages.append)
+    messages = log_lines
+    summary = api.distill(cfg, tmp_path / "run")
     assert summary["distill"]["mode"] == "sequence"
     assert any("sequence level" in m and "tokenizer differs" in m for m in messages), messages
     answers = [json.loads(line) for line in (tmp_path / "run" / "teacher-answers.jsonl").read_text().splitlines()]
@@ -223,7 +223,7 @@ def test_train_refuses_a_distillation_config(tmp_path, capsys):
 
 
 def test_a_4bit_teacher_teaches_a_lora_student(tmp_path):
-    from tunesmith.distill.run import run_distillation
+    from tunesmith import api
     from tunesmith.hardware import four_bit_status
 
     available, detail = four_bit_status()
@@ -232,7 +232,7 @@ def test_a_4bit_teacher_teaches_a_lora_student(tmp_path):
     teacher = _tiny_teacher_folder(tmp_path)
     cfg = _cfg(tmp_path, teacher, "teacher.load_in_4bit=true", "student.prune.keep_layers=2", "method=lora",
                "training.max_steps=4", "training.learning_rate=1e-2")
-    summary = run_distillation(cfg, tmp_path / "run", report=lambda *a: None)
+    summary = api.distill(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()  # the student trained LoRA
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["type"] == "train"]

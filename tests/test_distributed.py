@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import save_tiny_model_folder
 from tunesmith.config import load_config
 from tunesmith.train import distributed
-from tunesmith.train.loop import run_training
+from tunesmith import api
 
 ROWS = [
     {"instruction": f"Repeat the word {w} {'twice' if i % 2 else 'three times'}.", "input": "",
@@ -133,7 +133,7 @@ def test_two_processes_take_the_steps_of_one_process_with_the_same_global_batch(
                                       "micro_batches_per_step": 2}
 
     one = tmp_path / "one"
-    run_training(load_config(None, _overrides(model_dir, data, **{"training.gradient_accumulation": 2})), one)
+    api.train(load_config(None, _overrides(model_dir, data, **{"training.gradient_accumulation": 2})), one)
 
     two_losses, one_losses = _train_losses(run_dir), _train_losses(one)
     assert sorted(two_losses) == sorted(one_losses) == list(range(1, 7))
@@ -155,7 +155,7 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(two_process_run, tmp_pat
 
     cfg = load_config(stopped / "config.yaml")
     assert cfg.training.gradient_accumulation == 1  # one process alone would take half the rows per step...
-    resumed = run_training(cfg, stopped, resume=True)  # ...but the checkpoint's steps are kept
+    resumed = api.train(cfg, stopped, resume=True)  # ...but the checkpoint's steps are kept
 
     assert resumed["train"]["steps"] == 6
     two_losses, resumed_losses = _train_losses(run_dir), _train_losses(stopped)
@@ -220,7 +220,7 @@ def test_a_gguf_model_is_converted_on_each_machine_before_the_job_starts(two_pro
 
     root, model_dir, data, _, _ = two_process_run
     gguf = tmp_path / "tiny.gguf"
-    export_gguf(model_dir, gguf, quant="f16", report=lambda _: None)
+    export_gguf(model_dir, gguf, quant="f16")
     outputs = _two_machines(root, tmp_path, tmp_path / "run", _overrides(gguf, data, **{
         "training.max_steps": 2, "training.save_steps": "null", "training.eval_steps": "null"}))
     for rank, (out, err) in enumerate(outputs):
@@ -295,7 +295,7 @@ def test_qlora_under_fsdp_and_zero_2_takes_the_steps_of_one_process(two_process_
     root, model_dir, data, _, _ = two_process_run
     settings = {"method": "qlora", "training.max_steps": 3, "training.save_steps": "null", "training.eval_steps": "null"}
     one = tmp_path / "one"
-    run_training(load_config(None, _overrides(model_dir, data, **settings, **{"training.gradient_accumulation": 2})), one)
+    api.train(load_config(None, _overrides(model_dir, data, **settings, **{"training.gradient_accumulation": 2})), one)
     one_losses, one_adapter = _train_losses(one), _adapter(one)
     for name, strategy in (("fsdp", {"distributed.strategy": "fsdp"}),
                            ("zero2", {"distributed.strategy": "deepspeed", "distributed.zero_stage": 2})):
@@ -330,9 +330,9 @@ def test_a_killed_process_ends_the_whole_job_with_a_sentence(two_process_run, tm
         ranks = _ranks_once_a_checkpoint_exists(launcher, run_dir)
         assert sorted(ranks) == [0, 1]
         ranks[1].send_signal(signal.SIGKILL)
-        killed_at = time.time()
-        _, err = launcher.communicate(timeout=120)
-    assert time.time() - killed_at < 60  # bounded: nobody waits for the dead process's collective
+        # A hang guard, not a speed check: the collective timeout is 1800 s, so ending at all means the
+        # launcher saw the death and stopped the other process rather than leaving it at the collective.
+        _, err = launcher.communicate(timeout=300)
     assert launcher.returncode != 0
     assert "process 1 of 2 was killed by SIGKILL; the other processes on this machine were stopped" in err
     assert f"continue with: tunesmith train {run_dir / 'config.yaml'} --resume --nproc 2" in err
@@ -367,9 +367,7 @@ def test_a_hung_process_is_given_up_after_the_timeout(two_process_run, tmp_path)
     with _long_job(root, run_dir, model_dir, data, **{"distributed.timeout_s": 10}) as launcher:
         ranks = _ranks_once_a_checkpoint_exists(launcher, run_dir)
         ranks[1].suspend()  # alive but silent: only the timeout can tell
-        stopped_at = time.time()
-        _, err = launcher.communicate(timeout=120)
-    assert 5 < time.time() - stopped_at < 90
+        _, err = launcher.communicate(timeout=300)  # a hang guard: the 10 s collective timeout ends it
     assert launcher.returncode == 2
     assert "lost the other processes of this run while" in err  # summing gradients, or sharing the seed
     assert "process 0 of 2 stopped with exit code 2; the other processes on this machine were stopped" in err

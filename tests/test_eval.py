@@ -15,7 +15,7 @@ from tunesmith.train.validation import heldout_loss
 from tunesmith.evaluate.runner import evaluate_run
 from tunesmith.errors import UserError
 from tunesmith.train.objective import Objective
-from tunesmith.train.loop import run_training
+from tunesmith import api
 
 GSM8K_REGEX = r"####\s*(-?[\d,.]+)"
 
@@ -134,7 +134,7 @@ def tiny_run(tmp_path_factory):
     run_dir = root / "run"
     cfg = _config(model_dir, data, "training.max_steps=30", "training.learning_rate=1e-2", "lora.dropout=0.0",
                   "training.lr_scheduler=constant", "eval.metrics=perplexity,rouge,bleu,chrf,exact_match,bertscore")
-    summary = run_training(cfg, run_dir)
+    summary = api.train(cfg, run_dir)
     return run_dir, summary, root
 
 

@@ -4,22 +4,25 @@ Each (family, method) pair trains 20 steps through `run_training` and must lower
 (final <= 0.9 x first).  The masked-LM family (BERT) hides different tokens at every step, so
 its per-step loss is noisy; there the comparison is the held-out loss of the same rows with the
 same hidden tokens, before and after training, which must fall by at least 0.1 nats.  The pairs that pass are written to
-`src/tunesmith/models/validated.json`, which `tunesmith models` prints: the matrix is what
-this test run showed, never a hand-written list.
+`src/tunesmith/models/validated.json` by `python -m tunesmith.models.validated --write` (this test records
+them in the file TUNESMITH_MATRIX_OUT names; a plain pytest run writes no tracked file), and `tunesmith models`
+prints it: the matrix is what a test run showed, never a hand-written list.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
+import os
 import typing
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from tunesmith.config import Config, load_config
-from tunesmith.models.validated import MATRIX_FILE
-from tunesmith.train.loop import run_training
+from tunesmith.models.validated import RESULTS_ENV
+from tunesmith import api
 
 from test_train import ROWS as TRAIN_ROWS
 
@@ -70,20 +73,15 @@ _results: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def write_matrix():
+def record_results():
+    """Where `python -m tunesmith.models.validated --write` asked for the results, they go (merged with any
+    that module's earlier tests recorded); otherwise nowhere."""
     yield
-    if not _results:
-        return
-    import transformers
-
-    existing = json.loads(MATRIX_FILE.read_text()) if MATRIX_FILE.is_file() else {"results": {}}
-    existing["results"].update(_results)
-    existing["generated_by"] = "tests/test_matrix.py"
-    existing["generated_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    existing["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-    tmp = MATRIX_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
-    tmp.replace(MATRIX_FILE)
+    out = os.environ.get(RESULTS_ENV)
+    if out and _results:
+        path = Path(out)
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**earlier, **_results}, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -122,7 +120,7 @@ def test_method_trains_family(tmp_path, family, method):
         "lora.dropout=0.0", *judge, *METHOD_SETTINGS.get(method, DEFAULT_SETTINGS), *FAMILY_SETTINGS.get(family, []),
         *PAIR_SETTINGS.get((family, method), []),
     ])
-    summary = run_training(cfg, tmp_path / "run")
+    summary = api.train(cfg, tmp_path / "run")
     if task == "masked_lm":
         first, final = summary["eval"]["base"]["loss"], summary["eval"]["tuned"]["loss"]
         # the same hidden tokens before and after, so any fall is real; adapters on a random 2-layer encoder

@@ -23,7 +23,7 @@ from tunesmith.models.adapters import (
 )
 from tunesmith.models.families import FAMILY_TARGET_MODULES
 from tunesmith.models.loader import load_model
-from tunesmith.train.loop import run_training
+from tunesmith import api
 from tunesmith.train.optim import make_optimizer
 
 # fixtures: `tiny_model_dir` (the tiny Llama and tokenizer saved in a folder), `tiny_data` (8 Alpaca rows, JSONL)
@@ -69,7 +69,7 @@ def test_each_method_lowers_the_loss(tmp_path, tiny_model_dir, tiny_data, varian
     if method == "qlora" and not FOUR_BIT:
         pytest.skip(f"4-bit not available here: {FOUR_BIT_DETAIL}")
     cfg = _config(tiny_model_dir, tiny_data, f"method={method}", *METHOD_SETTINGS[variant])
-    summary = run_training(cfg, tmp_path / "run")
+    summary = api.train(cfg, tmp_path / "run")
     train = summary["train"]
     assert train["steps"] == cfg.training.max_steps
     assert train["final_loss"] <= 0.9 * train["first_loss"], train
@@ -330,7 +330,7 @@ def test_qlora_without_bitsandbytes_falls_back_to_lora_or_stops(tmp_path, tiny_m
     notice = capsys.readouterr().out
     assert "not installed" in notice and "plain LoRA" in notice and "qlora.fallback: error" in notice
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    summary = run_training(cfg, tmp_path / "run")  # the whole run goes through as LoRA
+    summary = api.train(cfg, tmp_path / "run")  # the whole run goes through as LoRA
     assert summary["train"]["steps"] == 3 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
     with pytest.raises(UserError) as err:

@@ -1,14 +1,12 @@
-"""Padding-free training (train/packing.py), the fused output-projection loss and the fused LoRA dropout.
+"""Padding-free training (train/packing.py) and the fused output-projection loss.
 
 What must hold: a packed pass gives the same loss and the same gradients as the padded batch of the
 same rows, on every family packing is switched on for; no row sees another; the fused loss equals
-cross-entropy over full logits, value and gradients; the fused dropout is nn.Dropout + Linear with
-the same draws; and a whole run with packing on learns what the padded run learns.
+cross-entropy over full logits, value and gradients; and a whole run with packing on learns what the
+padded run learns.  The fused LoRA dropout, RMSNorm and rotary paths are tested in test_fast_kernels.py.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import random
 from types import SimpleNamespace
@@ -19,7 +17,6 @@ import torch.nn.functional as F
 
 from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.errors import UserError
-from tunesmith.models.lora_fast import DropoutLinear, DropoutThenLinear, fast_lora, fast_norm_rope, keep_scale
 from tunesmith.data.batching import collate
 from tunesmith.train.loss import LinearCrossEntropySum, head_nll_sum, packed_nll_sum, token_nll_sum
 from tunesmith.train.packing import PACKABLE_TYPES, make_pass, plan_passes, resolve_pass_tokens, want_packing
@@ -159,85 +156,6 @@ def test_head_nll_sum_takes_the_fused_path_only_for_a_plain_linear_head():
                           F.cross_entropy(biased(hidden), targets, reduction="sum"), atol=1e-5)
 
 
-def test_dropout_then_linear_is_dropout_and_linear_with_the_same_draws():
-    from tunesmith.models.lora_fast import _keep_mask, _shared
-
-    torch.manual_seed(1)
-    x = torch.randn(2, 6, 10, requires_grad=True)
-    w = torch.randn(4, 10, requires_grad=True)
-    p = 0.3
-    _shared.clear()
-    torch.manual_seed(7)
-    out = DropoutThenLinear.apply(x, w, p)
-    again = DropoutThenLinear.apply(x, w, p)  # the same input again (k after q): the same mask
-    (out.pow(2).sum() + again.sum()).backward()
-    got = out.detach(), x.grad.clone(), w.grad.clone()
-    x.grad, w.grad = None, None
-    torch.manual_seed(7)
-    keep = _keep_mask(x, p)  # the draw the fused function makes
-    assert keep.dtype == torch.bool
-    reference = F.linear(x * keep * keep_scale(p, "cpu"), w)
-    (reference.pow(2).sum() + reference.sum()).backward()
-    assert 0 < int(keep.sum()) < keep.numel()
-    assert torch.equal(again.detach(), out.detach())
-    assert torch.allclose(got[0], reference, atol=1e-6)
-    assert torch.allclose(got[1], x.grad, atol=1e-5) and torch.allclose(got[2], w.grad, atol=1e-5)
-    _shared.clear()
-
-
-def test_keep_mask_drops_p_of_the_elements_and_follows_the_torch_seed():
-    from tunesmith.models.lora_fast import _keep_mask
-
-    x = torch.empty(1000, 1000)
-    torch.manual_seed(3)
-    a = _keep_mask(x, 0.05)
-    torch.manual_seed(3)
-    b = _keep_mask(x, 0.05)
-    assert torch.equal(a, b)
-    assert abs(1 - float(a.float().mean()) - 0.05) < 0.002  # 10^6 draws: 5 standard deviations is 0.0011
-    assert keep_scale(0.05, "cpu") == pytest.approx(1 / 0.95, rel=1e-5)
-
-
-def _lora_model(**lora):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(tiny_model("llama"), LoraConfig(**{"r": 4, "lora_alpha": 8, **lora}))
-
-
-def test_fast_lora_gives_peft_outputs_and_gradients_and_puts_everything_back():
-    model = _lora_model(lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.1)  # B starts at zero: give the adapters something to add
-    keys = list(model.state_dict())
-    x = torch.randint(3, VOCAB, (2, 6))
-    model.eval()
-    before = model(input_ids=x).logits
-    before.sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    with fast_lora(model) as swapped:
-        assert swapped == 3 * 2  # three targets in each of two layers
-        assert list(model.state_dict()) == keys  # same names: checkpoints and merging see plain PEFT
-        assert any(isinstance(m, DropoutLinear) for m in model.modules())
-        fast = model(input_ids=x).logits  # eval mode: no dropout, the addmm path
-        fast.sum().backward()
-        assert torch.allclose(fast, before, atol=1e-5)
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                assert torch.allclose(param.grad, grads[name], atol=1e-5), name
-        model.train()
-        assert not torch.equal(model(input_ids=x).logits, before)  # dropout is live in training
-    assert not any(isinstance(m, DropoutLinear) for m in model.modules())
-    assert all(type(m).__name__ == "Linear" and type(m).__module__.startswith("peft") for m in model.modules()
-               if hasattr(m, "lora_dropout"))
-    assert all(isinstance(m.lora_dropout["default"], torch.nn.Dropout) for m in model.modules() if hasattr(m, "lora_dropout"))
-
-    dora = _lora_model(lora_dropout=0.1, use_dora=True, target_modules=["q_proj"])
-    with fast_lora(dora) as swapped:
-        assert swapped == 0  # DoRA uses the dropped input itself: left as PEFT has it
-
-
 def _saved_bytes(run) -> int:
     """Bytes of the distinct storages autograd keeps for backward while `run()` builds the graph."""
     storages: dict[int, int] = {}
@@ -249,133 +167,6 @@ def _saved_bytes(run) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     return out, sum(storages.values())
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_swiglu_mlp_gives_the_same_outputs_and_gradients_and_keeps_less(family, monkeypatch):
-    import tunesmith.models.lora_fast as lora_fast
-    from peft import LoraConfig, get_peft_model
-
-    def run(model, x, fused: bool):
-        monkeypatch.setattr(lora_fast, "_swiglu_mlp", real if fused else (lambda module: False))
-        model.zero_grad()
-        with fast_lora(model):
-            kinds = {type(m.mlp).__name__ for m in model.get_base_model().model.layers}
-            torch.manual_seed(11)  # the same dropout draws for both paths
-            out, kept = _saved_bytes(lambda: model(input_ids=x).logits)
-            out.pow(2).mean().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return kinds, out.detach(), grads, kept
-
-    real = lora_fast._swiglu_mlp
-    x = torch.randint(3, VOCAB, (2, 7))
-    for dropout in (0.0, 0.3):
-        model = get_peft_model(tiny_model(family), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                               target_modules="all-linear"))
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.1)
-        model.train()
-        kinds, fused_out, fused_grads, fused_kept = run(model, x, True)
-        assert kinds == {"FastLoraSwiGLU"}
-        plain_kinds, plain_out, plain_grads, plain_kept = run(model, x, False)
-        assert "FastLoraSwiGLU" not in plain_kinds
-        assert torch.allclose(fused_out, plain_out, atol=1e-6)
-        for name, grad in plain_grads.items():
-            assert torch.allclose(fused_grads[name], grad, atol=1e-6), name
-        assert fused_kept < plain_kept  # silu(gate) and the product are recomputed, not kept
-        if dropout == 0.0:  # and against PEFT's own forward, which draws nothing
-            monkeypatch.setattr(lora_fast, "_swiglu_mlp", real)
-            model.zero_grad()
-            reference = model(input_ids=x).logits
-            reference.pow(2).mean().backward()
-            assert torch.allclose(fused_out, reference, atol=1e-5)
-            for name, param in model.named_parameters():
-                if param.requires_grad:
-                    assert torch.allclose(fused_grads[name], param.grad, atol=1e-5), name
-        assert all(type(m.mlp).__name__.endswith("MLP") and "Fast" not in type(m.mlp).__name__
-                   for m in model.get_base_model().model.layers)  # put back on leaving
-
-
-@pytest.mark.parametrize("weight_trains", [False, True])
-def test_rmsnorm_function_matches_the_formula_in_fp64(weight_trains):
-    from tunesmith.models.lora_fast import RMSNormFunction
-
-    torch.manual_seed(0)
-    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(16, dtype=torch.float64, requires_grad=weight_trains)
-    dy = torch.randn(3, 5, 16, dtype=torch.float64)
-
-    def reference(x, weight):  # written out, in fp64 (transformers' module computes in fp32)
-        return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-    def run(fn):
-        x.grad = weight.grad = None
-        out = fn(x, weight)
-        out.backward(dy)
-        return out.detach(), x.grad.clone(), weight.grad.clone() if weight_trains else None
-
-    ours = run(lambda x, weight: RMSNormFunction.apply(x, weight, 1e-6))
-    expected = run(reference)
-    for a, b in zip(ours, expected):
-        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_rotary_function_matches_transformers_in_fp64():
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from tunesmith.models.lora_fast import RotaryFunction
-
-    torch.manual_seed(0)
-    q = torch.randn(1, 4, 6, 8, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
-    cos, sin = torch.randn(1, 6, 8, dtype=torch.float64), torch.randn(1, 6, 8, dtype=torch.float64)  # halves differ
-    dq, dk = torch.randn_like(q), torch.randn_like(k)
-
-    def run(fn):
-        q.grad = k.grad = None
-        qe, ke = fn()
-        torch.autograd.backward((qe, ke), (dq, dk))
-        return qe.detach(), ke.detach(), q.grad.clone(), k.grad.clone()
-
-    ours = run(lambda: (RotaryFunction.apply(q, cos[:, None], sin[:, None]), RotaryFunction.apply(k, cos[:, None], sin[:, None])))
-    theirs = run(lambda: apply_rotary_pos_emb(q, k, cos, sin))
-    for a, b in zip(ours, theirs):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3 also normalises q and k per head
-def test_fast_norm_rope_trains_like_transformers_and_is_put_back(family, monkeypatch):
-    import sys
-
-    import tunesmith.models.lora_fast as lora_fast_module
-
-    model = tiny_model(family)
-    x = torch.randint(3, VOCAB, (2, 7))
-
-    def grads(fast: bool):
-        model.zero_grad()
-        with fast_norm_rope(model) if fast else contextlib.nullcontext() as swapped:
-            kinds = {type(m).__name__ for m in model.modules() if "RMSNorm" in type(m).__name__}
-            out = model(input_ids=x).logits
-            out.pow(2).mean().backward()
-        return swapped, kinds, out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    modeling = sys.modules[type(model).__module__]
-    original_rotary = modeling.apply_rotary_pos_emb
-    calls = []
-    real_apply = lora_fast_module.RotaryFunction.apply
-    monkeypatch.setattr(lora_fast_module.RotaryFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
-    swapped, kinds, fast_out, fast_grads = grads(True)
-    monkeypatch.undo()
-    assert kinds == {"FastRMSNorm"} and swapped == sum(1 for m in model.modules() if "RMSNorm" in type(m).__name__)
-    assert len(calls) == 2 * model.config.num_hidden_layers  # q and k of every layer through RotaryFunction
-    assert modeling.apply_rotary_pos_emb is original_rotary  # put back on leaving
-    _, plain_kinds, plain_out, plain_grads = grads(False)
-    assert "FastRMSNorm" not in plain_kinds  # put back on leaving
-    assert torch.allclose(fast_out, plain_out, atol=1e-5)
-    for name, grad in plain_grads.items():  # full fine-tuning: the norm weights' gradients too
-        assert torch.allclose(fast_grads[name], grad, atol=1e-5), name
 
 
 def test_rows_attention_is_sdpa_row_by_row_and_keeps_one_copy_of_the_output():
@@ -440,49 +231,3 @@ def test_gradient_checkpointing_recomputes_a_packed_pass_the_same_way():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         assert torch.allclose(grads[1][name], grad, atol=1e-5, rtol=1e-4), name
-
-
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_dropout_rows_makes_packed_and_padded_training_drop_the_same_elements(checkpointing):
-    """With LoRA dropout live, the micro-batch trained padded and trained packed (split over passes, rows
-    reordered) gives the same loss and gradients inside `dropout_rows`; without it the draws differ."""
-    from tunesmith.models.lora_fast import dropout_rows, new_mask_seed
-    from tunesmith.train.compute import enable_gradient_checkpointing
-    from tunesmith.train.loop import _micro_units
-    from tunesmith.train.packing import packed_attention
-
-    model = _lora_model(lora_dropout=0.3, target_modules="all-linear")
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.1)
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    objective = SimpleNamespace(task="causal_lm", collate=lambda rows, key: collate(rows, pad_token_id=0))
-    rows = make_rows([7, 13, 4, 10])
-
-    def run(pass_tokens, rows_on: bool):
-        torch.manual_seed(5)
-        step_seed = new_mask_seed()
-        units = _micro_units(objective, rows, pass_tokens, key=(0, 0, 0, 1))
-        total = 0.0
-        with fast_lora(model), fast_norm_rope(model), packed_attention(model):
-            for unit, layout in units:
-                with dropout_rows(step_seed, layout) if rows_on else contextlib.nullcontext():
-                    if isinstance(unit, dict):
-                        nll, _ = token_nll_sum(model, unit["input_ids"], unit["attention_mask"], unit["labels"])
-                    else:
-                        nll, _ = packed_nll_sum(model, unit)
-                    nll.backward()
-                total += float(nll.detach())
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad(set_to_none=True)
-        return len(units), total, grads
-
-    n_padded, padded, padded_grads = run(None, True)
-    n_packed, packed, packed_grads = run(16, True)  # 34 tokens in 16-token passes: three passes, rows reordered
-    assert (n_padded, n_packed) == (1, 3)
-    assert packed == pytest.approx(padded, rel=1e-5)
-    for name, grad in padded_grads.items():
-        assert torch.allclose(packed_grads[name], grad, atol=1e-5, rtol=1e-4), name
-    _, loose, _ = run(16, False)  # whole-tensor masks: the packed layout draws other elements
-    assert loose != pytest.approx(padded, rel=1e-4)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tunesmith.config import load_config
 from tunesmith.train.checkpoint import list_checkpoints
-from tunesmith.train.loop import run_training
+from tunesmith import api
 
 ROWS = [
     {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
@@ -60,7 +60,7 @@ def _child(tmp_path, overrides, run_dir, kill_at_step, sig):
 
 def test_a_sigkilled_run_resumes_to_the_same_loss_and_weights(setup):
     tmp_path, overrides = setup
-    straight = run_training(load_config(None, overrides), tmp_path / "straight")
+    straight = api.train(load_config(None, overrides), tmp_path / "straight")
 
     run_dir = tmp_path / "killed"
     result = _child(tmp_path, overrides, run_dir, kill_at_step=8, sig="SIGKILL")
@@ -73,7 +73,7 @@ def test_a_sigkilled_run_resumes_to_the_same_loss_and_weights(setup):
     assert max(logged) == 7  # step 7 ran and was logged after the checkpoint: resume redoes it
 
     cfg = load_config(run_dir / "config.yaml")
-    resumed = run_training(cfg, run_dir, resume=True)
+    resumed = api.train(cfg, run_dir, resume=True)
 
     assert resumed["train"]["steps"] == straight["train"]["steps"] == 14
     assert resumed["train"]["final_loss"] == pytest.approx(straight["train"]["final_loss"], rel=1e-3)
@@ -99,7 +99,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(setup):
 def test_a_corrupt_checkpoint_is_reported_and_skipped(setup, capsys):
     tmp_path, overrides = setup
     run_dir = tmp_path / "run"
-    run_training(load_config(None, overrides + ["training.save_total_limit=3"]), run_dir)
+    api.train(load_config(None, overrides + ["training.save_total_limit=3"]), run_dir)
     newest = list_checkpoints(run_dir)[-1]
     assert len(list_checkpoints(run_dir)) == 3  # save_total_limit keeps the newest three
     data = bytearray((newest / "trainable.safetensors").read_bytes())
@@ -108,7 +108,7 @@ def test_a_corrupt_checkpoint_is_reported_and_skipped(setup, capsys):
     # a half-written temporary folder is never taken for a checkpoint either
     (run_dir / "checkpoints" / ".step-00000099.tmp").mkdir()
     (run_dir / "summary.json").unlink()
-    run_training(load_config(run_dir / "config.yaml"), run_dir, resume=True)
+    api.train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
     out = capsys.readouterr().out
     assert f"skipping checkpoint {newest}" in out and "checksum" in out
     assert "resuming from" in out and newest.name not in out.split("resuming from")[1].splitlines()[0]
@@ -120,7 +120,7 @@ def test_early_stopping_and_load_best_at_end(setup):
     cfg = load_config(None, overrides + ["training.max_steps=40", "training.eval_steps=2",
                                          "training.early_stopping_patience=2", "training.early_stopping_threshold=10",
                                          "training.load_best_at_end=true"])
-    summary = run_training(cfg, tmp_path / "early")
+    summary = api.train(cfg, tmp_path / "early")
     assert summary["train"]["stopped_early"] is True
     assert summary["train"]["steps"] == 6  # validations at steps 2 (best), 4 and 6 (no improvement): stop
     assert summary["train"]["best_step"] == 2
@@ -154,7 +154,7 @@ def test_a_nan_loss_stops_with_a_sentence_and_keeps_the_last_good_checkpoint(set
     monkeypatch.setattr(loss, "packed_nll_sum", poison(loss.packed_nll_sum))
     cfg = load_config(None, overrides + ["training.save_steps=2", "training.max_steps=30"])
     with pytest.raises(UserError, match="step 5: the loss became nan.*last good checkpoint") as err:
-        run_training(cfg, tmp_path / "nan")
+        api.train(cfg, tmp_path / "nan")
     good = list_checkpoints(tmp_path / "nan")
     assert good[-1].name == "step-00000004" and str(good[-1]) in str(err.value)
     assert "Traceback" not in str(err.value)

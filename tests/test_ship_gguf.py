@@ -127,8 +127,8 @@ def test_f16_and_q8_0_read_back_by_transformers(tmp_path, family, tie, pre):
     ids = tokenizer(PROMPT)["input_ids"]
     expected = _logits(model, ids)
 
-    f16 = export_gguf(folder, tmp_path / "out" / "model-f16.gguf", quant="f16", report=lambda _: None)
-    q8 = export_gguf(folder, tmp_path / "out" / "model-q8_0.gguf", quant="q8_0", report=lambda _: None)
+    f16 = export_gguf(folder, tmp_path / "out" / "model-f16.gguf", quant="f16")
+    q8 = export_gguf(folder, tmp_path / "out" / "model-q8_0.gguf", quant="q8_0")
     # 2-D: embedding, output unless tied, 7 projections a layer; 1-D: 2 norms a layer, the final norm, and
     # Qwen2's q/k/v biases
     assert f16["tensor_types"] == {"F16": 1 + (not tie) + 7 * 2, "F32": 2 * 2 + 1 + 3 * 2 * (family == "qwen2")}
@@ -164,7 +164,7 @@ def tiny_adapter_run(tmp_path_factory):
     system prompt."""
     from test_train import ROWS, _config
 
-    from tunesmith.train.loop import run_training
+    from tunesmith import api
 
     root = tmp_path_factory.mktemp("gguf")
     folder, _, _ = _tiny_folder(root, "llama")
@@ -172,7 +172,7 @@ def tiny_adapter_run(tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     cfg = _config(folder, data, "training.max_steps=8", "training.learning_rate=1e-2", "lora.dropout=0.0",
                   "eval.enabled=false", "data.system_prompt=You are terse.")
-    run_training(cfg, root / "run")
+    api.train(cfg, root / "run")
     return root / "run", root
 
 
@@ -182,7 +182,7 @@ def test_adapter_run_exports_merged_with_a_modelfile(tiny_adapter_run):
 
     run_dir, root = tiny_adapter_run
     out = root / "export" / "tiny.gguf"
-    result = export_gguf(run_dir, out, quant="f16", ollama=True, report=lambda _: None)
+    result = export_gguf(run_dir, out, quant="f16", ollama=True)
     assert result["modelfile"] == str(root / "export" / "Modelfile")
 
     handle = open_run(run_dir)
@@ -228,7 +228,7 @@ def test_modelfile_without_system_prompt_uses_the_templates_default(tmp_path):
     from conftest import TINY_SYSTEM
 
     folder, _, _ = _tiny_folder(tmp_path, "llama")
-    export_gguf(folder, tmp_path / "out" / "m.gguf", ollama=True, report=lambda _: None)
+    export_gguf(folder, tmp_path / "out" / "m.gguf", ollama=True)
     assert f'SYSTEM """{TINY_SYSTEM}"""' in (tmp_path / "out" / "Modelfile").read_text().splitlines()
 
 
@@ -299,7 +299,7 @@ def test_builtin_run_round_trips_through_gguf(tmp_path):
     from tunesmith.train.validation import heldout_loss
     from tunesmith.models.run_folder import load_for_inference, open_run
     from tunesmith.train.objective import Objective
-    from tunesmith.train.loop import run_training
+    from tunesmith import api
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     test_file = examples / "data" / "dates-test.jsonl"
@@ -308,9 +308,9 @@ def test_builtin_run_round_trips_through_gguf(tmp_path):
         "training.max_steps=5", "training.batch_size=4", "eval.enabled=false",  # batch 4 (not 8): half the time
     ])
     run_dir = tmp_path / "run"
-    run_training(cfg, run_dir)
-    f16 = export_gguf(run_dir, tmp_path / "smol-f16.gguf", quant="f16", report=lambda _: None)
-    q8 = export_gguf(run_dir, tmp_path / "smol-q8_0.gguf", quant="q8_0", report=lambda _: None)
+    api.train(cfg, run_dir)
+    f16 = export_gguf(run_dir, tmp_path / "smol-f16.gguf", quant="f16")
+    q8 = export_gguf(run_dir, tmp_path / "smol-q8_0.gguf", quant="q8_0")
     assert q8["bytes"] < 0.6 * f16["bytes"]
 
     merged, tokenizer, _ = load_for_inference(open_run(run_dir), dtype=torch.float32, device="cpu", merged=True)

@@ -30,7 +30,7 @@ def make_tiny_run(root, *overrides):
     the logits a lot.  Evaluation off.  Returns the run folder."""
     from conftest import save_tiny_model_folder
 
-    from tunesmith.train.loop import run_training
+    from tunesmith import api
 
     model_dir, data = save_tiny_model_folder(root, ROWS)
     # float32 said outright (auto is fp32 on CPUs, bf16 on most GPUs): the merge is checked to float32
@@ -38,7 +38,7 @@ def make_tiny_run(root, *overrides):
     cfg = _config(model_dir, data, "model.dtype=float32", "training.max_steps=30", "training.batch_size=8", "training.learning_rate=1e-2",
                   "lora.dropout=0.0", "training.lr_scheduler=constant", "eval.enabled=false",
                   f"data.system_prompt={SYSTEM}", *overrides)
-    run_training(cfg, root / "run")
+    api.train(cfg, root / "run")
     return root / "run"
 
 
@@ -51,7 +51,7 @@ def lora_run(tmp_path_factory):
 def merged(lora_run):
     """The LoRA run merged into a folder inside the run folder (allowed)."""
     out = lora_run / "merged"
-    merge_run(lora_run, out, report=lambda *_: None)
+    merge_run(lora_run, out)
     return out
 
 
@@ -113,7 +113,7 @@ def test_merged_folder_is_a_plain_safetensors_folder_with_the_chat_template(lora
 def test_merge_in_bfloat16_saves_bfloat16_weights(lora_run, tmp_path):
     from safetensors import safe_open
 
-    info = merge_run(lora_run, tmp_path / "bf16", dtype="bfloat16", report=lambda *_: None)
+    info = merge_run(lora_run, tmp_path / "bf16", dtype="bfloat16")
     assert info["dtype"] == "bfloat16"
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
@@ -121,14 +121,14 @@ def test_merge_in_bfloat16_saves_bfloat16_weights(lora_run, tmp_path):
 
 
 @needs_four_bit
-def test_qlora_run_merges_into_the_dequantised_base(tmp_path_factory):
+def test_qlora_run_merges_into_the_dequantised_base(tmp_path_factory, log_lines):
     from transformers import AutoModelForCausalLM
 
     # 4-bit steps are slow on a CPU: 20 small batches are enough to move the logits well past the tolerances below.
     run = make_tiny_run(tmp_path_factory.mktemp("qlora"), "method=qlora", "training.batch_size=2",
                         "training.max_steps=20")
-    lines = []
-    info = merge_run(run, run / "merged", report=lines.append)
+    lines = log_lines
+    info = merge_run(run, run / "merged")
     assert info["dequantized_from_nf4"] is True and "NF4" in info["note"]
     assert "de-quantised" in " ".join(lines) and "float32" in " ".join(lines)
     assert json.loads((run / "merged" / MERGE_INFO).read_text()) == info
@@ -156,7 +156,7 @@ def test_full_finetune_is_resaved_unchanged(tmp_path_factory):
 
     run = make_tiny_run(tmp_path_factory.mktemp("full"), "method=full", "training.max_steps=3",
                         "training.learning_rate=1e-3")
-    info = merge_run(run, run / "merged", report=lambda *_: None)
+    info = merge_run(run, run / "merged")
     assert "re-saved" in info["merge"]
     trained = load_file(run / "model" / "model.safetensors")
     saved = load_file(run / "merged" / "model.safetensors")

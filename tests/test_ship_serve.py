@@ -42,12 +42,12 @@ def tiny_run(tmp_path_factory):
     """A LoRA run of a tiny Llama, two steps: trained, yet still rambling, so answers are long and varied."""
     from conftest import save_tiny_model_folder
 
-    from tunesmith.train.loop import run_training
+    from tunesmith import api
 
     root = tmp_path_factory.mktemp("serve")
     model_dir, data = save_tiny_model_folder(root, ROWS)
     run_dir = root / "run"
-    run_training(_config(root / "tiny-llama", data, "training.max_steps=2", "training.learning_rate=1e-3",
+    api.train(_config(root / "tiny-llama", data, "training.max_steps=2", "training.learning_rate=1e-3",
                          "lora.dropout=0.0", "eval.enabled=false"), run_dir)
     return run_dir
 

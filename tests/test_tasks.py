@@ -16,7 +16,7 @@ from tunesmith.models.tasks import CAUSAL_LM, MASKED_LM, SEQ2SEQ, detect_task
 from tunesmith.train.objective import Objective
 from tunesmith.data.batching import mask_tokens
 from tunesmith.data.tokens import masked_lm_ids, plain_prompt
-from tunesmith.train.loop import run_training
+from tunesmith import api
 
 from test_train import ROWS as TRAIN_ROWS
 
@@ -151,7 +151,7 @@ def test_a_run_trains_and_evaluates_each_task(tmp_path, family, method):
         f"training.learning_rate={'1e-3' if method == 'full' else '5e-3'}", "lora.dropout=0.0", f"method={method}",
         "eval.max_new_tokens=8",
     ])
-    summary = run_training(cfg, tmp_path / "run")
+    summary = api.train(cfg, tmp_path / "run")
     base, tuned = summary["eval"]["base"], summary["eval"]["tuned"]
     assert tuned["loss"] < base["loss"] - 0.1  # the same rows (and, for BERT, the same hidden tokens)
     saved = tmp_path / "run" / ("model" if method == "full" else "adapter")
@@ -173,5 +173,5 @@ def test_a_masked_lm_without_a_mask_token_is_a_sentence(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     with pytest.raises(UserError) as err:
-        run_training(load_config(None, [f"model.name={folder}", f"data.path={data}"]), tmp_path / "run")
+        api.train(load_config(None, [f"model.name={folder}", f"data.path={data}"]), tmp_path / "run")
     assert "mask token" in str(err.value) and "model.name" in str(err.value)

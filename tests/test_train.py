@@ -8,7 +8,8 @@ import torch
 
 from tunesmith.config import load_config
 from tunesmith.data.batching import collate
-from tunesmith.train.loop import plan_steps, run_training
+from tunesmith import api
+from tunesmith.train.loop import plan_steps
 from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.train.loss import token_nll_sum
 
@@ -88,7 +89,7 @@ def test_loss_falls_over_20_steps_and_the_run_folder_is_complete(tmp_path, tiny_
     cfg = _config(tiny_model_dir, tiny_data, f"method={method}", f"training.learning_rate={lr}",
                   "training.lr_scheduler=constant", "lora.dropout=0.0")
     run_dir = tmp_path / "run"
-    summary = run_training(cfg, run_dir)
+    summary = api.train(cfg, run_dir)
 
     train = summary["train"]
     assert train["steps"] == 20
@@ -124,7 +125,7 @@ def test_lora_trains_only_the_adapter_and_saves_it(tmp_path, tiny_model_dir, tin
     from transformers import AutoModelForCausalLM
 
     cfg = _config(tiny_model_dir, tiny_data, "training.max_steps=3", "eval.enabled=false")
-    run_training(cfg, tmp_path / "run")
+    api.train(cfg, tmp_path / "run")
     tensors = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert tensors and all("lora_" in name for name in tensors)
     # every linear layer of the block got an adapter (all-linear is the default)
@@ -143,9 +144,9 @@ def test_packing_learns_what_padding_learns_and_reports_the_same_throughput(tmp_
     """The same rows, batches and seed: packed passes (several per micro-batch) and padded batches give the
     same per-step losses and validation loss; the summary's throughput is the metrics' tokens over time."""
     common = ["lora.dropout=0", "training.batch_size=3", "training.max_steps=6", "eval.enabled=false"]
-    packed = run_training(_config(tiny_model_dir, tiny_data, *common, "training.packing=true",
+    packed = api.train(_config(tiny_model_dir, tiny_data, *common, "training.packing=true",
                                   "training.pass_tokens=40"), tmp_path / "packed")
-    padded = run_training(_config(tiny_model_dir, tiny_data, *common, "training.packing=false"), tmp_path / "padded")
+    padded = api.train(_config(tiny_model_dir, tiny_data, *common, "training.packing=false"), tmp_path / "padded")
     assert packed["hardware"]["packing"] is True and packed["hardware"]["pass_tokens"] == 40
     assert padded["hardware"]["packing"] is False
 

@@ -1,0 +1,416 @@
+"""tunesmith's public functions: what the CLI, the studio and a notebook call.
+
+Every front end goes through here; none holds training, evaluation or export logic of its own.
+
+    from tunesmith import api
+    cfg = api.load_config("examples/quickstart.yaml", ["training.max_steps=20"])
+    run_dir = api.new_run_dir("examples/quickstart.yaml", cfg)
+    summary = api.train(cfg, run_dir)                 # in this process, with the before/after evaluation
+    run = api.start_run("examples/quickstart.yaml")   # or as a child process ...
+    for event in run.events():                        # ... followed from its run folder
+        print(event.kind, event.data.get("loss", ""), event.message or "")
+    run.stop()                                        # checkpoint and stop, as Ctrl-C does; api.resume(run.run_dir)
+    api.evaluate(run_dir); api.merge(run_dir, "merged"); api.export(run_dir, "model.gguf")
+
+Progress lines and notices go through `logging` (the `tunesmith` logger, see tunesmith.logs).
+A run folder holds `status.json` once its training process ends: {"state": "finished" | "failed" |
+"interrupted", "message": the sentence, ...}; `follow` reads it, with `metrics.jsonl`, to report a run's events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunesmith import config as _config
+from tunesmith.config import Config
+from tunesmith.data import format_inspection, inspect_file
+from tunesmith.distill.run import run_distillation
+from tunesmith.doctor import doctor_report, format_doctor
+from tunesmith.errors import UserError
+from tunesmith.evaluate.runner import evaluate_run
+from tunesmith.evaluate.suite import BeforeAfter
+from tunesmith.fileio import atomic_write_json
+from tunesmith.hardware import detect_device
+from tunesmith.models import BUILTIN_MODELS, load_tokenizer, resolve_model_source
+from tunesmith.models.validated import format_matrix, load_matrix
+from tunesmith.ship.gguf_export import export_gguf
+from tunesmith.ship.merge import merge_run
+from tunesmith.train import distributed
+from tunesmith.train.checkpoint import list_checkpoints
+from tunesmith.train.loop import TrainingInterrupted, run_training
+
+STATUS_FILE = "status.json"
+FINAL_STATES = ("finished", "failed", "interrupted")
+log = logging.getLogger(__name__)
+__all__ = [
+    "Config", "Launch", "RunEvent", "RunProcess", "UserError", "BUILTIN_MODELS",
+    "load_config", "new_run_dir", "train", "train_job", "start_run", "follow", "stop", "resume", "distill",
+    "evaluate", "merge", "export", "inspect_data", "format_inspection", "doctor", "format_doctor", "validated_matrix",
+    "format_matrix", "read_status", "existing_run_dir", "JobResult",
+]
+
+
+# --- configs and run folders
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The config in `path` (None: every default) with `--set`-style overrides, validated; a UserError names the
+    key, what was given and what is allowed."""
+    return _config.load_config(path, list(overrides))
+
+
+def _default_run_dir(config_path: str | Path | None) -> Path:
+    stem = Path(config_path).stem if config_path else "run"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run_dir(config_path: str | Path | None, cfg: Config, output: str | Path | None = None) -> Path:
+    """Where a new run goes: `output`, else the config's output.dir, else runs/<config name>-<time>.
+    An existing run is never written over."""
+    run_dir = Path(output or cfg.output.dir or _default_run_dir(config_path))
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UserError(
+            f"{run_dir} already exists and is not empty; tunesmith never writes over an earlier run. "
+            "Pick another folder with --output DIR (or leave it out for a fresh runs/<name>-<time> folder)."
+        )
+    return run_dir
+
+
+def existing_run_dir(cfg: Config, output: str | Path | None = None, machine_rank: int = 0) -> Path:
+    """The folder of the run to continue (`--resume`): `output`, else the config's output.dir."""
+    if not (output or cfg.output.dir):
+        raise UserError("--resume needs the run folder: give --output DIR, or the run's own config.yaml.")
+    run_dir = Path(output or cfg.output.dir)
+    if not run_dir.is_dir():
+        elsewhere = (f" Every machine of the job reads the checkpoint, so machine {machine_rank} needs the run "
+                     "folder at the same path as machine 0 (a shared file system, or a copy of it)."
+                     if machine_rank else "")
+        raise UserError(f"--resume: {run_dir} does not exist; give the folder of the run to continue.{elsewhere}")
+    return run_dir
+
+
+# --- training
+
+def _write_status(run_dir: Path, state: str, message: str | None = None, **extra) -> None:
+    if run_dir.is_dir():
+        atomic_write_json(run_dir / STATUS_FILE, {"state": state, "message": message, "pid": os.getpid(),
+                                                  "time": time.time(), **extra})
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
+    """Train in this process as `cfg` says into `run_dir` (continue from its newest checkpoint with `resume`),
+    with the base-vs-tuned evaluation when `eval.enabled`; returns the summary written to summary.json.
+    The run folder's status.json says how it ended (finished, interrupted or failed, with the sentence)."""
+    run_dir = Path(run_dir)
+    cfg.output.dir = str(run_dir)
+    main = distributed.world_from_env().rank == 0
+    if main and resume:
+        (run_dir / STATUS_FILE).unlink(missing_ok=True)  # the stopped run's; this one writes its own
+    try:
+        summary = run_training(cfg, run_dir, resume=resume, evaluation=BeforeAfter)
+    except TrainingInterrupted as exc:
+        if main:
+            _write_status(run_dir, "interrupted", str(exc))
+        raise
+    except UserError as exc:
+        if main:
+            _write_status(run_dir, "failed", str(exc))
+        raise
+    except BaseException as exc:  # our bug, or Ctrl-C twice: the folder says so, the traceback stays
+        if main:
+            _write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    if main:
+        _write_status(run_dir, "finished", f"finished: {summary['train']['steps']} steps", summary="summary.json")
+    return summary
+
+
+def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """Continue a stopped or crashed run in this process from its newest valid checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    return train(cfg, existing_run_dir(cfg, run_dir), resume=True)
+
+
+@dataclass
+class Launch:
+    """How many training processes, on how many machines (`tunesmith train --nproc ... --num-machines ...`)."""
+
+    nproc: int = 1
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+
+
+@dataclass
+class JobResult:
+    run_dir: Path
+    exit_code: int
+    summary: dict | None = None  # the first process's summary; None in the others and for a launcher
+    main: bool = True
+
+
+def train_job(config_path: str | Path | None, overrides: Sequence[str] = (), output: str | Path | None = None,
+              resume: bool = False, launch: Launch = Launch()) -> JobResult:
+    """`tunesmith train`: load the config, pick the run folder, and train: in this process, as one process of a
+    job started by torchrun / accelerate launch (the first process picks the folder and tells the others), or
+    by starting `launch.nproc` processes on this machine and waiting for them."""
+    cfg = load_config(config_path, overrides)
+    if cfg.teacher.name:
+        raise UserError(f"{config_path}: teacher.name is set, so this is a distillation config; run "
+                        f"`tunesmith distill {config_path}` (or remove the teacher: section to fine-tune).")
+    if launch.nproc < 1 or launch.num_machines < 1:
+        raise UserError("--nproc and --num-machines count processes and machines: give 1 or more.")
+    if launch.nproc > 1 or launch.num_machines > 1:
+        run_dir = _job_run_dir(config_path, cfg, output, resume, launch.machine_rank)
+        code = _launch_processes(config_path, overrides, cfg, run_dir, resume, launch)
+        return JobResult(run_dir, code, None)
+    if distributed.world_from_env().size > 1:
+        # A built-in or .gguf model is converted into this machine's cache before the process group starts
+        # (transformers writes a model only from process 0 of a started group); the processes take turns.
+        resolve_model_source(cfg.model.name)
+    world = distributed.start(detect_device(), cfg.distributed.timeout_s)
+    if world.size == 1:
+        run_dir = _job_run_dir(config_path, cfg, output, resume, 0)
+    else:  # the first process picks the folder (a default name holds the time) and tells the others
+        choice: Path | UserError
+        try:
+            choice = _job_run_dir(config_path, cfg, output, resume, launch.machine_rank) if world.main else Path()
+        except UserError as exc:
+            choice = exc
+        choice = distributed.broadcast_object(choice, world, "agreeing on the run folder")
+        if isinstance(choice, UserError):
+            if world.main:
+                raise choice
+            return JobResult(Path(), 2, None, main=False)
+        run_dir = choice
+    log.info(f"tunesmith: {'resuming' if resume else 'training into'} {run_dir}")
+    summary = train(cfg, run_dir, resume=resume)
+    return JobResult(run_dir, 0, summary if world.main else None, main=world.main)
+
+
+def _job_run_dir(config_path, cfg: Config, output, resume: bool, machine_rank: int) -> Path:
+    if resume:
+        return existing_run_dir(cfg, output, machine_rank)
+    if machine_rank:  # machine 0 picks and writes the folder; its first process tells the others
+        return Path(output or cfg.output.dir or _default_run_dir(config_path))
+    return new_run_dir(config_path, cfg, output)
+
+
+def _launch_processes(config_path, overrides: Sequence[str], cfg: Config, run_dir: Path, resume: bool,
+                      launch: Launch) -> int:
+    """This process starts `launch.nproc` training processes (this machine's share of the job) and waits."""
+    if distributed.world_from_env().size > 1:
+        raise UserError("--nproc: this process is already one of several (started by torchrun or accelerate "
+                        "launch); leave --nproc and --num-machines out there.")
+    if cfg.distributed.strategy != "ddp":
+        distributed.refuse_unshardable(cfg)  # once here, rather than once from every process
+    argv = ["train", str(config_path), "--output", str(run_dir)] + [x for item in overrides for x in ("--set", item)]
+    argv += ["--resume"] if resume else []
+    world_size = launch.nproc * launch.num_machines
+
+    def after_failure() -> str:
+        if launch.num_machines > 1 and launch.machine_rank != 0:
+            return "Machine 0 holds the run folder and its checkpoints."
+        if not (run_dir / "config.yaml").is_file():
+            return ""  # it stopped before training began: its own message says why
+        saved = list_checkpoints(run_dir)
+        if not saved:
+            return "No checkpoint was saved yet (training.save_steps); start the run again into a new --output folder."
+        return (f"The newest checkpoint is {saved[-1]}; continue with: tunesmith train {run_dir / 'config.yaml'} "
+                f"--resume --nproc {launch.nproc}"
+                + (f" --num-machines {launch.num_machines} ..." if launch.num_machines > 1 else ""))
+
+    log.info(f"tunesmith: starting {launch.nproc} of the job's {world_size} training processes on this machine")
+    return distributed.launch(argv, launch.nproc, launch.num_machines, launch.machine_rank, launch.main_process_ip,
+                              launch.main_process_port, after_failure)
+
+
+# --- a run in a child process, followed from its folder
+
+@dataclass
+class RunEvent:
+    """One thing that happened in a run: `kind` is "train" or "validation" (a metrics.jsonl line, in `data`),
+    or, last, "finished", "failed" or "interrupted" with the run's own sentence in `message`."""
+
+    kind: str
+    data: dict = field(default_factory=dict)
+    message: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.kind in FINAL_STATES
+
+
+@dataclass
+class RunProcess:
+    """A training run in a child process (`start_run`): follow it with `events()`, stop it with `stop()`."""
+
+    run_dir: Path
+    process: subprocess.Popen
+    log_file: Path  # the child's output (progress bars, and its last sentence if it failed before the run folder)
+    started: float = field(default_factory=time.time)
+
+    def events(self, poll_s: float = 0.2) -> Iterator[RunEvent]:
+        return follow(self.run_dir, process=self.process, log_file=self.log_file, since=self.started, poll_s=poll_s)
+
+    def stop(self) -> None:
+        """Ask the run to save a checkpoint and stop at the end of its step (SIGINT, as Ctrl-C does)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout)
+
+
+def start_run(config_path: str | Path | None, overrides: Sequence[str] = (), output: str | Path | None = None,
+              resume: bool = False, nproc: int = 1) -> RunProcess:
+    """Start `tunesmith train` in a child process and return at once; the run folder is chosen (and checked)
+    here, so the caller knows where to follow it."""
+    cfg = load_config(config_path, overrides)
+    run_dir = existing_run_dir(cfg, output) if resume else new_run_dir(config_path, cfg, output)
+    argv = [sys.executable, "-m", "tunesmith.cli", "train"] + ([str(config_path)] if config_path else [])
+    argv += ["--output", str(run_dir), "--nproc", str(nproc)] + [x for item in overrides for x in ("--set", item)]
+    argv += ["--resume"] if resume else []
+    started = time.time()
+    handle, log_name = tempfile.mkstemp(prefix="tunesmith-run-", suffix=".log")
+    with os.fdopen(handle, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return RunProcess(run_dir, process, Path(log_name), started)
+
+
+def _last_sentence(log_file: Path | None) -> str:
+    if log_file is None or not log_file.is_file():
+        return ""
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith("tunesmith")]
+    return (said or lines or [""])[-1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_status(run_dir: str | Path) -> dict | None:
+    """The run's status.json, or None while it runs (or if it never started)."""
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _new_records(metrics: Path, seen: int) -> tuple[list[dict], int]:
+    """The complete metrics.jsonl lines after the first `seen`, and the new count."""
+    lines = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
+    if len(lines) < seen:  # a resumed run rewrote the file with the steps it kept
+        seen = 0
+    complete = [line for line in lines[seen:] if line.endswith("\n")]  # the last may still be being written
+    return [json.loads(line) for line in complete], seen + len(complete)
+
+
+def follow(run_dir: str | Path, process: subprocess.Popen | None = None, log_file: Path | None = None,
+           since: float = 0.0, poll_s: float = 0.2, timeout_s: float | None = None) -> Iterator[RunEvent]:
+    """The run's events as they happen: each metrics.jsonl line, then one final event from status.json (one
+    written at or after `since`, a time.time()).  With `process` (the child running it), a child that ends
+    without a status (it failed before the run folder was made, or was killed) ends the events with "failed"
+    and its last line; without one, `timeout_s` seconds with no new line and no status end them too."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    seen, quiet_since = 0, time.monotonic()
+    while True:
+        ended = process is not None and process.poll() is not None  # before reading: its last lines are in
+        records, seen = _new_records(metrics, seen)
+        for record in records:
+            quiet_since = time.monotonic()
+            yield RunEvent(record.get("type", "train"), record)
+        status = read_status(run_dir)
+        if status and status.get("state") in FINAL_STATES and status.get("time", 0.0) >= since:
+            if process is None or ended:
+                yield RunEvent(status["state"], status, status.get("message"))
+                return
+        elif ended:
+            why = _last_sentence(log_file) or f"the training process ended with exit code {process.returncode}"
+            yield RunEvent("failed", {"exit_code": process.returncode}, why)
+            return
+        elif timeout_s is not None and time.monotonic() - quiet_since > timeout_s:
+            yield RunEvent("failed", {}, f"{run_dir}: no new step for {timeout_s:g} s and no status.json; "
+                                         "the run's process may have been killed")
+            return
+        time.sleep(poll_s)
+
+
+def stop(run: RunProcess | str | Path, pid: int | None = None) -> bool:
+    """Ask a running training to checkpoint and stop (SIGINT, as Ctrl-C does): a `RunProcess`, or a process id
+    of a run started elsewhere.  False when there was nothing running to stop."""
+    if isinstance(run, RunProcess):
+        alive = run.process.poll() is None
+        run.stop()
+        return alive
+    if pid is None or not _alive(pid):
+        return False
+    os.kill(pid, signal.SIGINT)
+    return True
+
+
+# --- distil, evaluate, ship
+
+def distill(cfg: Config, run_dir: str | Path, cache_teacher: bool = False) -> dict:
+    """A teacher teaches a student as `cfg` says (see tunesmith.distill.run), with the before/after evaluation."""
+    if distributed.world_from_env().size > 1:
+        raise UserError("tunesmith distill runs as one process; start it without torchrun or accelerate launch.")
+    run_dir = Path(run_dir)
+    cfg.output.dir = str(run_dir)
+    return run_distillation(cfg, run_dir, cache_teacher=cache_teacher, evaluation=BeforeAfter)
+
+
+def evaluate(run_dir: str | Path, data: str | None = None, limit: int | None = None,
+             overrides: Sequence[str] = ()) -> dict:
+    """Base vs tuned on the run's held-out rows (or every row of `data`); writes RUN_DIR/eval/ and returns
+    {"base", "tuned", "notes", "eval_dir"}."""
+    return evaluate_run(run_dir, data=data, limit=limit, overrides=list(overrides))
+
+
+def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> dict:
+    """Fold the run's adapter into its base model and save a plain Hugging Face folder in `out_dir`."""
+    return merge_run(run_dir, out_dir, dtype=dtype)
+
+
+def export(run_dir: str | Path, out_file: str | Path, quant: str = "f16", ollama: bool = False) -> dict:
+    """Write the run's model (adapter merged in) as one GGUF file, with an Ollama Modelfile when `ollama`."""
+    return export_gguf(run_dir, out_file, quant=quant, ollama=ollama)
+
+
+# --- data and the machine
+
+def inspect_data(file: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = (),
+                 with_tokens: bool = True) -> dict:
+    """A data file's detected format, rows, token lengths (with the config's model tokenizer) and problems."""
+    cfg = load_config(config_path, overrides)
+    tokenizer = load_tokenizer(resolve_model_source(cfg.model.name), cfg.model) if with_tokens else None
+    return inspect_file(str(file), tokenizer, cfg.data)
+
+
+def doctor() -> dict:
+    """What this machine can do: devices, precision, 4-bit, memory, library versions."""
+    return doctor_report()
+
+
+def validated_matrix() -> dict:
+    """The family x method matrix that `python -m tunesmith.models.validated --write` last recorded."""
+    return load_matrix()

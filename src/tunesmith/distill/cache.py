@@ -12,6 +12,7 @@ temperature or top_k is refused, never overwritten.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
@@ -26,6 +27,8 @@ from tunesmith.fileio import atomic_write_json, sha256_file
 from tunesmith.train.loss import LOSS_CHUNK_TOKENS
 from tunesmith.distill.teacher import teacher_trained_hidden
 from tunesmith.distill.loss import SparseTeacher
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ROWS_PER_SHARD = 512
@@ -44,7 +47,7 @@ def describe(teacher_label: str, temperature: float, top_k: int, vocab: int, tok
 
 
 @torch.no_grad()
-def build_cache(folder: Path, teacher, units, about: dict, report=print) -> None:
+def build_cache(folder: Path, teacher, units, about: dict) -> None:
     """Run the teacher over `units` ((unit, rows) pairs: a padded batch or a packed pass and the row objects in
     it, in order) and write the cache described by `about` into `folder` (which must be new or empty)."""
     from safetensors.torch import save_file
@@ -86,7 +89,7 @@ def build_cache(folder: Path, teacher, units, about: dict, report=print) -> None
         done += len(rows)
         if len(pending) // 2 >= ROWS_PER_SHARD:
             flush()
-            report(f"teacher cache: {done} rows")
+            log.info(f"teacher cache: {done} rows")
     if pending:
         flush()
     atomic_write_json(folder / MANIFEST, {**about, "rows": len(seen), "shards": shards})

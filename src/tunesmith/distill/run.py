@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import logging
 import gc
 import json
 import time
@@ -35,7 +36,7 @@ from tunesmith.distill.prune import prune_layers
 from tunesmith.hardware import resolve_dtype
 from tunesmith.models.loader import load_model
 from tunesmith.models.run_folder import load_for_inference, open_run
-from tunesmith.hardware import detect_device, resolve_dtype
+from tunesmith.hardware import detect_device
 from tunesmith.models import resolve_model_source
 from tunesmith.models.loader import load_tokenizer
 from tunesmith.train.loop import run_training
@@ -52,6 +53,8 @@ from tunesmith.train.packing import make_pass, plan_passes, resolve_pass_tokens
 from tunesmith.data.build import _load_samples, split_indices
 from tunesmith.data.formats import prompt_and_reference
 from tunesmith.data.tokens import encode_prompt
+
+log = logging.getLogger(__name__)
 
 GENERATION_PROMPTS = 8  # held-out prompts each model answers for the generation-speed comparison
 
@@ -99,7 +102,7 @@ def _student_cfg(cfg, name: str):
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": name})})
 
 
-def make_pruned_student(cfg, teacher: Teacher, folder: Path, report=print) -> list[int]:
+def make_pruned_student(cfg, teacher: Teacher, folder: Path) -> list[int]:
     """Write the layer-pruned copy of the teacher (its weights merged with any adapter) to `folder`."""
 
     dtype = resolve_dtype(cfg.model.dtype, "cpu")
@@ -114,25 +117,26 @@ def make_pruned_student(cfg, teacher: Teacher, folder: Path, report=print) -> li
         teacher.tokenizer.save_pretrained(out)
 
     atomic_write_dir(folder, save)
-    report(f"student: {teacher.label} pruned to {len(kept)} layers (kept {kept}), written to {folder}")
+    log.info(f"student: {teacher.label} pruned to {len(kept)} layers (kept {kept}), written to {folder}")
     return kept
 
 
-def run_distillation(cfg, run_dir: Path, cache_teacher: bool = False, report=print) -> dict:
-    """Distil as the config says into `run_dir`; returns the run's summary (with a `distill` section)."""
+def run_distillation(cfg, run_dir: Path, cache_teacher: bool = False, evaluation=None) -> dict:
+    """Distil as the config says into `run_dir`; returns the run's summary (with a `distill` section).
+    `evaluation` is passed on to `run_training` (the before/after comparison; see there)."""
 
     if cfg.method == "adalora":
         raise UserError("method: adalora adds its own loss term; distil with lora, dora, rslora, qlora or full.")
     device = detect_device()
     teacher = load_teacher(cfg, device, resolve_dtype(cfg.model.dtype, device))
     teacher_params = sum(p.numel() for p in teacher.model.parameters())
-    report(f"teacher: {teacher.label}, {teacher_params:,} parameters")
+    log.info(f"teacher: {teacher.label}, {teacher_params:,} parameters")
     run_dir.mkdir(parents=True, exist_ok=True)
     pruned = None
     if cfg.student.prune is not None:
         if cfg.student.name:
             raise UserError("student: give either name (a model) or prune (a copy of the teacher), not both.")
-        pruned = make_pruned_student(cfg, teacher, run_dir / "student-init", report)
+        pruned = make_pruned_student(cfg, teacher, run_dir / "student-init")
         student_name = str((run_dir / "student-init").resolve())
     else:
         student_name = cfg.student.name or cfg.model.name
@@ -145,21 +149,22 @@ def run_distillation(cfg, run_dir: Path, cache_teacher: bool = False, report=pri
         mode = "logits"
         cache = None
         if cache_teacher:
-            cache = open_or_build_cache(cfg, student_cfg, teacher, student_tokenizer, run_dir, device, report)
+            cache = open_or_build_cache(cfg, student_cfg, teacher, student_tokenizer, run_dir, device)
             teacher.model = None  # training reads the cache: the teacher's memory goes back
             gc.collect()
-        report(f"distillation: logits, temperature {d.temperature}, alpha {d.alpha}; the teacher's "
+        log.info(f"distillation: logits, temperature {d.temperature}, alpha {d.alpha}; the teacher's "
                + (f"top-{d.top_k} log-probs from {cache.folder}" if cache else "logits from its forward pass each step"))
-        summary = run_training(student_cfg, run_dir, distiller=Distiller(teacher, d.temperature, d.alpha, cache))
+        summary = run_training(student_cfg, run_dir, distiller=Distiller(teacher, d.temperature, d.alpha, cache),
+                               evaluation=evaluation)
     else:
         mode = "sequence"
         if cache_teacher:
-            report("--cache-teacher: the tokenizers differ, so there are no logits to cache; the teacher's answers "
+            log.info("--cache-teacher: the tokenizers differ, so there are no logits to cache; the teacher's answers "
                    "are the cache (teacher-answers.jsonl).")
-        report(f"distillation: sequence level: {student_name}'s tokenizer differs from {teacher.label}'s, so the "
+        log.info(f"distillation: sequence level: {student_name}'s tokenizer differs from {teacher.label}'s, so the "
                "teacher writes an answer for every training prompt and the student is fine-tuned on those answers")
-        seq_cfg = write_teacher_answers(cfg, student_cfg, teacher, student_tokenizer, run_dir, device, report)
-        summary = run_training(seq_cfg, run_dir)
+        seq_cfg = write_teacher_answers(cfg, student_cfg, teacher, student_tokenizer, run_dir, device)
+        summary = run_training(seq_cfg, run_dir, evaluation=evaluation)
 
 
     student_model, student_tok, _ = load_for_inference(open_run(run_dir), device=device)
@@ -212,21 +217,21 @@ def teacher_numbers(model, tokenizer, cfg, device) -> dict:
     return out
 
 
-def open_or_build_cache(cfg, student_cfg, teacher: Teacher, tokenizer, run_dir: Path, device, report):
+def open_or_build_cache(cfg, student_cfg, teacher: Teacher, tokenizer, run_dir: Path, device):
     """The teacher cache for this run's training rows: reused from distill.cache_dir when it matches, else built."""
 
     d = cfg.distill
     folder = Path(d.cache_dir) if d.cache_dir else run_dir / "teacher-cache"
     about = describe(teacher.label, d.temperature, d.top_k, len(tokenizer), _tokenizer_fingerprint(tokenizer))
     if (folder / MANIFEST).is_file():
-        report(f"teacher cache: reusing {folder}")
+        log.info(f"teacher cache: reusing {folder}")
         return TeacherCache(folder, about)
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"distill.cache_dir: {folder} holds files but no {MANIFEST} (an unfinished cache, or "
                         "something else); point it at a new or empty folder.")
     bundle = build_datasets(student_cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized")
     rows = bundle.train
-    report(f"teacher cache: the teacher's top-{d.top_k} log-probs for {len(rows)} training rows into {folder}")
+    log.info(f"teacher cache: the teacher's top-{d.top_k} log-probs for {len(rows)} training rows into {folder}")
     if teacher.packable:
         budget = resolve_pass_tokens("auto", device, cfg.training.batch_size, cfg.data.max_length)
         units = ((make_pass(group).to(device), group) for group in plan_passes(rows, budget))
@@ -234,11 +239,11 @@ def open_or_build_cache(cfg, student_cfg, teacher: Teacher, tokenizer, run_dir: 
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         units = (({k: v.to(device) for k, v in collate(batch, pad).items()}, batch)
                  for batch in iter_batches(rows, cfg.training.batch_size, None))
-    build_cache(folder, teacher, units, about, report)
+    build_cache(folder, teacher, units, about)
     return TeacherCache(folder, about)
 
 
-def write_teacher_answers(cfg, student_cfg, teacher: Teacher, student_tokenizer, run_dir: Path, device, report):
+def write_teacher_answers(cfg, student_cfg, teacher: Teacher, student_tokenizer, run_dir: Path, device):
     """Sequence-level distillation's data: the teacher's answer to every training prompt
     (`teacher-answers.jsonl`), the data's own validation rows (`validation.jsonl`); returns the config that
     trains the student on them."""
@@ -259,7 +264,7 @@ def write_teacher_answers(cfg, student_cfg, teacher: Teacher, student_tokenizer,
         messages, _ = prompt_and_reference(sample)
         conversations.append(messages)
         prompts.append(encode_prompt(messages, teacher.tokenizer)[-data.max_length:])
-    report(f"teacher: answering {len(prompts)} training prompts (at most {cfg.distill.max_new_tokens} tokens each)")
+    log.info(f"teacher: answering {len(prompts)} training prompts (at most {cfg.distill.max_new_tokens} tokens each)")
     answers = generate_answers(teacher.model, teacher.tokenizer, prompts, cfg.distill.max_new_tokens,
                                cfg.distill.generation_batch_size, device, desc="teacher answers")
     rows = [{"messages": m + [{"role": "assistant", "content": a}]} for m, a in zip(conversations, answers)]

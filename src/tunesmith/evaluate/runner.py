@@ -8,6 +8,7 @@ weights from `RUN_DIR/model`.
 
 from __future__ import annotations
 
+import logging
 import gc
 from pathlib import Path
 import torch
@@ -26,9 +27,11 @@ from tunesmith.train.objective import Objective
 from tunesmith.hardware import release_free_memory
 from tunesmith.models import without_bitsandbytes
 
+log = logging.getLogger(__name__)
+
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None = None,
-                 overrides: list[str] | tuple = (), report=print) -> dict:
+                 overrides: list[str] | tuple = ()) -> dict:
     """Score base and tuned on the run's held-out rows (or every row of `data`), at most `limit` rows
     (default: the config's eval.limit); returns {"base", "tuned", "notes", "eval_dir"}."""
 
@@ -58,15 +61,15 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     inputs = build_inputs(samples, rows, tokenizer, cfg.data.max_length, task, fmt == "text", limit)
     if not inputs.prompts and not inputs.rows:
         raise UserError(f"nothing to evaluate: {where} gave no rows; give --data FILE with prompt/answer rows.")
-    report(f"eval: {cfg.model.name} ({kind}: {tuned_dir}) on {max(len(inputs.prompts), len(inputs.rows))} rows of "
+    log.info(f"eval: {cfg.model.name} ({kind}: {tuned_dir}) on {max(len(inputs.prompts), len(inputs.rows))} rows of "
            f"{where}; {device}, {str(dtype).replace('torch.', '')}")
     objective = Objective(task, tokenizer)
-    scorer = Scorer(cfg.eval, device=device, report=report)
+    scorer = Scorer(cfg.eval, device=device)
     loss_batch = cfg.training.eval_batch_size
 
     def run(model, label: str):
         result = evaluate_model(model, tokenizer, inputs, cfg.eval, device, label, objective, scorer, loss_batch)
-        report(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in result[0].items() if k not in ("rows", "loss_tokens")))
+        log.info(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in result[0].items() if k not in ("rows", "loss_tokens")))
         return result
 
     base_model = load_base(handle, dtype, task).to(device)
@@ -86,7 +89,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
         release_free_memory()
         tuned, tuned_answers = run(load_model(str(tuned_dir), cfg, dtype, task, for_training=False).to(device), "tuned")
     if task == MASKED_LM:
-        report("eval: a masked-language model does not generate; only the held-out loss is compared.")
+        log.info("eval: a masked-language model does not generate; only the held-out loss is compared.")
 
     about = {"run_dir": str(run_dir), "model": cfg.model.name, "what": f"base vs {cfg.method}-tuned ({kind}/)",
              "data": where, "max_new_tokens": cfg.eval.max_new_tokens}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.config import EvalConfig

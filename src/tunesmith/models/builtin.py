@@ -11,6 +11,7 @@ dequantised Q4_1 weights *are* the built-in model.
 
 from __future__ import annotations
 
+import logging
 import importlib.metadata
 import os
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_dir, exclusive
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"tunesmith: converting {gguf_path.name} to a safetensors folder (once; later loads are fast)...")
+    log.info(f"tunesmith: converting {gguf_path.name} to a safetensors folder (once; later loads are fast)...")
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)

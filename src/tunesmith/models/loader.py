@@ -8,6 +8,7 @@ dequantising each weight on every forward and backward pass.  Where 4-bit cannot
 
 from __future__ import annotations
 
+import logging
 import hashlib
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from tunesmith.hardware import four_bit_status
 from tunesmith.models.builtin import BUILTIN_MODELS, builtin_path, convert_gguf_once, tunesmith_home
 from tunesmith.models.tasks import detect_task
 from tunesmith.models.tasks import auto_model_class
+
+log = logging.getLogger(__name__)
 
 
 def gguf_cached_path(gguf_file: Path) -> Path:
@@ -142,7 +145,7 @@ def _release_checkpoint_map(model) -> None:
                 param.data = param.data.clone()
 
 
-def four_bit_config(cfg: Config, dtype: torch.dtype, report=print):
+def four_bit_config(cfg: Config, dtype: torch.dtype):
     """bitsandbytes' NF4 + double-quantisation settings, computing in `dtype`; None where 4-bit cannot run here
     and `qlora.fallback: lora` (the reason is reported), a UserError where `qlora.fallback: error`."""
     available, detail = four_bit_status()
@@ -154,7 +157,7 @@ def four_bit_config(cfg: Config, dtype: torch.dtype, report=print):
                 "Install bitsandbytes (pip install 'bitsandbytes>=0.50,<0.51', the range tunesmith is tested with; it "
                 "runs on CPUs too), or train with method: lora, or set qlora.fallback: lora to do that by itself."
             )
-        report(
+        log.info(
             f"method: qlora: 4-bit cannot run here ({reason}); training plain LoRA on the unquantised weights "
             "instead, which needs more memory (qlora.fallback: error stops instead)."
         )

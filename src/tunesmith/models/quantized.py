@@ -13,7 +13,7 @@ def without_bitsandbytes():
     peft imports bitsandbytes when peft is imported (`peft.helpers`) and again when it wraps a model
     in LoRA layers (to check for 8/4-bit layers), and importing bitsandbytes pulls in sympy, networkx
     and torch's custom-op machinery: about 115 MiB of resident memory and 2 s on a CPU, for a model
-    with no quantised layer (bench/RESULTS.md, issue 8).  A quantised model had bitsandbytes imported
+    with no quantised layer (bench/RESULTS.md, "Training throughput and memory", "Where the memory goes").  A quantised model had bitsandbytes imported
     while it was loaded, so with one nothing is hidden.  Outside, `import bitsandbytes` works as before
     (the 8-bit optimisers import it), and peft's cached "is bitsandbytes installed" answers are cleared
     on the way in and out so that they are asked again.

@@ -18,7 +18,7 @@ from tunesmith.models.loader import resolve_model_source
 from tunesmith.models.loader import load_tokenizer
 from tunesmith.models.loader import load_model
 from tunesmith.hardware import detect_device, resolve_dtype
-from tunesmith.models.loader import load_model, model_task
+from tunesmith.models.loader import model_task
 from tunesmith.models.quantized import without_bitsandbytes
 
 

@@ -21,6 +21,7 @@ Mistral is written as `llama`, as llama.cpp's converter does (the two share tens
 
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,8 @@ from tunesmith.errors import UserError
 from tunesmith.data.tokens import ensure_chat_template
 from tunesmith.fileio import atomic_write_file, atomic_write_text
 from tunesmith.models.run_folder import load_for_inference, load_tokenizer_for, open_run
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported where it is used: `tunesmith --help` should not wait for it
     import torch
@@ -357,8 +360,7 @@ def write_gguf(path: Path, model, tokenizer, name: str, quant: str) -> dict:
     return counts
 
 
-def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", ollama: bool = False,
-                report=print) -> dict:
+def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", ollama: bool = False) -> dict:
     """Export RUN_DIR's model (adapter merged in, in float32 first) to the GGUF file `out_file` in `quant`
     (f16 or q8_0), written at a temporary name and then renamed; with `ollama`, also a Modelfile beside it.
     Nothing that exists is written over.  Returns where things went and what the file holds."""
@@ -400,13 +402,13 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", o
     window = getattr(config, "sliding_window", None)
     if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)) \
             and window < config.max_position_embeddings:
-        report(f"export: note: the model attends over a sliding window of {window} tokens; llama.cpp's "
+        log.info(f"export: note: the model attends over a sliding window of {window} tokens; llama.cpp's "
                f"{ARCHITECTURES[config.model_type].lower()} architecture has none, so prompts longer than that are "
                "read with full attention (as llama.cpp's own converter does).")
 
-    report(f"export: loading {handle.path} ({handle.kind}{', merging the adapter' if handle.kind == 'adapter' else ''})")
+    log.info(f"export: loading {handle.path} ({handle.kind}{', merging the adapter' if handle.kind == 'adapter' else ''})")
     model, _, _ = load_for_inference(handle, dtype=torch.float32, device="cpu", merged=True)
-    report(f"export: writing {out_file} ({quant})")
+    log.info(f"export: writing {out_file} ({quant})")
     counts: dict[str, int] = {}
 
     def fill(tmp: Path) -> None:
@@ -426,44 +428,9 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", o
         atomic_write_text(modelfile, ollama_modelfile(out_file.name, end, system))
         result["modelfile"] = str(modelfile)
     size = result["bytes"] / 2**20
-    report(f"export: wrote {out_file} ({size:.1f} MiB; tensors: "
+    log.info(f"export: wrote {out_file} ({size:.1f} MiB; tensors: "
            + ", ".join(f"{n} {kind.lower()}" for kind, n in counts.items()) + ")")
     if ollama:
-        report(f"export: wrote {modelfile}; make an Ollama model with: cd {modelfile.parent} && "
+        log.info(f"export: wrote {modelfile}; make an Ollama model with: cd {modelfile.parent} && "
                "ollama create NAME -f Modelfile")
     return result
-
-
-def cmd_export(args) -> int:
-    export_gguf(args.run_dir, args.out, quant=args.quant, ollama=args.ollama)
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `tunesmith export` to the CLI's subparsers."""
-    export = subparsers.add_parser(
-        "export",
-        help="write a run's model (adapter merged in) as a GGUF file for llama.cpp / Ollama",
-        description="Merge RUN_DIR's adapter into its base model and write the result as one GGUF file: the "
-        "weights under llama.cpp's names (f16, or q8_0 for 2-D weights whose rows are whole 32-weight blocks; "
-        "norms and biases f32), the hyper-parameters, the byte-level BPE tokenizer and the chat template the run "
-        "trained with. Supported: the Llama family (Llama, SmolLM; the built-in model), Mistral and Qwen2, with "
-        "byte-level BPE tokenizers. The file is written under a temporary name and renamed; an existing file is "
-        "never written over. The GGUF loads in llama.cpp, in Ollama (see --ollama) and in transformers "
-        "(from_pretrained(folder, gguf_file=name)).",
-    )
-    export.add_argument("run_dir", metavar="RUN_DIR",
-                        help="a folder that `tunesmith train` wrote (or a Hugging Face model folder, e.g. from "
-                        "`tunesmith merge`)")
-    export.add_argument("--format", choices=("gguf",), default="gguf",
-                        help="the file format; gguf is the only one (default: gguf)")
-    export.add_argument("--quant", choices=QUANTS, default="f16",
-                        help="weight precision: f16 (2 bytes a weight, the default) or q8_0 (8-bit blocks with an "
-                        "f16 scale per 32 weights: about 1.06 bytes a weight, a little less exact)")
-    export.add_argument("--out", required=True, metavar="FILE",
-                        help="the GGUF file to write, e.g. model-f16.gguf; it must not exist yet")
-    export.add_argument("--ollama", action="store_true",
-                        help="also write a Modelfile beside FILE (FROM the file, the chat template as an Ollama "
-                        "TEMPLATE, stop parameters, SYSTEM from data.system_prompt or the template's default) so "
-                        "that `ollama create NAME -f Modelfile` works; needs a ChatML chat template")
-    export.set_defaults(func=cmd_export)

@@ -12,6 +12,7 @@ size; it is not the original base + adapter.
 
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from tunesmith.hardware import DTYPES, resolve_dtype
 from tunesmith.fileio import atomic_write_dir, atomic_write_json
 from tunesmith.hardware import detect_device, four_bit_status
 from tunesmith.models.run_folder import load_for_inference, open_run
+
+log = logging.getLogger(__name__)
 
 MERGE_INFO = "tunesmith_merge.json"  # written beside the weights: where they came from and how
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -46,7 +49,7 @@ def merge_dtype(handle, requested: str, device: str) -> torch.dtype:
     return resolve_dtype(handle.cfg.model.dtype, device)
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto", report=print) -> dict:
+def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> dict:
     """Merge RUN_DIR's adapter into its base and save it in `out_dir` (a new or empty folder, written
     atomically); a full fine-tune's model/ is re-saved as it is.  Returns what tunesmith_merge.json holds."""
 
@@ -80,7 +83,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto", rep
     else:
         method = f"{cfg.method} adapter merged into the base"
         note = "The adapter's update was added to the base weights it was trained beside."
-    report(f"merge: {handle.path} ({method}) in {precision} -> {out_dir}")
+    log.info(f"merge: {handle.path} ({method}) in {precision} -> {out_dir}")
 
     model, tokenizer, _task = load_for_inference(handle, dtype=target, device=device, merged=True)
     info = {
@@ -101,31 +104,6 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto", rep
         atomic_write_json(tmp / MERGE_INFO, info)
 
     atomic_write_dir(out_dir, fill)
-    report(f"merge: wrote {out_dir} ({precision}{', de-quantised from NF4' if four_bit else ''}); load it with "
+    log.info(f"merge: wrote {out_dir} ({precision}{', de-quantised from NF4' if four_bit else ''}); load it with "
            f"AutoModelForCausalLM.from_pretrained('{out_dir}') or `tunesmith chat {out_dir}`.")
     return info
-
-
-def cmd_merge(args) -> int:
-    merge_run(args.run_dir, args.out, dtype=args.dtype)
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `tunesmith merge` to the CLI's subparsers."""
-    merge = subparsers.add_parser(
-        "merge",
-        help="fold a run's adapter into its base model and save a plain Hugging Face folder",
-        description="Merge RUN_DIR's adapter into its base model and save the result in --out DIR: safetensors "
-        "weights, config.json, generation_config.json, the run's tokenizer with its chat template, and "
-        f"{MERGE_INFO} (source run, method, precision). The folder loads with AutoModelForCausalLM.from_pretrained "
-        "and with `tunesmith chat DIR`. A QLoRA run's 4-bit base is de-quantised first, so the merged weights are "
-        "the NF4 values the adapter was trained against plus the adapter. A full fine-tune's model/ is re-saved.",
-    )
-    merge.add_argument("run_dir", metavar="RUN_DIR", help="a folder that `tunesmith train` wrote")
-    merge.add_argument("--out", required=True, metavar="DIR",
-                       help="where to write the merged model: a new or empty folder (it may be inside RUN_DIR)")
-    merge.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                       help="precision of the saved weights; auto (default) is the one the run trained in "
-                       "(float32 on most CPUs)")
-    merge.set_defaults(func=cmd_merge)

@@ -33,7 +33,6 @@ from tunesmith.config import Config, resolved_yaml
 from tunesmith.data import build_datasets
 from tunesmith.errors import UserError
 from tunesmith.train.validation import heldout_loss
-from tunesmith.evaluate.suite import Scorer, evaluate_model, write_eval_folder
 from tunesmith.data.heldout import build_inputs
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
 from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
