@@ -58,12 +58,12 @@ def main() -> None:
     import tunesmith.train.packing as packing_module
     from tunesmith.config import config_from_dict
     from tunesmith.data import build_datasets
+    from tunesmith.data.batching import collate, epoch_order, iter_batches
     from tunesmith.data.tokens import IGNORE_INDEX
     from tunesmith.hardware import cpu_threads
     from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
     from tunesmith.models.adapters import prepare_trainable
     from tunesmith.models.fast import fast_lora, fast_norm_rope, forget_shared_mask
-    from tunesmith.data.batching import collate, epoch_order, iter_batches
     from tunesmith.train.loss import packed_nll_sum, token_nll_sum
     from tunesmith.train.packing import make_pass, plan_passes
 
@@ -126,7 +126,7 @@ def main() -> None:
                 for unit in units:
                     storages: dict[int, int] = {}
 
-                    def pack(t):
+                    def pack(t, storages=storages):  # this pass's storages
                         st = t.untyped_storage()
                         if st.data_ptr() not in weights:
                             storages[st.data_ptr()] = st.nbytes()
@@ -153,7 +153,7 @@ def main() -> None:
 
     real_head = loss_module.head_nll_sum
     results = {}
-    for attempt in range(2):  # interleaved twice; the faster of the two is kept
+    for _attempt in range(2):  # interleaved twice; the faster of the two is kept
         for level in range(len(LEVERS)):
             r = run(level)
             best = results.get(r["lever"])

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_packing import VOCAB, _saved_bytes, make_rows, tiny_model
 
 import tunesmith.models.fast.lora as lora_module
 import tunesmith.models.fast.norm_rope as norm_rope_module
@@ -26,8 +27,6 @@ from tunesmith.models.fast import dropout_rows, fast_kernels, fast_lora, fast_no
 from tunesmith.models.fast.lora import DropoutLinear, DropoutThenLinear, _keep_mask, _shared, keep_scale
 from tunesmith.models.fast.norm_rope import RMSNormFunction, RotaryFunction
 from tunesmith.train.loss import packed_nll_sum, token_nll_sum
-
-from test_packing import VOCAB, _saved_bytes, make_rows, tiny_model
 
 
 def test_dropout_then_linear_is_dropout_and_linear_with_the_same_draws():

@@ -14,14 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_matrix import tiny_config
 
+from tunesmith.data.batching import collate
 from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.errors import UserError
-from tunesmith.data.batching import collate
 from tunesmith.train.loss import LinearCrossEntropySum, head_nll_sum, packed_nll_sum, token_nll_sum
 from tunesmith.train.packing import PACKABLE_TYPES, make_pass, plan_passes, resolve_pass_tokens, want_packing
-
-from test_matrix import tiny_config
 
 VOCAB = 700
 

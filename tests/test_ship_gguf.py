@@ -2,7 +2,6 @@
 merged model computes (logits, greedy tokens, tokenization, chat template), q8_0 is smaller and close, the
 Ollama Modelfile carries the template, and what cannot be exported is refused with a sentence."""
 
-import argparse
 import json
 import math
 
@@ -14,8 +13,8 @@ from tunesmith.ship.gguf_export import (
     chatml_layout,
     export_gguf,
     interleave_rotary_halves,
-    register,
 )
+from tunesmith.cli import build_parser
 
 PROMPT = "What is the capital of France? The capital of France is"
 
@@ -272,8 +271,7 @@ def test_refusals_are_sentences_and_write_nothing(tmp_path):
 
 
 def test_export_command_help_and_run(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="tunesmith")
-    register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["export", "--help"])
     text = capsys.readouterr().out

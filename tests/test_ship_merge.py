@@ -4,18 +4,16 @@ Face folder with the chat template, and bad input gets a sentence."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 
-from tunesmith.errors import UserError
 from tunesmith.hardware import four_bit_status
 from tunesmith.models.run_folder import load_for_inference, open_run
-from tunesmith.ship.merge import MERGE_INFO, merge_run, register
+from tunesmith.cli import main as cli_main
+from tunesmith.ship.merge import MERGE_INFO, merge_run
 
 from test_train import ROWS, _config
 
@@ -164,17 +162,9 @@ def test_full_finetune_is_resaved_unchanged(tmp_path_factory):
     assert all(torch.equal(saved[k], trained[k]) for k in trained)
 
 
-def run_cli(argv: list[str], register=register) -> int:
-    """What tunesmith.cli.main does with the subcommands `register` adds: a UserError becomes a sentence on
-    stderr and exit status 2."""
-    parser = argparse.ArgumentParser(prog="tunesmith")
-    register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"tunesmith: {exc}", file=sys.stderr)
-        return 2
+def run_cli(argv: list[str], register=None) -> int:
+    """`tunesmith ARGV` in this process: a UserError becomes a sentence on stderr and exit status 2."""
+    return cli_main(argv)
 
 
 def test_merge_refusals_are_sentences(lora_run, tmp_path, capsys):

@@ -39,7 +39,6 @@ from tunesmith.doctor import doctor_report, format_doctor
 from tunesmith.errors import UserError
 from tunesmith.evaluate.runner import evaluate_run
 from tunesmith.evaluate.suite import BeforeAfter
-from tunesmith.fileio import atomic_write_json
 from tunesmith.hardware import detect_device
 from tunesmith.models import BUILTIN_MODELS, load_tokenizer, resolve_model_source
 from tunesmith.models.validated import format_matrix, load_matrix
@@ -48,9 +47,8 @@ from tunesmith.ship.merge import merge_run
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import list_checkpoints
 from tunesmith.train.loop import TrainingInterrupted, run_training
+from tunesmith.train.status import FINAL_STATES, STATUS_FILE, read_status, write_status
 
-STATUS_FILE = "status.json"
-FINAL_STATES = ("finished", "failed", "interrupted")
 log = logging.getLogger(__name__)
 __all__ = [
     "Config", "Launch", "RunEvent", "RunProcess", "UserError", "BUILTIN_MODELS",
@@ -100,12 +98,6 @@ def existing_run_dir(cfg: Config, output: str | Path | None = None, machine_rank
 
 # --- training
 
-def _write_status(run_dir: Path, state: str, message: str | None = None, **extra) -> None:
-    if run_dir.is_dir():
-        atomic_write_json(run_dir / STATUS_FILE, {"state": state, "message": message, "pid": os.getpid(),
-                                                  "time": time.time(), **extra})
-
-
 def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     """Train in this process as `cfg` says into `run_dir` (continue from its newest checkpoint with `resume`),
     with the base-vs-tuned evaluation when `eval.enabled`; returns the summary written to summary.json.
@@ -119,18 +111,18 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
         summary = run_training(cfg, run_dir, resume=resume, evaluation=BeforeAfter)
     except TrainingInterrupted as exc:
         if main:
-            _write_status(run_dir, "interrupted", str(exc))
+            write_status(run_dir, "interrupted", str(exc))
         raise
     except UserError as exc:
         if main:
-            _write_status(run_dir, "failed", str(exc))
+            write_status(run_dir, "failed", str(exc))
         raise
     except BaseException as exc:  # our bug, or Ctrl-C twice: the folder says so, the traceback stays
         if main:
-            _write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+            write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise
     if main:
-        _write_status(run_dir, "finished", f"finished: {summary['train']['steps']} steps", summary="summary.json")
+        write_status(run_dir, "finished", f"finished: {summary['train']['steps']} steps", summary="summary.json")
     return summary
 
 
@@ -273,14 +265,14 @@ class RunProcess:
         return self.process.wait(timeout)
 
 
-def start_run(config_path: str | Path | None, overrides: Sequence[str] = (), output: str | Path | None = None,
+def start_run(config_path: str | Path, overrides: Sequence[str] = (), output: str | Path | None = None,
               resume: bool = False, nproc: int = 1) -> RunProcess:
     """Start `tunesmith train` in a child process and return at once; the run folder is chosen (and checked)
     here, so the caller knows where to follow it."""
     cfg = load_config(config_path, overrides)
     run_dir = existing_run_dir(cfg, output) if resume else new_run_dir(config_path, cfg, output)
-    argv = [sys.executable, "-m", "tunesmith.cli", "train"] + ([str(config_path)] if config_path else [])
-    argv += ["--output", str(run_dir), "--nproc", str(nproc)] + [x for item in overrides for x in ("--set", item)]
+    argv = [sys.executable, "-m", "tunesmith.cli", "train", str(config_path), "--output", str(run_dir),
+            "--nproc", str(nproc)] + [x for item in overrides for x in ("--set", item)]
     argv += ["--resume"] if resume else []
     started = time.time()
     handle, log_name = tempfile.mkstemp(prefix="tunesmith-run-", suffix=".log")
@@ -305,15 +297,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def read_status(run_dir: str | Path) -> dict | None:
-    """The run's status.json, or None while it runs (or if it never started)."""
-    path = Path(run_dir) / STATUS_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _new_records(metrics: Path, seen: int) -> tuple[list[dict], int]:

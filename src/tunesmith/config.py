@@ -170,6 +170,12 @@ class TrainingConfig(_Section):
     seed: int = 42
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
 
+    @field_validator("fast_kernels", mode="before")
+    @classmethod
+    def _off_from_yaml(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false: `fast_kernels: off` and `--set training.fast_kernels=off` mean off."""
+        return "off" if value is False else value
+
 
 EVAL_METRICS = ("perplexity", "rouge", "bleu", "chrf", "exact_match", "similarity", "bertscore")
 EvalMetric = Literal["perplexity", "rouge", "bleu", "chrf", "exact_match", "similarity", "bertscore"]

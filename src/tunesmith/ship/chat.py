@@ -11,20 +11,21 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-
-from tunesmith.errors import UserError
 from tunesmith.data import encode_prompt
-from tunesmith.models.tasks import SEQ2SEQ
 from tunesmith.data.tokens import plain_prompt
+from tunesmith.errors import UserError
+from tunesmith.models.generate import stream_reply_text
 from tunesmith.models.loader import model_task
 from tunesmith.models.run_folder import load_for_inference, open_run
+from tunesmith.models.tasks import MASKED_LM, SEQ2SEQ
 from tunesmith.ship.merge import MERGE_INFO
-from tunesmith.models.tasks import MASKED_LM
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512
 CHAT_HELP = (
@@ -42,83 +43,20 @@ def prompt_ids(messages: list[dict], tokenizer, task: str = "causal_lm") -> list
     return encode_prompt(messages, tokenizer)
 
 
-def stop_ids(model, tokenizer) -> set[int]:
-    """Tokens that end an answer: the tokenizer's eos (the end-of-turn token, e.g. `<|im_end|>`, for chat
-    models) and whatever the model's generation config names as eos."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return {i for i in ids if i is not None}
-
-
-def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-               generator: torch.Generator | None = None) -> int:
-    """The next token from one position's logits [vocab]: the most likely one when `temperature` is 0,
-    else a sample from softmax(logits / temperature) cut to the nucleus of `top_p` (the smallest set of
-    most likely tokens whose probabilities add up to top_p; Holtzman et al. 2019, "The Curious Case of
-    Neural Text Degeneration", section 3.1)."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # [vocab]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)  # [vocab] each
-        keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p  # mass before a token < top_p; the first always stays
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])  # [vocab]
-    return int(torch.multinomial(probs, 1, generator=generator))  # multinomial normalises the weights itself
-
-
-@torch.no_grad()
 def stream_reply(model, tokenizer, messages: list[dict], task: str = "causal_lm",
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> Iterator[str]:
     """Answer a conversation (a list of {"role", "content"}), yielding the text as it is generated.
 
-    Our own token loop with the KV cache rather than `model.generate` with TextIteratorStreamer on a
-    thread: there is no thread to stop when the user presses Ctrl-C (the KeyboardInterrupt simply leaves
-    the loop), and every step is visible.  The prompt is read once (prefill); then each step feeds only
-    the newest token and the cache of keys and values so far.  Greedy decoding picks the same tokens
-    as `model.generate(do_sample=False)`.  The loop ends at an end-of-turn/eos token (not shown) or
-    after `max_new_tokens`.
-
-    Each yielded piece is new text: everything generated so far is decoded again (special tokens
-    skipped) and what lies beyond the text already yielded is handed out, except while the text ends
-    in an incomplete UTF-8 character (the rest of its bytes are in later tokens).  The pieces joined
-    are the decoded answer wherever decoding more tokens only extends the text (byte-level BPE and
-    SentencePiece do); should a tokenizer rewrite text already shown, pieces pause until the text agrees with it again.  The whole conversation is read afresh on every call (no cache is kept
-    between turns), so a long conversation costs a longer prefill each turn.
+    The generation every command shares (tunesmith.models.generate.stream_reply_text: the model's own
+    `generate` on a thread, a streamer handing out the text): greedy by default, so the answer is the
+    one evaluation's generate_answers gives; sampled when `temperature` is above 0 (`seed` repeats a
+    sample).  It ends at an end-of-turn/eos token (not shown) or after `max_new_tokens`; Ctrl-C while
+    it streams stops the generation.  The whole conversation is read afresh on every call (no cache is
+    kept between turns), so a long conversation costs a longer prefill each turn.
     """
-
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(messages, tokenizer, task)], device=device)  # [1, prompt_len]
-    stops = stop_ids(model, tokenizer)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    if task == SEQ2SEQ:
-        encoder_outputs = model.get_encoder()(input_ids=ids)  # the encoder reads the prompt once
-        start = torch.tensor([[model.config.decoder_start_token_id]], device=device)  # [1, 1]
-        feed = {"encoder_outputs": encoder_outputs, "decoder_input_ids": start}
-    else:
-        feed = {"input_ids": ids}
-    past = None
-    new_tokens: list[int] = []
-    shown = ""
-    for _ in range(max_new_tokens):
-        out = model(**feed, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        token = pick_token(out.logits[0, -1], temperature, top_p, generator)  # logits [1, len, vocab] -> [vocab]
-        if token in stops:
-            break
-        new_tokens.append(token)
-        step = torch.tensor([[token]], device=device)  # [1, 1]
-        feed = {**feed, "decoder_input_ids": step} if task == SEQ2SEQ else {"input_ids": step}
-        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(shown):
-            continue  # half a character (or a decode that rewrote earlier text): wait for more tokens
-        if len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
-    if text.startswith(shown) and len(text) > len(shown):
-        yield text[len(shown):]
+    ids = prompt_ids(messages, tokenizer, task)
+    return stream_reply_text(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed)
 
 
 def chat_repl(reply: Callable[[list[dict]], Iterator[str]], system: str | None = None,
@@ -178,7 +116,7 @@ def chat_repl(reply: Callable[[list[dict]], Iterator[str]], system: str | None =
         history += [user, {"role": "assistant", "content": "".join(pieces).strip()}]
 
 
-def load_for_chat(run_dir: str | Path, report=print):
+def load_for_chat(run_dir: str | Path):
     """(model, tokenizer, task, default system prompt) for a run folder or a merged folder; a masked
     language model is refused (it fills in blanks, it does not write answers)."""
 
@@ -193,8 +131,8 @@ def load_for_chat(run_dir: str | Path, report=print):
             system = json.loads(info_file.read_text()).get("system_prompt")
         except (ValueError, AttributeError):
             system = None
-    report(f"tunesmith: loading {handle.path} ({handle.kind})")
     with contextlib.redirect_stdout(sys.stderr):  # loading notices must not mix with answers on stdout
+        log.info(f"tunesmith: loading {handle.path} ({handle.kind})")
         model, tokenizer, task = load_for_inference(handle)
     return model, tokenizer, task, system
 
@@ -214,14 +152,17 @@ def _replier(model, tokenizer, task, args) -> Callable[[list[dict]], Iterator[st
 
 
 def _notice(text: str) -> None:
-    print(text, file=sys.stderr)
+    """A notice for the person at the terminal, logged while stdout points at stderr: the `tunesmith`
+    logger writes to stdout, and stdout carries the conversation (and `generate`'s answer) alone."""
+    with contextlib.redirect_stdout(sys.stderr):
+        log.info(text)
 
 
 def cmd_chat(args) -> int:
     _check_decoding(args)
     with contextlib.suppress(ImportError):  # loading readline gives input() line editing and arrow-key history
         importlib.import_module("readline")
-    model, tokenizer, task, system = load_for_chat(args.run_dir, report=_notice)
+    model, tokenizer, task, system = load_for_chat(args.run_dir)
     system = system if args.system is None else args.system
     _notice(f"tunesmith: chatting with {args.run_dir}" + (f" (system prompt: {system!r})" if system else "")
             + f". {CHAT_HELP}")
@@ -233,7 +174,7 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise UserError("--prompt is empty; give the question to answer (or --prompt - to read it from stdin).")
-    model, tokenizer, task, system = load_for_chat(args.run_dir, report=_notice)
+    model, tokenizer, task, system = load_for_chat(args.run_dir)
     system = system if args.system is None else args.system
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     answer = "".join(_replier(model, tokenizer, task, args)(messages)).strip()
