@@ -43,11 +43,11 @@ def main() -> None:
 
     from tunesmith.config import load_config
     from tunesmith.data.build import load_eval_rows
-    from tunesmith.models.generate import generate_answers
     from tunesmith.data.heldout import build_inputs
     from tunesmith.fileio import atomic_write_json
     from tunesmith.hardware import cpu_threads
     from tunesmith.models import load_tokenizer, resolve_model_source
+    from tunesmith.models.generate import generate_answers
     from tunesmith.models.loader import load_model
 
     torch.set_num_threads(cpu_threads())

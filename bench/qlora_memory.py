@@ -87,8 +87,8 @@ def weight_bytes(model) -> int:
 def child_tunesmith(method: str, steps: int, config: Path, run_dir: Path, extra: list[str]) -> dict:
     """tunesmith's own run_training, with a wrapper around its model loader that reads RSS after loading."""
     from tunesmith.config import load_config
-    from tunesmith.train import loop
     from tunesmith.hardware import peak_rss_bytes, release_free_memory, rss_bytes
+    from tunesmith.train import loop
     from tunesmith.train.metrics_log import read_metrics
 
     after_load: dict = {}
@@ -129,9 +129,9 @@ def baseline_inputs(cfg):
     import torch
 
     from tunesmith.data import build_datasets
+    from tunesmith.data.batching import epoch_order
     from tunesmith.hardware import cpu_threads
     from tunesmith.models import load_tokenizer, resolve_model_source, tunesmith_home
-    from tunesmith.data.batching import epoch_order
 
     t = cfg.training
     torch.manual_seed(t.seed)
@@ -150,9 +150,9 @@ def child_hf_peft(steps: int, config: Path, run_dir: Path, extra: list[str]) -> 
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from tunesmith.config import load_config
-    from tunesmith.models.families import family_target_modules
     from tunesmith.data.batching import collate
     from tunesmith.hardware import peak_rss_bytes, rss_bytes
+    from tunesmith.models.families import family_target_modules
 
     cfg = load_config(config, overrides("hf-peft", steps, extra))
     t = cfg.training

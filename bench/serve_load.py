@@ -9,7 +9,7 @@ to the wrong client, or that mixes two requests, counts as `mismatched`.  Every 
 either ok or one of the counted errors (sent = ok + errors).  Every other request streams
 (server-sent events), so both paths are loaded.  Without --url the server runs in this process on
 a free port, and the expected answers are first checked against
-tunesmith.evaluate.quick.generate_answers on the served model.
+tunesmith.models.generate.generate_answers on the served model.
 
     .venv/bin/python bench/serve_load.py                                # built-in model, 8 clients, 30 s
     .venv/bin/python bench/serve_load.py --run runs/my-run --clients 4 --seconds 60

@@ -7,9 +7,9 @@ package cannot provide it).
 
 from __future__ import annotations
 
-import logging
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest

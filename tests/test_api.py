@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import save_tiny_model_folder
+
 from tunesmith import api
 from tunesmith.train.checkpoint import list_checkpoints
 

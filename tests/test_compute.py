@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train import tiny_data, tiny_model_dir  # noqa: F401
 
+from tunesmith import api
 from tunesmith.config import load_config
 from tunesmith.models.adapters import prepare_trainable
 from tunesmith.train import compute
-from tunesmith import api
 from tunesmith.train.loss import token_nll_sum
-
-from test_train import tiny_data, tiny_model_dir  # noqa: F401
 
 
 def _lora_grads(model, checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:

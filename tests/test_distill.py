@@ -137,12 +137,12 @@ def test_a_pruned_copy_runs_the_teachers_own_layers(tmp_path):
 
 def test_the_cache_with_k_as_large_as_the_vocabulary_gives_the_online_loss(tmp_path):
     from tunesmith.data import build_datasets
+    from tunesmith.data.batching import collate
     from tunesmith.data.build import _tokenizer_fingerprint
     from tunesmith.distill.cache import TeacherCache, build_cache, describe
     from tunesmith.distill.run import Distiller
     from tunesmith.distill.teacher import load_teacher
     from tunesmith.models.loader import load_model
-    from tunesmith.data.batching import collate
     from tunesmith.train.packing import make_pass, plan_passes
 
     folder = _tiny_teacher_folder(tmp_path)

@@ -15,12 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import save_tiny_model_folder
 from safetensors.torch import load_file
 
-from conftest import save_tiny_model_folder
+from tunesmith import api
 from tunesmith.config import load_config
 from tunesmith.train import distributed
-from tunesmith import api
 
 ROWS = [
     {"instruction": f"Repeat the word {w} {'twice' if i % 2 else 'three times'}.", "input": "",
@@ -279,7 +279,7 @@ def test_deepspeed_zero_2_and_3_take_the_same_steps_and_their_checkpoints_resume
             assert losses[step] == pytest.approx(ddp_losses[step], abs=1e-4), (stage, step)
         final = _adapter(run_dir)
         for name, value in ddp_adapter.items():
-            torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"stage {stage}: {m}")
+            torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6, msg=lambda m, stage=stage: f"stage {stage}: {m}")
 
     # A ZeRO checkpoint holds whole tensors (weights, AdamW's moments): stage 3's resumes into stage 2's partitions
     # and on one process alone, stage 2's into stage 3's, and each ends where the uninterrupted run ended.

@@ -7,15 +7,15 @@ import math
 
 import pytest
 import torch
-
 from test_train import ROWS, _config
-from tunesmith.cli import main
-from tunesmith.evaluate import metrics as m
-from tunesmith.train.validation import heldout_loss
-from tunesmith.evaluate.runner import evaluate_run
-from tunesmith.errors import UserError
-from tunesmith.train.objective import Objective
+
 from tunesmith import api
+from tunesmith.cli import main
+from tunesmith.errors import UserError
+from tunesmith.evaluate import metrics as m
+from tunesmith.evaluate.runner import evaluate_run
+from tunesmith.train.objective import Objective
+from tunesmith.train.validation import heldout_loss
 
 GSM8K_REGEX = r"####\s*(-?[\d,.]+)"
 

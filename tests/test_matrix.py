@@ -14,17 +14,15 @@ from __future__ import annotations
 import json
 import os
 import typing
-
 from pathlib import Path
 
 import pytest
 import torch
+from test_train import ROWS as TRAIN_ROWS
 
+from tunesmith import api
 from tunesmith.config import Config, load_config
 from tunesmith.models.validated import RESULTS_ENV
-from tunesmith import api
-
-from test_train import ROWS as TRAIN_ROWS
 
 # test_train's rows without the two near-repeats (grass, animal): six rows, one batch
 ROWS = TRAIN_ROWS[:4] + TRAIN_ROWS[6:]

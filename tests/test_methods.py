@@ -10,6 +10,10 @@ import sys
 import pytest
 import torch
 
+# fixtures: `tiny_model_dir` (the tiny Llama and tokenizer saved in a folder), `tiny_data` (8 Alpaca rows, JSONL)
+from test_train import tiny_data, tiny_model_dir  # noqa: F401
+
+from tunesmith import api
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
 from tunesmith.hardware import four_bit_status
@@ -23,11 +27,7 @@ from tunesmith.models.adapters import (
 )
 from tunesmith.models.families import FAMILY_TARGET_MODULES
 from tunesmith.models.loader import load_model
-from tunesmith import api
 from tunesmith.train.optim import make_optimizer
-
-# fixtures: `tiny_model_dir` (the tiny Llama and tokenizer saved in a folder), `tiny_data` (8 Alpaca rows, JSONL)
-from test_train import tiny_data, tiny_model_dir  # noqa: F401
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FOUR_BIT, FOUR_BIT_DETAIL = four_bit_status()
@@ -320,7 +320,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation_pass(tiny_model_dir, t
         model(input_ids=ids)
     after = gradients()
     for name, grad in before.items():
-        torch.testing.assert_close(after[name], grad, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(after[name], grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_qlora_without_bitsandbytes_falls_back_to_lora_or_stops(tmp_path, tiny_model_dir, tiny_data, monkeypatch, capsys):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tunesmith import api
 from tunesmith.config import load_config
 from tunesmith.train.checkpoint import list_checkpoints
-from tunesmith import api
 
 ROWS = [
     {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}

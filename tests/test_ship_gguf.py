@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
+from tunesmith.cli import build_parser
 from tunesmith.errors import UserError
 from tunesmith.ship.gguf_export import (
     chatml_layout,
     export_gguf,
     interleave_rotary_halves,
 )
-from tunesmith.cli import build_parser
 
 PROMPT = "What is the capital of France? The capital of France is"
 
@@ -291,13 +291,13 @@ def test_builtin_run_round_trips_through_gguf(tmp_path):
     greedy 20 tokens; the q8_0 file's perplexity on 20 held-out rows is within 2% of the f16 file's."""
     from pathlib import Path
 
+    from tunesmith import api
     from tunesmith.config import load_config
     from tunesmith.data import encode_prompt, prompt_and_references
     from tunesmith.data.build import load_eval_rows
-    from tunesmith.train.validation import heldout_loss
     from tunesmith.models.run_folder import load_for_inference, open_run
     from tunesmith.train.objective import Objective
-    from tunesmith import api
+    from tunesmith.train.validation import heldout_loss
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     test_file = examples / "data" / "dates-test.jsonl"

@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 import torch
+from test_train import ROWS, _config
 
+from tunesmith.cli import main as cli_main
 from tunesmith.hardware import four_bit_status
 from tunesmith.models.run_folder import load_for_inference, open_run
-from tunesmith.cli import main as cli_main
 from tunesmith.ship.merge import MERGE_INFO, merge_run
-
-from test_train import ROWS, _config
 
 FOUR_BIT, FOUR_BIT_DETAIL = four_bit_status()
 needs_four_bit = pytest.mark.skipif(not FOUR_BIT, reason=f"4-bit not available here: {FOUR_BIT_DETAIL}")

@@ -1,7 +1,8 @@
 """`tunesmith serve` against a live server on 127.0.0.1 (port 0, in a thread) serving a tiny trained run,
 spoken to with the official `openai` client and with raw http.client: replies equal the greedy answers
-computed directly with tunesmith.evaluate.quick.generate_answers, streamed text equals non-streamed text,
-concurrent requests never mix, bad requests get OpenAI's error shape with the right status."""
+computed directly with tunesmith.models.generate.generate_answers, streamed text equals non-streamed text,
+concurrent requests never mix, bad requests get OpenAI's error shape with the right status, and
+schemathesis finds every response of the app as its OpenAPI document says."""
 
 import http.client
 import json
@@ -13,15 +14,25 @@ import threading
 from pathlib import Path
 
 import pytest
+import schemathesis
 import torch
-
+from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 from test_train import ROWS, _config
+
 from tunesmith.data.tokens import chat_ids
 from tunesmith.errors import UserError
-from tunesmith.models.generate import generate_answers
+from tunesmith.models.generate import ReplyStreamer, generate_answers
 from tunesmith.models.run_folder import load_for_inference, open_run
-from tunesmith.ship.serve import (GenerationRequest, Generator, RequestError, _ReplyWatcher, is_loopback, make_server,
-                                  register)
+from tunesmith.ship.serve import (
+    GenerationRequest,
+    Generator,
+    RequestError,
+    build_app,
+    is_loopback,
+    make_server,
+    register,
+)
 
 openai = pytest.importorskip("openai", reason="the serve tests speak to the server with the `openai` client")
 
@@ -86,19 +97,20 @@ def _client(server, key=KEY):
 
 
 def _raw(server, method, path, body=None, headers=None):
-    """(status, headers, parsed JSON or text) for one request with http.client."""
+    """(status, headers, parsed JSON or text) for one request with http.client (JSON said to be JSON)."""
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=120)
     try:
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Authorization": f"Bearer {KEY}", **(headers or {})})
+        conn.request(method, path, body=data, headers={"Authorization": f"Bearer {KEY}",
+                                                       "Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()
         raw = response.read().decode()
         try:
             parsed = json.loads(raw)
         except ValueError:
             parsed = raw
-        return response.status, dict(response.getheaders()), parsed
+        return response.status, response.headers, parsed  # headers: looked up case-insensitively
     finally:
         conn.close()
 
@@ -122,41 +134,35 @@ class _CharTokenizer:
         self.alphabet = alphabet
 
     def decode(self, ids, skip_special_tokens=True):
-        return "".join(self.alphabet[i] for i in ids.tolist() if i != 0)
+        return "".join(self.alphabet[i] for i in ids if i != 0)
 
 
-def _events(request):
-    out = []
-    while not request.events.empty():
-        out.append(request.events.get_nowait())
-    return out
-
-
-def test_reply_watcher_holds_back_what_could_still_change():
+def test_reply_streamer_holds_back_what_could_still_change():
     """A tail that starts a stop string, and a trailing U+FFFD, wait for the next token; the stop string
-    and everything after it are never sent, and generation is told to stop there."""
+    and everything after it are never handed out, and the streamer says stop there."""
     tokenizer = _CharTokenizer("\0ab<x>c\ufffd")  # ids: a=1 b=2 <=3 x=4 >=5 c=6 U+FFFD=7
-    request = GenerationRequest(prompt_ids=[1], max_tokens=10, stop=["<x>"])
-    watcher = _ReplyWatcher(request, tokenizer, threading.Lock(), start=1)
-    sent, stops = [], []
-    for ids in ([1, 1], [1, 1, 2], [1, 1, 2, 3], [1, 1, 2, 3, 6], [1, 1, 2, 3, 6, 7], [1, 1, 2, 3, 6, 7, 3],
-                [1, 1, 2, 3, 6, 7, 3, 4], [1, 1, 2, 3, 6, 7, 3, 4, 5], [1, 1, 2, 3, 6, 7, 3, 4, 5, 1]):
-        stops.append(bool(watcher(torch.tensor([ids]), None)[0]))
-        sent.append("".join(e[1] for e in _events(request)))
+    sent = []
+    streamer = ReplyStreamer(tokenizer, sent.append, stop=["<x>"])
+    streamer.put(torch.tensor([[1]]))  # the prompt comes first, and is not part of the reply
+    out, stops = [], []
+    for token in (1, 2, 3, 6, 7, 3, 4, 5, 1):
+        streamer.put(torch.tensor([token]))
+        out.append("".join(sent))
+        sent.clear()
+        stops.append(streamer.stopped)
     # "a", "b", then "<" is held (it starts "<x>"), released with "c" once "<c" cannot be "<x>"; the
     # U+FFFD waits for the next token; the second "<" waits, "<x" waits, "<x>" stops: nothing after it
-    assert sent == ["a", "b", "", "<c", "", "\ufffd", "", "", ""]
+    assert out == ["a", "b", "", "<c", "", "\ufffd", "", "", ""]
     assert stops == [False] * 7 + [True, True]
-    watcher.finish()
-    assert _events(request) == []  # after a stop string nothing more is sent
+    assert streamer.tokens_to_stop == 8  # the token that completed "<x>"
+    streamer.end()
+    assert sent == []  # after a stop string nothing more is handed out
 
-    request = GenerationRequest(prompt_ids=[1], max_tokens=10, stop=["<x>"])
-    watcher = _ReplyWatcher(request, tokenizer, threading.Lock(), start=1)
-    watcher(torch.tensor([[1, 1, 3]]), None)
-    watcher.finish()  # generation ended: the held "<" is part of the reply after all
-    assert "".join(e[1] for e in _events(request)) == "a<"
-    request.cancelled.set()
-    assert bool(watcher(torch.tensor([[1, 1, 3, 1]]), None)[0])  # cancelled: stop
+    streamer = ReplyStreamer(tokenizer, sent.append, stop=["<x>"])
+    for ids in ([[1]], [1], [3]):
+        streamer.put(torch.tensor(ids))
+    streamer.end()  # generation ended: the held "<" is part of the reply after all
+    assert "".join(sent) == "a<"
 
 
 def test_generator_stops_at_an_end_token_or_at_max_tokens(tiny_llama, tiny_tokenizer):
@@ -288,6 +294,11 @@ def test_bad_requests_get_openai_errors(server):
     _assert_error(status, body, 400)
     assert "JSON" in body["error"]["message"]
     _assert_error(*_raw(server, "POST", "/v1/chat/completions", b"[1, 2]")[::2], 400)
+    status, _, body = _raw(server, "POST", "/v1/chat/completions", {"messages": CHATS[0]}, {"Content-Type": ""})
+    _assert_error(status, body, 400)  # FastAPI reads JSON only from a body said to be JSON (no CSRF by text/plain)
+    assert "Content-Type: application/json" in body["error"]["message"]
+    lone = b'{"messages": [{"role": "user", "content": "\\ud800"}]}'  # JSON can spell a lone surrogate
+    _assert_error(*_raw(server, "POST", "/v1/chat/completions", lone)[::2], 400, param="messages")
     _assert_error(*_raw(server, "POST", "/v1/chat/completions", {"max_tokens": 4})[::2], 400, param="messages")
     _assert_error(*_raw(server, "POST", "/v1/completions", {"prompt": [1, 2, 3]})[::2], 400, param="prompt")
     _assert_error(*_raw(server, "GET", "/v1/nothing-here")[::2], 404)
@@ -363,20 +374,35 @@ def test_concurrent_requests_get_their_own_answers(server, expected):
     assert {i: r.strip() for i, r in replies.items()} == dict(enumerate(expected["chat"]))
 
 
-def test_shutdown_ends_a_stream_in_flight_and_the_worker(tiny_run):
+def test_shutdown_ends_a_stream_in_flight_and_the_worker(tiny_run, expected):
+    """shutdown() while a reply streams: the stream says it was cut short (rather than ending as if
+    complete), and the worker and the socket close.  The model is held inside its first forward pass
+    until shutdown cancels the reply, so how fast tokens come does not matter."""
     server = make_server(tiny_run, "127.0.0.1", 0, log_requests=False)
+    generator, model = server.generator, server.generator.model
+    real_forward, generating = model.forward, threading.Event()
+
+    def held_forward(*args, **kwargs):
+        if not generating.is_set():
+            generating.set()
+            generator._current.cancelled.wait()  # until shutdown cancels the reply being generated
+        return real_forward(*args, **kwargs)
+
+    model.forward = held_forward
+    # greedy, the first token is not an end token, so one token in the reply cannot end it as complete
+    assert expected["chat_len"][0] > 1
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    # 900 tokens take the tiny model several seconds; shutdown() cuts in within its 0.5 s poll
     stream = _client(server).chat.completions.create(model=server.model_id, messages=CHATS[0], temperature=0,
                                                      max_tokens=900, stream=True)
     chunks = iter(stream)
     assert next(chunks).choices[0].delta.role == "assistant"
+    assert generating.wait(timeout=120)
     server.shutdown()
     with pytest.raises(openai.APIError, match="stopped while generating"):
-        list(chunks)  # the stream says it was cut short, rather than ending as if complete
+        list(chunks)
     thread.join(timeout=60)
-    assert not thread.is_alive() and not server.generator._thread.is_alive()
+    assert not thread.is_alive() and not generator._thread.is_alive()
     with pytest.raises(openai.APIConnectionError):
         _client(server).models.list()
 
@@ -408,7 +434,7 @@ def test_serve_command_flags():
 
 
 def test_serve_command_warns_when_public_and_stops_cleanly_on_ctrl_c(tiny_run):
-    """The command in its own process: a warning for a public address without a key, the URL printed,
+    """The command in its own process: a warning for a public address without a key, the URL logged,
     a request answered, then SIGINT ends it with exit code 0."""
     script = ("import argparse, sys\n"
               "from tunesmith.ship.serve import register\n"
@@ -419,22 +445,75 @@ def test_serve_command_warns_when_public_and_stops_cleanly_on_ctrl_c(tiny_run):
                                 "--port", "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env, cwd=Path(__file__).parent)
     try:
-        line = process.stdout.readline()
-        assert " on http://0.0.0.0:" in line, (line, process.stderr.read() if process.poll() is not None else "")
-        port = int(line.split("http://0.0.0.0:")[1].split("/")[0])
+        lines = []  # the `tunesmith` logger's lines, on stdout: the warning first, then the URL
+        while not lines or (lines[-1] and " on http://0.0.0.0:" not in lines[-1]):
+            lines.append(process.stdout.readline())
+        assert " on http://0.0.0.0:" in lines[-1], (lines, process.stderr.read() if process.poll() is not None else "")
+        assert any("warning" in line and "--api-key" in line for line in lines[:-1]), lines
+        port = int(lines[-1].split("http://0.0.0.0:")[1].split("/")[0])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("GET", "/v1/models")
         assert json.loads(conn.getresponse().read())["data"][0]["id"] == "run"
         conn.close()
         process.send_signal(signal.SIGINT)
         # communicate() drains both pipes while waiting: a child blocked writing to a full pipe never exits
-        _, err = process.communicate(timeout=60)
+        out, err = process.communicate(timeout=60)
         assert process.returncode == 0, err[-3000:]
-        assert "warning" in err and "--api-key" in err and "stopping" in err and "Traceback" not in err
+        assert "stopping" in out and "Traceback" not in out + err
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_the_openapi_document_is_served_and_says_400_not_422(server):
+    status, _, document = _raw(server, "GET", "/openapi.json", headers={"Authorization": ""})
+    assert status == 200
+    assert set(document["paths"]) == {"/health", "/v1/models", "/v1/models/{model}", "/v1/chat/completions",
+                                      "/v1/completions"}
+    chat = document["paths"]["/v1/chat/completions"]["post"]
+    assert {"200", "400", "401", "404", "413", "503"} <= set(chat["responses"])
+    assert not any("422" in op["responses"] for path in document["paths"].values() for op in path.values())
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    schemas = document["components"]["schemas"]
+    assert schemas["ChatCompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]["maximum"] == LIMIT
+    assert chat["security"] and "security" not in document["paths"]["/health"]["get"]
+
+
+def _valid_requests_accepted(ctx, response, case):
+    """schemathesis's positive_data_acceptance, less one refusal no schema can rule out: a prompt longer
+    than the model reads (context_length_exceeded) is a matter of tokens, not of the JSON."""
+    if response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded":
+        return None
+    return positive_data_acceptance(ctx, response, case)
+
+
+def test_schemathesis_finds_every_response_as_the_openapi_document_says(server):
+    """schemathesis generates requests from the served OpenAPI document, valid ones and invalid ones, for
+    every operation, and runs its checks on each response: no 5xx, status codes, content types and bodies
+    as documented, valid requests accepted, invalid ones refused, the API key enforced.  The app under
+    test is the module's server's (same model worker), with a max_tokens limit of 4 so replies are short."""
+    app = build_app(server.generator, server.model_id, api_key=KEY, max_tokens_limit=4, log_requests=False)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    statuses: dict[str, set[int]] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in schemathesis.GenerationMode:
+            if mode == schemathesis.GenerationMode.NEGATIVE and not operation.body and not list(operation.iter_parameters()):
+                continue  # nothing to make invalid (GET /health)
+
+            @given(case=operation.as_strategy(mode))
+            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            def check(case):
+                response = case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"},
+                                                  excluded_checks=[positive_data_acceptance],
+                                                  additional_checks=[_valid_requests_accepted])
+                statuses.setdefault(case.operation.label, set()).add(response.status_code)
+
+            check()
+    # replies were generated, and invalid requests were refused with OpenAI's 400
+    assert 200 in statuses["POST /v1/chat/completions"] and 200 in statuses["POST /v1/completions"]
+    assert 400 in statuses["POST /v1/chat/completions"] and 400 in statuses["POST /v1/completions"]
 
 
 @pytest.mark.slow

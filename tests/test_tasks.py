@@ -7,18 +7,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_tiny_tokenizer
+from test_train import ROWS as TRAIN_ROWS
+
+from tunesmith import api
 from tunesmith.config import load_config
-from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow, tokenize_sample
+from tunesmith.data.batching import mask_tokens
+from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow, masked_lm_ids, plain_prompt, tokenize_sample
 from tunesmith.errors import UserError
 from tunesmith.models.tasks import CAUSAL_LM, MASKED_LM, SEQ2SEQ, detect_task
 from tunesmith.train.objective import Objective
-from tunesmith.data.batching import mask_tokens
-from tunesmith.data.tokens import masked_lm_ids, plain_prompt
-from tunesmith import api
-
-from test_train import ROWS as TRAIN_ROWS
 
 PAD = 2  # <|im_end|>: the tiny tokenizer's pad and eos
 

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from tunesmith import api
 from tunesmith.config import load_config
 from tunesmith.data.batching import collate
-from tunesmith import api
-from tunesmith.train.loop import plan_steps
 from tunesmith.data.tokens import IGNORE_INDEX
+from tunesmith.train.loop import plan_steps
 from tunesmith.train.loss import token_nll_sum
 
 ROWS = [
@@ -168,7 +168,7 @@ def test_allocate_early_changes_nothing_but_where_the_state_lives():
     lazy ones, also through accelerate's optimiser wrapper (what run_training passes)."""
     from accelerate import Accelerator
 
-    from tunesmith.train.loop import allocate_early
+    from tunesmith.train.optim import allocate_early
 
     def train(early: bool):
         torch.manual_seed(0)

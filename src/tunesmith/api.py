@@ -153,10 +153,11 @@ class JobResult:
 
 
 def train_job(config_path: str | Path | None, overrides: Sequence[str] = (), output: str | Path | None = None,
-              resume: bool = False, launch: Launch = Launch()) -> JobResult:
+              resume: bool = False, launch: Launch | None = None) -> JobResult:
     """`tunesmith train`: load the config, pick the run folder, and train: in this process, as one process of a
     job started by torchrun / accelerate launch (the first process picks the folder and tells the others), or
     by starting `launch.nproc` processes on this machine and waiting for them."""
+    launch = launch or Launch()
     cfg = load_config(config_path, overrides)
     if cfg.teacher.name:
         raise UserError(f"{config_path}: teacher.name is set, so this is a distillation config; run "

@@ -7,13 +7,13 @@ Everything here reads the machine and never raises for an unreadable piece: a mi
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
-import resource
-import sys
-import ctypes
 import platform
+import resource
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 

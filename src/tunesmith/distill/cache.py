@@ -12,9 +12,9 @@ temperature or top_k is refused, never overwritten.
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from tunesmith.data.tokens import IGNORE_INDEX
+from tunesmith.distill.loss import SparseTeacher
+from tunesmith.distill.teacher import teacher_trained_hidden
 from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_json, sha256_file
 from tunesmith.train.loss import LOSS_CHUNK_TOKENS
-from tunesmith.distill.teacher import teacher_trained_hidden
-from tunesmith.distill.loss import SparseTeacher
 
 log = logging.getLogger(__name__)
 

@@ -16,43 +16,38 @@
 
 from __future__ import annotations
 
-import logging
 import gc
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 
-from tunesmith.data.tokens import IGNORE_INDEX
+from tunesmith.data import build_datasets
+from tunesmith.data.batching import collate, iter_batches
+from tunesmith.data.build import _load_samples, _tokenizer_fingerprint, split_indices
+from tunesmith.data.formats import prompt_and_reference
+from tunesmith.data.heldout import build_inputs
+from tunesmith.data.tokens import IGNORE_INDEX, encode_prompt
+from tunesmith.distill.cache import MANIFEST, TeacherCache, build_cache, describe
 from tunesmith.distill.loss import DenseTeacher, distill_sum
+from tunesmith.distill.prune import prune_layers
 from tunesmith.distill.teacher import Teacher, load_teacher, model_weight_files, same_tokenizer, teacher_trained_hidden
 from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
-from tunesmith.models.parts import decoder_and_head
-from tunesmith.train.loss import head_nll_sum, packed_trained_hidden, padded_trained_hidden
-from tunesmith.train.report import render_report
-from tunesmith.distill.prune import prune_layers
-from tunesmith.hardware import resolve_dtype
-from tunesmith.models.loader import load_model
-from tunesmith.models.run_folder import load_for_inference, open_run
-from tunesmith.hardware import detect_device
-from tunesmith.models import resolve_model_source
-from tunesmith.models.loader import load_tokenizer
-from tunesmith.train.loop import run_training
-from tunesmith.data import build_datasets
+from tunesmith.hardware import detect_device, resolve_dtype
+from tunesmith.models import resolve_model_source, tunesmith_home
 from tunesmith.models.generate import generate_answers
-from tunesmith.train.validation import heldout_loss
-from tunesmith.data.heldout import build_inputs
-from tunesmith.models import tunesmith_home
+from tunesmith.models.loader import load_model, load_tokenizer
+from tunesmith.models.parts import decoder_and_head
+from tunesmith.models.run_folder import load_for_inference, open_run
+from tunesmith.train.loop import run_training
+from tunesmith.train.loss import head_nll_sum, packed_trained_hidden, padded_trained_hidden
 from tunesmith.train.objective import Objective
-from tunesmith.data.build import _tokenizer_fingerprint
-from tunesmith.distill.cache import MANIFEST, TeacherCache, build_cache, describe
-from tunesmith.data.batching import collate, iter_batches
 from tunesmith.train.packing import make_pass, plan_passes, resolve_pass_tokens
-from tunesmith.data.build import _load_samples, split_indices
-from tunesmith.data.formats import prompt_and_reference
-from tunesmith.data.tokens import encode_prompt
+from tunesmith.train.report import render_report
+from tunesmith.train.validation import heldout_loss
 
 log = logging.getLogger(__name__)
 

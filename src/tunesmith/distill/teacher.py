@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import UserError
-from tunesmith.models.parts import decoder_and_head
-from tunesmith.train.loss import packed_trained_hidden, padded_trained_hidden
 from tunesmith.models import resolve_model_source
 from tunesmith.models.loader import load_model, load_tokenizer, model_task
+from tunesmith.models.parts import decoder_and_head
 from tunesmith.models.run_folder import load_for_inference, open_run
+from tunesmith.train.loss import packed_trained_hidden, padded_trained_hidden
 from tunesmith.train.packing import packing_unsupported
 
 

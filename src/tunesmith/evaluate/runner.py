@@ -8,24 +8,23 @@ weights from `RUN_DIR/model`.
 
 from __future__ import annotations
 
-import logging
 import gc
+import logging
 from pathlib import Path
+
 import torch
 
-from tunesmith.errors import UserError
 from tunesmith.data import build_datasets
 from tunesmith.data.build import load_eval_rows
-from tunesmith.evaluate.suite import Scorer, evaluate_model, write_eval_folder
 from tunesmith.data.heldout import build_inputs
-from tunesmith.hardware import cpu_threads, detect_device, resolve_dtype
-from tunesmith.models import tunesmith_home
+from tunesmith.errors import UserError
+from tunesmith.evaluate.suite import Scorer, evaluate_model, write_eval_folder
+from tunesmith.hardware import cpu_threads, detect_device, release_free_memory, resolve_dtype
+from tunesmith.models import tunesmith_home, without_bitsandbytes
 from tunesmith.models.loader import load_model, model_task
 from tunesmith.models.run_folder import load_base, load_tokenizer_for, open_run
 from tunesmith.models.tasks import MASKED_LM
 from tunesmith.train.objective import Objective
-from tunesmith.hardware import release_free_memory
-from tunesmith.models import without_bitsandbytes
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from tunesmith.config import EvalConfig
 from tunesmith.data.heldout import EvalInputs, build_inputs
 from tunesmith.evaluate import metrics as m
+from tunesmith.fileio import atomic_write_json, atomic_write_text
 from tunesmith.models.generate import generate_answers
 from tunesmith.train.validation import heldout_loss
-from tunesmith.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

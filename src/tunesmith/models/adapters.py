@@ -30,6 +30,7 @@ from tunesmith.models.families import family_target_modules
 from tunesmith.models.quantized import without_bitsandbytes
 from tunesmith.models.tasks import detect_task, peft_task_type
 
+
 def _linear_classes() -> tuple[type, ...]:
     """Layer types adapters attach to: torch's Linear (bitsandbytes' 4-bit layers subclass it) and GPT-2's Conv1D."""
     from transformers.pytorch_utils import Conv1D

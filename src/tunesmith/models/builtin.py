@@ -11,8 +11,8 @@ dequantised Q4_1 weights *are* the built-in model.
 
 from __future__ import annotations
 
-import logging
 import importlib.metadata
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -27,6 +27,10 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+# Temperatures below this decode greedily: sampling that cold picks the most likely token in all but float
+# rounding, and logits divided by a temperature near 1e-300 overflow to inf, which no distribution holds.
+GREEDY_BELOW = 1e-6
+
 
 def end_token_ids(model, tokenizer) -> list[int]:
     """Tokens that end an answer: the tokenizer's eos (the end-of-turn token, e.g. `<|im_end|>`, for chat
@@ -39,15 +43,19 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 def generation_config(model, tokenizer, max_new_tokens: int, temperature: float = 0.0,
                       top_p: float = 1.0) -> GenerationConfig:
-    """How every tunesmith command generates: greedy at temperature 0; above it, sampling from
-    softmax(logits / temperature) cut to the nucleus of top_p (the smallest set of most likely tokens
-    whose probabilities add up to top_p; Holtzman et al. 2019, section 3.1).  top_k=0 switches off
-    transformers' default top-k of 50.  What is not set here (e.g. a repetition penalty) comes from the
-    model's own generation_config.json, as `generate` merges the two."""
+    """How every tunesmith command generates: greedy at temperature 0 (below GREEDY_BELOW); above it,
+    sampling from softmax(logits / temperature) cut to the nucleus of top_p (the smallest set of most
+    likely tokens whose probabilities add up to top_p; Holtzman et al. 2019, section 3.1).  top_k=0
+    switches off transformers' default top-k of 50.  What is not set here (e.g. a repetition penalty)
+    comes from the model's own generation_config.json, as `generate` merges the two."""
     ends = end_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (ends[0] if ends else None)
-    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0
-                else {"do_sample": False})
+    if temperature >= GREEDY_BELOW:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    else:
+        # Greedy, with the sampling knobs at their neutral values: many models' generation_config.json set
+        # them for sampling, and transformers would fill them in and then warn that greedy decoding ignores them.
+        sampling = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
     return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=ends or None, pad_token_id=pad,
                             use_cache=True, **sampling)
 

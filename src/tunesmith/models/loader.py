@@ -8,8 +8,8 @@ dequantising each weight on every forward and backward pass.  Where 4-bit cannot
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -18,8 +18,7 @@ from tunesmith.config import Config, ModelConfig
 from tunesmith.errors import UserError
 from tunesmith.hardware import four_bit_status
 from tunesmith.models.builtin import BUILTIN_MODELS, builtin_path, convert_gguf_once, tunesmith_home
-from tunesmith.models.tasks import detect_task
-from tunesmith.models.tasks import auto_model_class
+from tunesmith.models.tasks import auto_model_class, detect_task
 
 log = logging.getLogger(__name__)
 

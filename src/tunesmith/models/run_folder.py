@@ -12,13 +12,10 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.errors import UserError
 from tunesmith.config import load_config
-from tunesmith.models.loader import resolve_model_source
-from tunesmith.models.loader import load_tokenizer
-from tunesmith.models.loader import load_model
+from tunesmith.errors import UserError
 from tunesmith.hardware import detect_device, resolve_dtype
-from tunesmith.models.loader import model_task
+from tunesmith.models.loader import load_model, load_tokenizer, model_task, resolve_model_source
 from tunesmith.models.quantized import without_bitsandbytes
 
 

@@ -21,13 +21,13 @@ Mistral is written as `llama`, as llama.cpp's converter does (the two share tens
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunesmith.errors import UserError
 from tunesmith.data.tokens import ensure_chat_template
+from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_file, atomic_write_text
 from tunesmith.models.run_folder import load_for_inference, load_tokenizer_for, open_run
 

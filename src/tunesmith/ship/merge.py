@@ -12,16 +12,15 @@ size; it is not the original base + adapter.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from tunesmith.errors import UserError
-from tunesmith.hardware import DTYPES, resolve_dtype
 from tunesmith.fileio import atomic_write_dir, atomic_write_json
-from tunesmith.hardware import detect_device, four_bit_status
+from tunesmith.hardware import DTYPES, detect_device, four_bit_status, resolve_dtype
 from tunesmith.models.run_folder import load_for_inference, open_run
 
 log = logging.getLogger(__name__)

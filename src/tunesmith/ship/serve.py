@@ -1,107 +1,134 @@
-"""`tunesmith serve`: a run (or any model folder) behind an OpenAI-compatible HTTP API.
+"""`tunesmith serve`: a run (or any model folder) behind an OpenAI-compatible HTTP API, on FastAPI + uvicorn.
 
     POST /v1/chat/completions   chat messages -> a reply (chat.completion, or chat.completion.chunk events)
     POST /v1/completions        plain prompt text -> its continuation (text_completion)
     GET  /v1/models             the one model served, as a list; GET /v1/models/ID retrieves it
     GET  /health                {"status": "ok"} (no API key needed, for load balancers and scripts)
+    GET  /openapi.json          the OpenAPI document of all of the above (no API key needed)
 
-The standard library's ThreadingHTTPServer answers each connection on its own thread, but only one
-thread touches the model: every request is put on one queue, and a single generation worker takes
-them in turn, one at a time, and feeds the text back on the request's own queue.  So replies never
-mix, a request's greedy answer is the same whatever else is being served, and a slow client costs
-a waiting thread, not model time.  Requests are not batched together: batching pads prompts to one
-width, which changes float rounding, and then a greedy answer could differ with the company it
-keeps.
+Requests and replies are pydantic models (tunesmith.ship.openai_api), so the OpenAPI document is the
+contract (tests run schemathesis against it).  A body is read as JSON when it says so (`Content-Type:
+application/json`, as every OpenAI client sends): a web page cannot make a browser send that to
+localhost without asking first.  Streaming is server-sent events: one `data: {chunk}` per new piece
+of text, then `data: [DONE]`.
 
-Generation is the model's own `generate` (KV cache on; greedy at temperature 0, else sampling with
-temperature and top-p), called as tunesmith.evaluate.quick.generate_answers calls it, so a served
-greedy reply is what generate_answers gives for the same prompt ids alone (batch size 1: no
-padding) on the same weights.  A small stopping criterion watches the reply as it grows: it decodes the new tokens,
-sends the text that is final, holds back what could still become a stop string, and stops at a stop
-string or when a streaming client has gone away.
+uvicorn answers each request in its event loop, but only one thread touches the model: every request
+is put on one bounded queue, and a single generation worker takes them in turn, one at a time, and
+sends the text back to the request's handler.  So replies never mix, a request's greedy answer is the
+same whatever else is being served, and a slow client costs a waiting coroutine, not model time.
+Requests are not batched together: batching pads prompts to one width, which changes float rounding,
+and then a greedy answer could differ with the company it keeps.
 
-Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the HTTP status
-that fits: 400 bad JSON or fields, 401 API key, 404 route or model, 405 method, 411/413 body,
-503 queue full or shutting down.
+Generation is tunesmith.models.generate.generate_reply, the one path chat, generate and eval share
+(the model's `generate`, greedy at temperature 0, else sampling with temperature and top-p), so a
+served greedy reply is what generate_answers gives for the same prompt ids alone (batch size 1: no
+padding) on the same weights.
+
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the HTTP status that
+fits: 400 bad JSON or fields (FastAPI's 422 becomes this), 401 API key, 404 route or model, 405
+method, 413 body, 503 queue full or shutting down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import functools
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import queue
+import signal
 import socket
-import sys
 import threading
 import time
-import traceback
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Annotated
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+import tqdm
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tunesmith import __version__
+from tunesmith.data.tokens import chat_ids, ensure_chat_template, plain_prompt
 from tunesmith.errors import UserError
-from tunesmith.ship.chat import stop_ids
-from tunesmith.data.tokens import ensure_chat_template
-from tunesmith.hardware import cpu_threads, detect_device
-from tunesmith.models.run_folder import load_for_inference, open_run
+from tunesmith.hardware import cpu_threads, detect_device, release_free_memory
+from tunesmith.models.generate import generate_reply
+from tunesmith.models.run_folder import RunHandle, load_for_inference, open_run
 from tunesmith.models.tasks import MASKED_LM
-from tunesmith.hardware import release_free_memory
-from tunesmith.data.tokens import chat_ids
-from tunesmith.data.tokens import plain_prompt
+from tunesmith.ship.openai_api import (
+    CHAT_ROLES,
+    SSE_EVENT,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorResponse,
+    GenerationFields,
+    Health,
+    ModelCard,
+    ModelList,
+    RequestError,
+    Usage,
+    refusal,
+)
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than 1 MiB is refused with 413
 DRAIN_FACTOR = 16  # a body up to 16x that is read and dropped before the 413; a larger one closes the connection
 DEFAULT_MAX_TOKENS_LIMIT = 1024  # the most tokens one request may ask for (--max-tokens-limit)
 DEFAULT_MAX_QUEUE = 64  # requests waiting for the model beyond this get 503
-MAX_STOP_SEQUENCES = 4  # OpenAI's API reference allows up to 4 stop sequences
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-# Request fields tunesmith does not implement, with the values that mean "not used" (sent by many
-# clients as defaults).  Any other value is refused, rather than silently ignored.
-UNSUPPORTED_FIELDS = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "response_format": (None, {"type": "text"}),
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-}
+ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/health": "GET",
+          "/openapi.json": "GET"}
+IDLE_TIMEOUT_S = 120  # seconds a keep-alive connection may sit idle before it is closed
 
 
-class RequestError(Exception):
-    """A request the server refuses, sent back as OpenAI's error object with `status`."""
+def _shutting_down(message: str) -> RequestError:
+    return RequestError(503, message, type="server_error", code="shutting_down")
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+# --- the generation worker -----------------------------------------------------------------------------
+
+
+class LoopEvents:
+    """A request's events, put by the generation worker (a thread) and read by its handler in the event loop."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, event: tuple) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def get(self) -> tuple:
+        return await self._queue.get()
 
 
 @dataclass
 class GenerationRequest:
-    """One reply to generate, and the queue its handler thread reads the reply from.
+    """One reply to generate, and where its events go.
 
-    Events put on `events`: ("text", str) for each new piece of the reply, then ("end", finish_reason,
-    prompt_tokens, completion_tokens), or ("error", RequestError) instead.
+    Events put on `events` (a queue.Queue, or LoopEvents for a handler in the event loop): ("text", str)
+    for each new piece of the reply, then ("end", finish_reason, prompt_tokens, completion_tokens), or
+    ("error", RequestError) instead.
     """
 
     prompt_ids: list[int]
@@ -110,58 +137,8 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    events: queue.Queue = field(default_factory=queue.Queue)
+    events: queue.Queue | LoopEvents = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class _ReplyWatcher(StoppingCriteria):
-    """`generate` calls this after every new token with all ids so far.  It decodes the reply, sends the
-    part that can no longer change to the request, and says stop at a stop string or on cancellation.
-
-    Held back until the next token: a trailing U+FFFD (a character whose bytes are still arriving) and
-    a tail that is the start of a stop string.  The stop string itself and what follows are never sent.
-    """
-
-    def __init__(self, request: GenerationRequest, tokenizer, lock: threading.Lock, start: int):
-        self.request, self.tokenizer, self.lock, self.start = request, tokenizer, lock, start
-        self.text = ""  # the reply decoded so far
-        self.sent = 0  # characters of `text` already sent
-        self.stopped = False  # a stop string was found
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        if not self.stopped:
-            with self.lock:
-                self.text = self.tokenizer.decode(input_ids[0, self.start:], skip_special_tokens=True)
-            self._send(final=False)
-        done = self.stopped or self.request.cancelled.is_set()
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-    def finish(self) -> None:
-        """Send whatever was held back (generation has ended)."""
-        if not self.stopped:
-            self._send(final=True)
-
-    def _send(self, final: bool) -> None:
-        text, stop = self.text, self.request.stop
-        found = [i for i in (text.find(s) for s in stop) if i >= 0]
-        if found:
-            end = min(found)
-            self.stopped = True
-        else:
-            end = len(text)
-            if not final:
-                while end > self.sent and text[end - 1] == "\ufffd":
-                    end -= 1
-                # the longest tail of text[:end] that some stop string starts with
-                held = max((k for s in stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
-                end -= held
-        if end > self.sent:
-            self.request.events.put(("text", text[self.sent:end]))
-            self.sent = end
-
-
-def _shutting_down(message: str) -> RequestError:
-    return RequestError(503, message, type="server_error", code="shutting_down")
 
 
 class Generator:
@@ -170,9 +147,8 @@ class Generator:
     def __init__(self, model, tokenizer, device: str, max_queue: int = DEFAULT_MAX_QUEUE):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.end_ids = sorted(stop_ids(model, tokenizer))  # the same end tokens `tunesmith chat` stops at
-        # Fast tokenizers refuse to be used from two threads at once ("Already borrowed"): handler
-        # threads encode prompts and the worker decodes replies, so every use takes this lock.
+        # Fast tokenizers refuse to be used from two threads at once ("Already borrowed"): handlers encode
+        # prompts on the thread pool and the worker decodes replies, so every use takes this lock.
         self.tokenizer_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._current: GenerationRequest | None = None
@@ -230,135 +206,33 @@ class Generator:
                 if not request.cancelled.is_set():
                     self._generate(request)
             except Exception as exc:  # our bug or the model's: report it on this request, keep serving
-                traceback.print_exc()
+                log.exception("tunesmith serve: generation failed")
                 request.events.put(("error", RequestError(500, f"generation failed: {exc}", type="server_error")))
             finally:
                 with self._state:
                     self._current = None
 
-    @torch.no_grad()
     def _generate(self, request: GenerationRequest) -> None:
-        input_ids = torch.tensor([request.prompt_ids], device=self.device)  # [1, prompt]
-        # generate returns the prompt and then the reply; an encoder-decoder returns its decoder start
-        # token and then the reply
-        start = 1 if self.encoder_decoder else input_ids.shape[1]
-        watcher = _ReplyWatcher(request, self.tokenizer, self.tokenizer_lock, start)
-        options = {"do_sample": False}
-        if request.temperature > 0:
-            if request.seed is not None:
-                torch.manual_seed(request.seed % 2**64)  # only this thread samples, so the seed decides alone
-            # top_k=0 switches off transformers' default top-k; OpenAI's API has no top-k
-            options = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": 0}
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=request.max_tokens,
-            eos_token_id=self.end_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([watcher]),
-            use_cache=True,
-            **options,
-        )  # [1, start + new]
-        reply = out[0, start:].tolist()
-        watcher.finish()
-        ended = watcher.stopped or (bool(reply) and reply[-1] in self.end_ids)
-        if request.cancelled.is_set() and not ended and len(reply) < request.max_tokens:
+        reply = generate_reply(self.model, self.tokenizer, request.prompt_ids, request.max_tokens,
+                               temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+                               stop=request.stop, on_text=lambda text: request.events.put(("text", text)),
+                               cancelled=request.cancelled, lock=self.tokenizer_lock)
+        if reply.finish_reason == "cancelled":
             # cut short by close() (a client that left reads nothing): say so rather than "length"
             request.events.put(("error", _shutting_down("the server stopped while generating this reply; "
                                                         "send the request again.")))
             return
-        request.events.put(("end", "stop" if ended else "length", len(request.prompt_ids), len(reply)))
+        request.events.put(("end", reply.finish_reason, len(request.prompt_ids), reply.completion_tokens))
 
 
-# --- reading requests -------------------------------------------------------------------------------
+# --- reading requests -----------------------------------------------------------------------------------
 
 
-def _integer(body: dict, key: str, low: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f"`{key}` must be an integer, not {json.dumps(value)}.", param=key)
-    if value < low:
-        raise RequestError(400, f"`{key}` is {value}; give a value of at least {low}.", param=key)
-    return value
-
-
-def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise RequestError(400, f"`{key}` must be a number from {low:g} to {high:g}, not {json.dumps(value)}.",
-                           param=key)
-    return float(value)
-
-
-def _stop_strings(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stop = [stop] if isinstance(stop, str) else stop
-    if (not isinstance(stop, list) or len(stop) > MAX_STOP_SEQUENCES
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise RequestError(400, f"`stop` must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} "
-                           "non-empty strings.", param="stop")
-    return stop
-
-
-def _check_common(body: dict, model_id: str) -> None:
-    model = body.get("model")
-    if model is not None and model != model_id:
-        raise RequestError(404, f"The model `{model}` does not exist here; this server serves `{model_id}` "
-                           "(see GET /v1/models).", param="model", code="model_not_found")
-    for key, unused in UNSUPPORTED_FIELDS.items():
-        if body.get(key) not in unused:
-            raise RequestError(400, f"`{key}` is not supported by tunesmith serve; leave it out.", param=key,
-                               code="unsupported_parameter")
-    if body.get("n") not in (None, 1):
-        raise RequestError(400, "`n` must be 1: tunesmith serve generates one choice per request.", param="n")
-    if not isinstance(body.get("stream", False), bool):
-        raise RequestError(400, "`stream` must be true or false.", param="stream")
-    options = body.get("stream_options")
-    usage_flag = options.get("include_usage", False) if isinstance(options, dict) else None
-    if options is not None and not isinstance(usage_flag, bool):
-        raise RequestError(400, '`stream_options` must be an object like {"include_usage": true}.',
-                           param="stream_options")
-    if options is not None and not body.get("stream"):
-        raise RequestError(400, "`stream_options` is only allowed with `stream: true`.", param="stream_options")
-
-
-def _message_text(content, index: int) -> str:
-    """A message's content as text: a string, or a list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise RequestError(400, f"`messages[{index}].content` must be a string or a list of text parts "
-                       "(images, audio and tool calls are not supported).", param=f"messages[{index}].content")
-
-
-def parse_messages(body: dict) -> list[dict]:
-    """The request's `messages` as [{"role", "content"}] (roles system/user/assistant; developer → system)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "`messages` is required: a non-empty list of {\"role\", \"content\"} objects.",
-                           param="messages")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-            raise RequestError(400, f"`messages[{i}].role` must be one of {', '.join(CHAT_ROLES)}.",
-                               param=f"messages[{i}].role")
-        out.append({"role": CHAT_ROLES[message["role"]], "content": _message_text(message.get("content"), i)})
-    return out
-
-
-def _max_tokens(body: dict, prompt_tokens: int, limit: int, context: int | None) -> int:
+def _max_tokens(body: GenerationFields, prompt_tokens: int, limit: int, context: int | None, param: str) -> int:
     """The request's max_tokens (max_completion_tokens is OpenAI's newer name), checked against the server's
     limit and the model's context; left out, it is the limit, shortened to fit the context."""
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    asked = _integer(body, key, 1)
+    key = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    asked = getattr(body, key)
     if asked is not None and asked > limit:
         raise RequestError(400, f"`{key}` is {asked}, above this server's limit of {limit} "
                            "(its --max-tokens-limit); ask for fewer tokens.", param=key)
@@ -368,330 +242,398 @@ def _max_tokens(body: dict, prompt_tokens: int, limit: int, context: int | None)
     if room < 1 or (asked is not None and asked > room):
         what = "shorten the prompt" if room < 1 else f"ask for at most {room} new tokens or shorten the prompt"
         raise RequestError(400, f"The prompt has {prompt_tokens} tokens and the model reads at most {context}; "
-                           f"{what}.", param="messages" if "messages" in body else "prompt",
-                           code="context_length_exceeded")
+                           f"{what}.", param=param, code="context_length_exceeded")
     return asked or min(limit, room)
 
 
-def build_request(body: dict, prompt_ids: list[int], limit: int, context: int | None) -> GenerationRequest:
-    """The generation options every endpoint shares, read and checked."""
+def build_request(body: GenerationFields, prompt_ids: list[int], limit: int,
+                  context: int | None) -> GenerationRequest:
+    """The generation options every endpoint shares, checked where a schema cannot say it."""
+    param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     if not prompt_ids:
-        raise RequestError(400, "The prompt is empty once tokenised; send some text.",
-                           param="messages" if "messages" in body else "prompt")
+        raise RequestError(400, "The prompt is empty once tokenised; send some text.", param=param)
     return GenerationRequest(
         prompt_ids=prompt_ids,
-        max_tokens=_max_tokens(body, len(prompt_ids), limit, context),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),  # OpenAI's default and range
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        stop=_stop_strings(body),
-        seed=_integer(body, "seed", -(2**63)),
+        max_tokens=_max_tokens(body, len(prompt_ids), limit, context, param),
+        temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
+        seed=body.seed,
+        events=LoopEvents(),
     )
 
 
-# --- the HTTP side --------------------------------------------------------------------------------
+def _messages(body: ChatCompletionRequest) -> list[dict]:
+    """The request's messages as [{"role", "content"}] (roles system/user/assistant; developer -> system)."""
+    return [{"role": CHAT_ROLES[m.role],
+             "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+            for m in body.messages]
 
 
-ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/health": "GET"}
+def _check_text(text: str, param: str) -> None:
+    """JSON can spell a lone surrogate ("\\ud800"), which is not text and which no tokenizer reads."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise RequestError(400, f"`{param}` holds a lone surrogate (\\ud800 to \\udfff), which is not text; "
+                           "send valid UTF-8.", param=param) from None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
-    server_version = "tunesmith-serve"
-    timeout = 120  # seconds a connection may sit idle or stall mid-request before it is closed
-    # Headers and body go out in separate writes; with Nagle's algorithm on, the body would wait for
-    # the client's delayed ACK of the headers (tens of ms per reply), and stream events would bunch up.
-    disable_nagle_algorithm = True
-    server: ModelServer
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
 
-    def do_GET(self):
-        self._dispatch()
 
-    def do_POST(self):
-        self._dispatch()
+# --- the app --------------------------------------------------------------------------------------------
 
-    def do_PUT(self):
-        self._dispatch()
 
-    def do_DELETE(self):
-        self._dispatch()
+class _BodyLimit:
+    """Reads each request body before the app does, up to `limit` bytes; a larger one gets 413.
 
-    def do_PATCH(self):
-        self._dispatch()
+    A body up to DRAIN_FACTOR times the limit is read and dropped first, so the client is reading when
+    the 413 arrives (closing a socket with unread bytes resets the connection, and the client may never
+    see the answer) and the connection can go on to the next request; a larger one closes it."""
 
-    def log_message(self, format, *args):
-        if self.server.log_requests:
-            sys.stderr.write(f"tunesmith serve: {self.address_string()} {format % args}\n")
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
 
-    def send_error(self, code, message=None, explain=None):
-        """The standard library's own refusals (bad request line, unknown method) in OpenAI's shape."""
-        self.close_connection = True
-        self._send_json(code, RequestError(code, message or HTTPStatus(code).phrase).body())
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more and size <= self.limit:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+        if size > self.limit:
+            while more and size <= DRAIN_FACTOR * self.limit:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                size += len(message.get("body", b""))
+                more = message.get("more_body", False)
+            declared = dict(scope["headers"]).get(b"content-length", b"").decode() or f"more than {size}"
+            error = RequestError(413, f"The request body is {declared} bytes; the limit is {self.limit} bytes.",
+                                 code="request_too_large", headers={"Connection": "close"} if more else None)
+            return await _error_response(error)(scope, receive, send)
+        body, replayed = b"".join(chunks), False
 
-    def _dispatch(self) -> None:
-        self._unread_body = True
-        route = None
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: http.disconnect, when the client leaves
+
+        await self.app(scope, replay, send)
+
+
+class _Outermost:
+    """Logs each request (`log_requests`), and answers an exception the app did not handle with 500 in
+    OpenAI's shape (a bug of ours: its traceback is logged)."""
+
+    def __init__(self, app, log_requests: bool):
+        self.app, self.log_requests = app, log_requests
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = None
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            path = urlsplit(self.path).path.rstrip("/") or "/"
-            route = "/v1/models" if path.startswith("/v1/models/") else path
-            if route not in ROUTES:
-                raise RequestError(404, f"Unknown URL {self.command} {path}; this server answers "
-                                   f"{', '.join(ROUTES)}.", code="unknown_url")
-            if self.command != ROUTES[route]:
-                raise RequestError(405, f"{path} takes {ROUTES[route]}, not {self.command}.", code="method_not_allowed")
-            if route != "/health":
-                self._check_key()
-            if path == "/health":
-                self._send_json(200, {"status": "ok"})
-            elif route == "/v1/models":
-                self._models(path[len("/v1/models/"):] if path != "/v1/models" else None)
-            elif path == "/v1/chat/completions":
-                self._completion(self._read_json(), chat=True)
-            else:
-                self._completion(self._read_json(), chat=False)
-        except RequestError as exc:
-            self._send_json(exc.status, exc.body(), allow=ROUTES.get(route) if exc.status == 405 else None)
-        except (ConnectionError, TimeoutError):  # the client went away or stalled
-            self.close_connection = True
-        except Exception as exc:  # our bug: say so in the response and keep serving
-            traceback.print_exc()
-            self._send_json(500, RequestError(500, f"internal error: {exc}", type="server_error").body())
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if status is not None:  # the response has begun: nothing to answer with but a cut connection
+                raise
+            log.exception("tunesmith serve: internal error")
+            await _error_response(RequestError(500, f"internal error: {exc}", type="server_error"))(
+                scope, receive, sending)
+        finally:
+            if self.log_requests:
+                client = (scope.get("client") or ["-"])[0]
+                log.info(f'tunesmith serve: {client} "{scope["method"]} {scope["path"]} '
+                         f'HTTP/{scope["http_version"]}" {status}')
 
-    def _check_key(self) -> None:
-        key = self.server.api_key
-        if key is None:
-            return
-        header = self.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+
+def _error_response(error: RequestError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI `responses` entries for the given error statuses (all of them OpenAI's error shape)."""
+    meaning = {400: "the request is malformed or asks for something not supported", 401: "no or wrong API key",
+               404: "no such model", 413: "the request body is too large",
+               503: "the queue is full or the server is shutting down"}
+    return {s: {"model": ErrorResponse, "description": meaning[s]} for s in statuses}
+
+
+BEARER = HTTPBearer(auto_error=False, description="the server's --api-key")  # read by build_app's require_key
+
+
+def build_app(generator: Generator, model_id: str, api_key: str | None = None,
+              max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_body_bytes: int = MAX_BODY_BYTES,
+              log_requests: bool = True) -> FastAPI:
+    """The HTTP API for `generator`'s model, named `model_id`; with `api_key`, every /v1 route wants
+    `Authorization: Bearer KEY`.  Run it with uvicorn (make_server does) or any ASGI server."""
+    created = int(time.time())
+    app = FastAPI(title="tunesmith serve", version=__version__, docs_url=None, redoc_url=None,
+                  description="An OpenAI-compatible API for one model, answered one request at a time.")
+
+    def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        unauthorised = {"code": "invalid_api_key", "headers": {"WWW-Authenticate": "Bearer"}}
+        if credentials is None or not credentials.credentials.strip():
             raise RequestError(401, "This server needs an API key: send the header `Authorization: Bearer KEY`.",
-                               code="invalid_api_key")
-        if not hmac.compare_digest(given.strip().encode(), key.encode()):
+                               **unauthorised)
+        if not hmac.compare_digest(credentials.credentials.strip().encode(), api_key.encode()):
             raise RequestError(401, "Incorrect API key provided; use the key the server was started with.",
-                               code="invalid_api_key")
+                               **unauthorised)
 
-    def _read_json(self) -> dict:
-        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length") is None:
-            raise RequestError(411, "Send the JSON body with a Content-Length header (chunked bodies are not read).",
-                               code="length_required")
-        try:
-            length = int(self.headers["Content-Length"])
-        except ValueError:
-            raise RequestError(400, "The Content-Length header is not a number.") from None
-        limit = self.server.max_body_bytes
-        if length > limit:
-            if length <= DRAIN_FACTOR * limit:
-                # Read and drop the body, so the client is reading when the 413 arrives: closing a socket
-                # with unread bytes resets the connection, and the client may never see the answer.
-                left = length
-                while left > 0:
-                    got = len(self.rfile.read(min(1 << 16, left)))
-                    if not got:
-                        break  # the client stopped sending
-                    left -= got
-                self._unread_body = False
-            raise RequestError(413, f"The request body is {length} bytes; the limit is {limit} bytes.",
-                               code="request_too_large")
-        raw = self.rfile.read(length) if length > 0 else b""
-        self._unread_body = False
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            raise RequestError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "The request body must be a JSON object.", code="invalid_json")
-        return body
+    keyed = [401] if api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)] if api_key else [])
 
-    def _send_json(self, status: int, obj: dict, allow: str | None = None) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if allow:
-            self.send_header("Allow", allow)
-        if self.close_connection or self._body_left_unread():
-            self.close_connection = True
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+    def card() -> ModelCard:
+        return ModelCard(id=model_id, object="model", created=created, owned_by="tunesmith")
 
-    def _body_left_unread(self) -> bool:
-        """Whether the request came with a body this handler did not read: the connection must close, or
-        those bytes would be taken for the next request."""
-        headers = getattr(self, "headers", None)
-        if headers is None or not getattr(self, "_unread_body", False):
-            return False
-        return bool(headers.get("Transfer-Encoding")) or headers.get("Content-Length") not in (None, "0")
+    @app.get("/health", response_model=Health, summary="Whether the server is up (no API key needed)")
+    async def health() -> Health:
+        return Health(status="ok")
 
-    def _models(self, wanted: str | None) -> None:
-        server = self.server
-        card = {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "tunesmith"}
-        if wanted is None:
-            self._send_json(200, {"object": "list", "data": [card]})
-        elif wanted == server.model_id:
-            self._send_json(200, card)
-        else:
-            raise RequestError(404, f"The model `{wanted}` does not exist here; this server serves "
-                               f"`{server.model_id}`.", param="model", code="model_not_found")
+    @v1.get("/models", response_model=ModelList, responses=_errors(*keyed), summary="The model served")
+    async def list_models() -> ModelList:
+        return ModelList(object="list", data=[card()])
 
-    def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
-        generator = self.server.generator
+    @v1.get("/models/{model:path}", response_model=ModelCard, responses=_errors(*keyed, 404),
+            summary="One model by its id")
+    async def retrieve_model(model: str) -> ModelCard:
+        if model != model_id:
+            raise RequestError(404, f"The model `{model}` does not exist here; this server serves `{model_id}`.",
+                               param="model", code="model_not_found")
+        return card()
+
+    completion_errors = _errors(400, *keyed, 404, 413, 503)
+
+    def replies(model) -> dict:
+        return {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+                      "description": f"a {model.__name__}, or with `stream: true` server-sent events"},
+                **completion_errors}
+
+    @v1.post("/chat/completions", response_model=ChatCompletion, responses=replies(ChatCompletion),
+             summary="Reply to a conversation")
+    async def chat_completions(body: ChatCompletionRequest):
+        return await complete(body, chat=True)
+
+    @v1.post("/completions", response_model=Completion, responses=replies(Completion),
+             summary="Continue a plain text prompt")
+    async def completions(body: CompletionRequest):
+        return await complete(body, chat=False)
+
+    def prompt_ids(body: GenerationFields, chat: bool) -> list[int]:
+        """The prompt as token ids (on the thread pool: tokenising is work, and the lock may wait)."""
         if chat:
-            messages = parse_messages(body)
+            messages = _messages(body)
         else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise RequestError(400, "`prompt` is required: one string (token-id prompts and several prompts "
-                                   "at once are not supported).", param="prompt")
+            prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt
+        for text in [m["content"] for m in messages] if chat else [prompt]:
+            _check_text(text, "messages" if chat else "prompt")
         with generator.tokenizer_lock:
             if not chat or generator.encoder_decoder:
                 text = plain_prompt(messages) if chat else prompt
                 return list(generator.tokenizer(text)["input_ids"])
-
             try:
                 return chat_ids(generator.tokenizer, messages, add_generation_prompt=True)
             except UserError as exc:
                 raise RequestError(400, str(exc), param="messages") from None
 
-    def _completion(self, body: dict, chat: bool) -> None:
-        server = self.server
-        _check_common(body, server.model_id)
-        request = build_request(body, self._prompt_ids(body, chat), server.max_tokens_limit,
-                                server.generator.context_length)
-        server.generator.submit(request)
-        reply = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": server.model_id,
-        }
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            self._stream(request, reply, chat, include_usage)
-            return
+    async def complete(body: GenerationFields, chat: bool):
+        if body.model is not None and body.model != model_id:
+            raise RequestError(404, f"The model `{body.model}` does not exist here; this server serves "
+                               f"`{model_id}` (see GET /v1/models).", param="model", code="model_not_found")
+        if body.stream_options is not None and not body.stream:
+            raise RequestError(400, "`stream_options` is only allowed with `stream: true`.", param="stream_options")
+        ids = await run_in_threadpool(prompt_ids, body, chat)
+        request = build_request(body, ids, max_tokens_limit, generator.context_length)
+        generator.submit(request)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_id}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_events(request, head, chat, include_usage),
+                                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         pieces = []
-        while True:
-            event = request.events.get()
-            if event[0] == "error":
-                raise event[1]
-            if event[0] == "end":
-                break
-            pieces.append(event[1])
-        _, finish, prompt_tokens, completion_tokens = event
-        text = "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                   "finish_reason": finish} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-        self._send_json(200, {**reply, "choices": [choice], "usage": _usage(prompt_tokens, completion_tokens)})
-
-    def _stream(self, request: GenerationRequest, reply: dict, chat: bool, include_usage: bool) -> None:
-        """Server-sent events: one `data: {chunk}` per new piece of text, the finish reason, `data: [DONE]`."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        reply = {**reply, "object": "chat.completion.chunk" if chat else "text_completion"}
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(delta: dict | str, finish: str | None) -> dict:
-            choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish} if chat else
-                      {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish})
-            return {**reply, "choices": [choice], **extra}
-
         try:
-            if chat:
-                self._event(chunk({"role": "assistant", "content": ""}, None))
-            while True:
-                event = request.events.get()
-                if event[0] == "text":
-                    self._event(chunk({"content": event[1]} if chat else event[1], None))
-                elif event[0] == "error":
-                    self._event(event[1].body())
-                    break
-                else:
-                    _, finish, prompt_tokens, completion_tokens = event
-                    self._event(chunk({} if chat else "", finish))
-                    if include_usage:
-                        self._event({**reply, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-                    break
-            self._write_chunk(b"data: [DONE]\n\n")
-            self._write_chunk(b"")  # the zero-length chunk ends the body
-        except (ConnectionError, TimeoutError):
-            request.cancelled.set()  # the client left: stop generating for it
-            self.close_connection = True
+            while (event := await request.events.get())[0] == "text":
+                pieces.append(event[1])
+        finally:
+            request.cancelled.set()  # done with it (or the handler was cancelled): nothing more to generate
+        if event[0] == "error":
+            raise event[1]
+        _, finish, prompt_tokens, completion_tokens = event
+        text, usage = "".join(pieces), _usage(prompt_tokens, completion_tokens)
+        if chat:
+            choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text), finish_reason=finish)
+            return ChatCompletion(**head, choices=[choice], usage=usage)
+        return Completion(**head, choices=[CompletionChoice(index=0, text=text, finish_reason=finish)], usage=usage)
 
-    def _event(self, obj: dict) -> None:
-        self._write_chunk(f"data: {json.dumps(obj)}\n\n".encode())
-
-    def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
+    app.include_router(v1)
+    _answer_errors_the_openai_way(app)
+    app.openapi = functools.partial(_openapi_document, app, max_tokens_limit)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_Outermost, log_requests=log_requests)  # added last: it runs first
+    return app
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _answer_errors_the_openai_way(app: FastAPI) -> None:
+    """Every refusal in OpenAI's error shape: ours (RequestError), FastAPI's validation errors (422 there,
+    400 here, with the sentence `refusal` gives), Starlette's 404 and 405."""
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(refusal(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            error = RequestError(404, f"Unknown URL {method} {path}; this server answers {', '.join(ROUTES)}.",
+                                 code="unknown_url")
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            error = RequestError(405, f"{path} takes {allowed}, not {method}.", code="method_not_allowed",
+                                 headers=exc.headers)
+        else:
+            error = RequestError(exc.status_code, str(exc.detail), headers=exc.headers)
+        return _error_response(error)
 
 
-class ModelServer(ThreadingHTTPServer):
-    """The HTTP server and its generation worker; `serve_forever()` answers, `shutdown()` (from another
+def _openapi_document(app: FastAPI, max_tokens_limit: int) -> dict:
+    """FastAPI's document, less the 422 it lists for every route (validation errors are answered 400),
+    and with this server's --max-tokens-limit, which the request models cannot know."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operations in document["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        schemas = document["components"]["schemas"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            for key in ("max_tokens", "max_completion_tokens"):
+                for option in schemas[name]["properties"][key]["anyOf"]:
+                    if option.get("type") == "integer":
+                        option["maximum"] = max_tokens_limit
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
+async def _events(request: GenerationRequest, head: dict, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: one `data: {chunk}` per new piece of text, the finish reason, `data: [DONE]`."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(delta: dict | str, finish: str | None) -> bytes:
+        choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish} if chat else
+                  {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish})
+        return _event({**head, "choices": [choice], **extra})
+
+    try:
+        if chat:
+            yield chunk({"role": "assistant", "content": ""}, None)
+        while True:
+            event = await request.events.get()
+            if event[0] == "text":
+                yield chunk({"content": event[1]} if chat else event[1], None)
+            elif event[0] == "error":
+                yield _event(event[1].body())
+                break
+            else:
+                _, finish, prompt_tokens, completion_tokens = event
+                yield chunk({} if chat else "", finish)
+                if include_usage:
+                    yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens).model_dump()})
+                break
+        yield b"data: [DONE]\n\n"
+    finally:
+        request.cancelled.set()  # ended, or the client went away (the stream is cancelled): stop generating
+
+
+def _event(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+# --- the server -----------------------------------------------------------------------------------------
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, stopping the generation worker before it waits for open responses to finish: the reply
+    being generated ends with its "stopped" event and waiting requests get 503, instead of a long stream
+    holding up the shutdown until its last token."""
+
+    def __init__(self, config: uvicorn.Config, generator: Generator):
+        super().__init__(config)
+        self.generator = generator
+
+    def handle_exit(self, sig, frame) -> None:  # Ctrl-C or SIGTERM, when uvicorn runs in the main thread
+        if not self.should_exit:
+            log.info("tunesmith serve: stopping.")
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        await asyncio.to_thread(self.generator.close)
+        await super().shutdown(sockets=sockets)
+
+
+class ModelServer:
+    """The HTTP server and its generation worker: `serve_forever()` answers until `shutdown()` (from another
     thread) stops both.  `url` is where it listens, e.g. http://127.0.0.1:8000 (port 0 picks a free one)."""
 
-    # Handler threads are joined when the server closes (their connections shut down first, see close()),
-    # so none is left running while Python finalises: a daemon thread woken at that point is ended with
-    # pthread_exit, which can abort the process ("terminate called without an active exception").
-    daemon_threads = False
-    block_on_close = True
-
-    def __init__(self, host: str, port: int, model_id: str, api_key: str | None = None,
-                 max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_body_bytes: int = MAX_BODY_BYTES,
-                 log_requests: bool = True):
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        self.model_id, self.api_key, self.log_requests = model_id, api_key, log_requests
-        self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
-        self.created = int(time.time())
-        self.generator: Generator | None = None  # set by make_server once the model is loaded
-        self._connections: set = set()  # sockets of the connections being answered
-        self._connections_lock = threading.Lock()
-        super().__init__((host, port), _Handler)
-
-    def process_request_thread(self, request, client_address):  # runs on the connection's own thread
-        with self._connections_lock:
-            self._connections.add(request)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._connections_lock:
-                self._connections.discard(request)
+    def __init__(self, listener: socket.socket, generator: Generator, model_id: str, app: FastAPI):
+        self.socket, self.generator, self.model_id, self.app = listener, generator, model_id, app
+        self.server_address = listener.getsockname()  # (host, port), the port chosen when port 0 was asked for
+        host, port = self.server_address[:2]
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="off",
+                                timeout_keep_alive=IDLE_TIMEOUT_S, timeout_graceful_shutdown=60)
+        self._uvicorn = _Uvicorn(config, generator)
+        self._serving = threading.Event()
+        self._stopped = threading.Event()
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
+    def serve_forever(self) -> None:
+        """Answer requests until shutdown() (or, in the main thread, Ctrl-C or SIGTERM)."""
+        self._serving.set()
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
     def shutdown(self) -> None:
-        super().shutdown()
+        """Stop serving (the reply in flight ends with "stopped", waiting requests get 503) and wait until
+        serve_forever has returned; then release the model worker and the socket."""
+        self._uvicorn.should_exit = True
+        if self._serving.is_set():
+            self._stopped.wait()
         self.close()
 
     def close(self) -> None:
-        """Stop the generation worker (waiting requests get 503, a stream in flight its "stopped" event),
-        shut the reading side of every open connection (a handler waiting for a keep-alive client's next
-        request sees the end at once, while one still writing its last event can finish), join their
-        threads and release the socket."""
-        if self.generator is not None:
-            self.generator.close()
-        with self._connections_lock:
-            open_now = list(self._connections)
-        for connection in open_now:
-            try:
-                connection.shutdown(socket.SHUT_RD)
-            except OSError:  # already closed by the client or its handler
-                pass
-        self.server_close()  # ThreadingMixIn joins the handler threads (block_on_close)
+        self.generator.close()
+        self.socket.close()
 
 
 def is_loopback(host: str) -> bool:
@@ -704,32 +646,19 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: assume others can reach it
 
 
-def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                model_id: str | None = None, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-                max_queue: int = DEFAULT_MAX_QUEUE, merged: bool = True, device: str | None = None,
-                log_requests: bool = True) -> ModelServer:
-    """Bind `host:port` and load the model of `run_dir` (a run folder or a Hugging Face model folder).
-
-    An adapter run is served `merged` by default: the adapter is folded into the base weights once,
-    so each token costs the base model's matmuls alone (a qlora run's base is dequantised for that,
-    so it needs the unquantised memory); merged=False serves base + adapter as trained.
-    `model_id` (default: the folder's name) is what /v1/models lists and requests must name.
-    """
-
-    if max_tokens_limit < 1:
-        raise UserError(f"--max-tokens-limit {max_tokens_limit}: give at least 1.")
-    if max_queue < 1:
-        raise UserError(f"--max-queue {max_queue}: give at least 1.")
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port {port}: give a port from 1 to 65535 (or 0 for any free one).")
-    handle = open_run(run_dir)
-    model_id = model_id or handle.path.resolve().name
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, or a sentence saying why it cannot."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        server = ModelServer(host, port, model_id, api_key, max_tokens_limit, log_requests=log_requests)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
     except socket.gaierror:
+        listener.close()
         raise UserError(f"--host {host}: this machine has no such address; use 127.0.0.1 (this machine only) "
                         "or 0.0.0.0 (every network interface).") from None
     except OSError as exc:
+        listener.close()
         if exc.errno == errno.EADDRINUSE:
             raise UserError(f"--port {port}: {host}:{port} is already in use; pick another port.") from None
         if exc.errno in (errno.EACCES, errno.EPERM):
@@ -739,24 +668,54 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
             raise UserError(f"--host {host}: no network interface here has that address; use 127.0.0.1 "
                             "or 0.0.0.0.") from None
         raise
+    return listener
+
+
+def load_generator(handle: RunHandle, merged: bool = True, device: str | None = None,
+                   max_queue: int = DEFAULT_MAX_QUEUE) -> Generator:
+    """The model of an opened run (`open_run` of a run folder or a Hugging Face model folder), loaded for
+    serving, and its generation worker.
+
+    An adapter run is served `merged` by default: the adapter is folded into the base weights once,
+    so each token costs the base model's matmuls alone (a qlora run's base is dequantised for that,
+    so it needs the unquantised memory); merged=False serves base + adapter as trained."""
+    device = device or detect_device()
+    if device == "cpu":
+        torch.set_num_threads(handle.cfg.training.num_threads or cpu_threads())
+    model, tokenizer, task = load_for_inference(handle, device=device, merged=merged)
+    if task == MASKED_LM:
+        raise UserError(f"{handle.path} holds a masked language model (BERT-style), which fills in blanks but does "
+                        "not generate text; serve a causal or seq2seq model.")
+    ensure_chat_template(tokenizer)
+    release_free_memory()  # what loading and merging freed goes back to the OS
+    return Generator(model, tokenizer, device, max_queue=max_queue)
+
+
+def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                model_id: str | None = None, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+                max_queue: int = DEFAULT_MAX_QUEUE, merged: bool = True, device: str | None = None,
+                log_requests: bool = True) -> ModelServer:
+    """Bind `host:port` and load the model of `run_dir` (see load_generator) behind build_app's API.
+    `model_id` (default: the folder's name) is what /v1/models lists and requests must name."""
+    if max_tokens_limit < 1:
+        raise UserError(f"--max-tokens-limit {max_tokens_limit}: give at least 1.")
+    if max_queue < 1:
+        raise UserError(f"--max-queue {max_queue}: give at least 1.")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: give a port from 1 to 65535 (or 0 for any free one).")
+    handle = open_run(run_dir)
+    model_id = model_id or handle.path.resolve().name
+    listener = _listen(host, port)
     try:
-        device = device or detect_device()
-        if device == "cpu":
-            torch.set_num_threads(handle.cfg.training.num_threads or cpu_threads())
-        model, tokenizer, task = load_for_inference(handle, device=device, merged=merged)
-        if task == MASKED_LM:
-            raise UserError(f"{run_dir} holds a masked language model (BERT-style), which fills in blanks but does "
-                            "not generate text; serve a causal or seq2seq model.")
-        ensure_chat_template(tokenizer)
-        release_free_memory()  # what loading and merging freed goes back to the OS
-        server.generator = Generator(model, tokenizer, device, max_queue=max_queue)
+        generator = load_generator(handle, merged=merged, device=device, max_queue=max_queue)
     except BaseException:
-        server.server_close()
+        listener.close()
         raise
-    return server
+    app = build_app(generator, model_id, api_key, max_tokens_limit, log_requests=log_requests)
+    return ModelServer(listener, generator, model_id, app)
 
 
-# --- the command ------------------------------------------------------------------------------------
+# --- the command ----------------------------------------------------------------------------------------
 
 
 def _interrupt(signum, frame):
@@ -764,31 +723,28 @@ def _interrupt(signum, frame):
 
 
 def cmd_serve(args) -> int:
-    import signal
-
-    import tqdm
-
     # Loading draws progress bars, and tqdm starts a daemon monitor thread for them that outlives the bars;
-    # a server process has no use for it, and no daemon thread should be alive when it exits (see ModelServer).
+    # a server process has no use for it.
     tqdm.tqdm.monitor_interval = 0
 
     if not is_loopback(args.host) and not args.api_key:
-        print(f"tunesmith serve: warning: --host {args.host} lets other machines reach this server and no "
-              "--api-key is set, so anyone who can reach it can use it.", file=sys.stderr)
+        log.warning(f"tunesmith serve: warning: --host {args.host} lets other machines reach this server and no "
+                    "--api-key is set, so anyone who can reach it can use it.")
     server = make_server(args.run_dir, args.host, args.port, api_key=args.api_key, model_id=args.model_name,
                          max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, merged=not args.no_merge,
                          log_requests=not args.quiet)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # `docker stop` and systemd end it the way Ctrl-C does
-        # A shell starts a background job (`tunesmith serve ... &`) with SIGINT ignored, and Python keeps an
-        # ignored SIGINT ignored; `kill -INT` should still stop the server.
+        # uvicorn catches SIGINT and SIGTERM while it serves, shuts down gracefully, then raises the signal
+        # again: both end here as KeyboardInterrupt.  A shell starts a background job (`tunesmith serve ... &`)
+        # with SIGINT ignored, and Python keeps an ignored SIGINT ignored; `kill -INT` should still stop it.
+        signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"tunesmith serve: {server.model_id} on {server.url}/v1 (OpenAI-compatible; "
-          f"{'API key required' if args.api_key else 'no API key'}); Ctrl-C stops it.", flush=True)
+    log.info(f"tunesmith serve: {server.model_id} on {server.url}/v1 (OpenAI-compatible; "
+             f"{'API key required' if args.api_key else 'no API key'}); Ctrl-C stops it.")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("tunesmith serve: stopping.", file=sys.stderr)
+        pass
     finally:
         server.close()
     return 0
@@ -801,8 +757,9 @@ def register(subparsers) -> None:
         help="serve a run over an OpenAI-compatible HTTP API",
         description="Serve RUN_DIR (a run folder, or a model folder such as `tunesmith merge` writes) over an "
         "OpenAI-compatible HTTP API: POST /v1/chat/completions (with streaming), POST /v1/completions, "
-        "GET /v1/models, GET /health. Requests are answered one at a time by one generation worker, in the "
-        "order they arrive. Listens on 127.0.0.1 (this machine only) unless --host says otherwise.",
+        "GET /v1/models, GET /health, and its OpenAPI document at GET /openapi.json. Requests are answered one "
+        "at a time by one generation worker, in the order they arrive. Listens on 127.0.0.1 (this machine "
+        "only) unless --host says otherwise.",
     )
     serve.add_argument("run_dir", metavar="RUN_DIR",
                        help="a folder that `tunesmith train` (or `tunesmith merge`) wrote")
@@ -823,5 +780,5 @@ def register(subparsers) -> None:
     serve.add_argument("--no-merge", action="store_true",
                        help="serve an adapter run as base + adapter, as trained (default: the adapter is merged into "
                        "the base once at start, which generates faster; a qlora base is dequantised for it)")
-    serve.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
+    serve.add_argument("--quiet", action="store_true", help="do not log each request")
     serve.set_defaults(func=cmd_serve)

@@ -16,6 +16,7 @@ reported and skipped on resume.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -25,23 +26,17 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.fileio import atomic_write_dir, sha256_file
 from tunesmith.models.adapters import load_method_state, method_state
-from tunesmith.train import zero
 from tunesmith.train.distributed import full, shard_like, whole_trainables
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
 METHOD_FILE = "method.safetensors"  # written only by methods with state beyond weights (AdaLoRA)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trained parameters, whole (a sharded model's are gathered: every process must call this)."""
-    return {name: value.contiguous().cpu() for name, value in whole_trainables(model).items()}
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split the optimiser's state into tensors (for safetensors) and plain values (for JSON)."""
-    # A ZeRO-managed optimiser's state is gathered into the unsharded optimiser's layout (train/zero.py).
-    saved = zero.optimizer_state_dict(optimizer) if hasattr(optimizer, "tunesmith_zero") else optimizer.state_dict()
+def _optimizer_tensors(saved: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser's `state_dict()` into tensors (for safetensors) and plain values (for JSON)."""
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict] = {}
     for index, slots in saved["state"].items():
@@ -71,12 +66,16 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return states
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict, write: bool = True) -> Path | None:
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict, write: bool = True,
+                    trainable: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> Path | None:
     """Write checkpoints/step-NNNNNNNN atomically; `progress` is the loop's JSON-able position and totals.
-    A sharded (FSDP) model's processes all call this, to gather the tensors; the one with `write` writes."""
+    A sharded (FSDP) model's processes all call this, to gather the tensors; the one with `write` writes.
+    `trainable` and `optimizer_state` (whole tensors; torch's `state_dict()` layout) are given by a caller whose
+    model and optimiser do not hold them whole themselves (DeepSpeed ZeRO's: train/parallel/zero.py)."""
     folder = run_dir / "checkpoints" / f"step-{progress['step']:08d}"
-    trainable = trainable_state(model)
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    whole = whole_trainables(model) if trainable is None else trainable
+    trainable = {name: value.contiguous().cpu() for name, value in whole.items()}
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer_state if optimizer_state is not None else optimizer.state_dict())
     if not write:
         return None
 
@@ -131,12 +130,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def newest_valid_checkpoint(run_dir: Path, report=print) -> Path | None:
+def newest_valid_checkpoint(run_dir: Path) -> Path | None:
     for folder in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
-        report(f"skipping checkpoint {folder}: {problem}.")
+        log.info(f"skipping checkpoint {folder}: {problem}.")
     return None
 
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from tunesmith.config import Config
-from tunesmith.hardware import cuda_native_bf16, explain_dtype, memory_info
-from tunesmith.hardware import rss_bytes
+from tunesmith.hardware import cuda_native_bf16, explain_dtype, memory_info, rss_bytes
 
 HALF_TYPES = (torch.bfloat16, torch.float16)
 

@@ -1,17 +1,9 @@
-"""Data-parallel training on several processes, on one machine or several.
+"""Several training processes, on one machine or several: their place in the job, the collectives the loop
+uses, and the launcher.
 
-How a step is shared.  The optimiser step's window of micro-batches (`gradient_accumulation` x world size
-of them, `training.batch_size` rows each) is built from the same seeded order on every process, and process
-r runs micro-batches r, r + W, r + 2W, ... of it.  Every process counts the trained tokens of the whole
-window, so each divides its summed NLL by the same global count; after its backward passes one all-reduce
-sums the gradients of all processes, and every process takes the same optimiser step from the same
-gradients.  The sum over processes is then exactly the gradient one process computes when it runs the whole
-window itself, which is why W processes with accumulation A match one process with accumulation A x W.
-
-That is DistributedDataParallel's arithmetic without its wrapper: the loss in `train/loss.py` runs the
-backbone and the output projection separately (to avoid the full logits), which would go around DDP's
-forward, and DDP reduces nothing unless its own forward ran.  Here the gradients are reduced explicitly, in
-buckets of at most `BUCKET_ELEMENTS`, with the step's summed NLL and the stop flag riding in the first.
+How the processes share a step (each runs its part of the step's micro-batches, and the gradients are summed)
+is one mode object per strategy in train/parallel/: `ddp.py` (why not torch's DistributedDataParallel is said
+there), `fsdp.py` and `zero.py` (DeepSpeed).
 
 Processes start either from `tunesmith train CONFIG --nproc N` (the `launch` below: one machine, or each
 machine of several with `--num-machines/--machine-rank/--main-process-ip`) or from `torchrun` /
@@ -24,24 +16,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import types
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from tunesmith.errors import UserError
-from tunesmith.models.parts import decoder_and_head
-from tunesmith.train import zero
 from tunesmith.hardware import cpu_threads
-from tunesmith.train.zero import import_deepspeed
 
-BUCKET_ELEMENTS = 1 << 24  # 64 MB of fp32 per all-reduce: large enough to amortise a call, small enough to copy
+log = logging.getLogger(__name__)
+
+DEEPSPEED_INSTALL = "pip install 'tunesmith[deepspeed]'"
 
 
 @dataclass(frozen=True)
@@ -102,7 +94,7 @@ def leave(code: int) -> int:
     os._exit(code)
 
 
-def _collective(what: str, call):
+def collective(what: str, call):
     """Run a collective; a peer that died or hung becomes a sentence instead of a gloo/NCCL traceback."""
     try:
         return call()
@@ -132,7 +124,7 @@ def broadcast_object(value, world: World, what: str):
     import torch.distributed as dist
 
     box = [value]
-    _collective(what, lambda: dist.broadcast_object_list(box, src=0))
+    collective(what, lambda: dist.broadcast_object_list(box, src=0))
     return box[0]
 
 
@@ -140,7 +132,7 @@ def barrier(world: World, what: str) -> None:
     if world.size > 1:
         import torch.distributed as dist
 
-        _collective(what, dist.barrier)
+        collective(what, dist.barrier)
 
 
 @contextlib.contextmanager
@@ -166,55 +158,11 @@ def align(params: list[torch.nn.Parameter], world: World) -> None:
 
     with torch.no_grad():
         for p in params:
-            _collective("sharing the starting weights", lambda: dist.broadcast(p.data, src=0))
+            collective("sharing the starting weights", lambda p=p: dist.broadcast(p.data, src=0))
     torch.set_rng_state(broadcast_object(torch.get_rng_state(), world, "sharing the random-number state"))
 
 
-def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive gradients of one dtype and device, at most BUCKET_ELEMENTS together (or one larger one)."""
-    buckets: list[list[torch.Tensor]] = []
-    size = 0
-    for g in grads:
-        last = buckets[-1] if buckets else None
-        if last is None or size + g.numel() > BUCKET_ELEMENTS or (g.dtype, g.device) != (last[0].dtype, last[0].device):
-            buckets.append([g])
-            size = g.numel()
-        else:
-            last.append(g)
-            size += g.numel()
-    return buckets
-
-
-def sum_gradients(params: list[torch.nn.Parameter], world: World, step_nll: float, stop: bool) -> tuple[float, bool]:
-    """Sum each parameter's gradient over the processes, in place; returns (the step's NLL summed over the
-    processes, whether any process was asked to stop)."""
-    import torch.distributed as dist
-
-    for bucket in _buckets([p.grad for p in params]):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        _collective("summing gradients", lambda: dist.all_reduce(flat))
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-    # The two numbers travel on their own, in float64 (a bf16 bucket would round the loss), on the device the
-    # backend wants (NCCL takes CUDA tensors only).
-    return sum_scalars(world, step_nll, stop, params[0].device if params else torch.device("cpu"))
-
-
-# --- FSDP (distributed.strategy: fsdp)
-#
-# FSDP2's `fully_shard` keeps each parameter as a DTensor holding 1/N of its rows and gathers a layer's rows
-# only while that layer runs (its forward hooks), reduce-scattering the gradients in the backward pass.  The
-# loss here does not call the model's own forward (train/loss.py reaches the decoder and the output projection
-# directly), so the whole loss computation runs as one registered "forward method" of the root module,
-# `tunesmith_call`: FSDP's hooks then gather and release the root's own weights (embeddings, final norm, output
-# projection) around it and reduce their gradients, as they do around a forward.  Every process must run the
-# same number of such calls per step (each gathers weights with the others); the loop pads a short share with
-# zero-weight passes.  Saving gathers the full tensors (every process takes part; process 0 writes).
-
-
-def strategy_from_launcher(cfg, report=print):
+def strategy_from_launcher(cfg):
     """`cfg`, with the strategy `accelerate launch --use_deepspeed [--zero_stage S]` or `--use_fsdp` chose (the
     launcher's flags come last, so they win); other launchers leave `cfg` as it is."""
     env = os.environ
@@ -231,9 +179,29 @@ def strategy_from_launcher(cfg, report=print):
         return cfg
     said = {key: getattr(cfg.distributed, key) for key in chosen}
     if said != chosen:
-        report("accelerate launch chose " + ", ".join(f"distributed.{k}: {v}" for k, v in chosen.items())
-               + " (the config said " + ", ".join(f"{v}" for v in said.values()) + "); the run follows the launcher")
+        log.info("accelerate launch chose " + ", ".join(f"distributed.{k}: {v}" for k, v in chosen.items())
+                 + " (the config said " + ", ".join(f"{v}" for v in said.values()) + "); the run follows the launcher")
     return cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update=chosen)})
+
+
+def import_deepspeed():
+    """DeepSpeed, imported and quietened, or a sentence saying how to install it."""
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise UserError(f"distributed.strategy: deepspeed needs DeepSpeed, which is not installed "
+                        f"({exc}); install it with {DEEPSPEED_INSTALL}, or use distributed.strategy: fsdp.") from None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown the run's log
+    # DeepSpeed calls torch collectives that torch has renamed; the notice is for DeepSpeed, not the user.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            category=FutureWarning)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # On the CPU DeepSpeed compiles a shared-memory all-reduce kernel when its process group opens; only its
+        # inference all-reduce uses it, and compiling needs a C++ toolchain the machine may lack: not wanted.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
 
 
 def refuse_unshardable(cfg, task: str | None = None, distilling: bool = False) -> None:
@@ -258,41 +226,6 @@ def refuse_unshardable(cfg, task: str | None = None, distilling: bool = False) -
         import_deepspeed()  # installed, or a sentence saying how
 
 
-def shard(model: torch.nn.Module, world: World, device: torch.device) -> None:
-    """Shard `model` in place over the processes: each decoder layer a unit, the rest one root unit."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-
-    decoder, _ = decoder_and_head(model)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise UserError("distributed.strategy: fsdp shards a causal LM layer by layer, and tunesmith cannot find "
-                        "this model's decoder layers; use distributed.strategy: ddp.")
-    mesh = init_device_mesh(device.type, (world.size,))
-    # bitsandbytes' 4-bit weights (QLoRA) carry their quantisation state beside the packed bytes, which FSDP2
-    # cannot cut into shards: they stay whole in every process, and everything else is sharded.
-    whole = {p for p in model.parameters() if getattr(p, "quant_state", None) is not None} or None
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, ignored_params=whole)
-    fully_shard(model, mesh=mesh, ignored_params=whole)
-    model.tunesmith_call = types.MethodType(_call, model)
-    register_fsdp_forward_method(model, "tunesmith_call")
-
-
-def _call(self, fn, *args):
-    return fn(self, *args)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return hasattr(model, "tunesmith_call")
-
-
-def run(model: torch.nn.Module, fn, *args):
-    """`fn(model, *args)`, inside FSDP's gather/release of the root's weights when the model is sharded."""
-    return model.tunesmith_call(fn, *args) if is_sharded(model) else fn(model, *args)
-
-
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded one (every process must call this together); other tensors as they are."""
     from torch.distributed.tensor import DTensor
@@ -301,11 +234,8 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def whole_trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trained parameters by name, whole whatever shards them (every process must call this together)."""
-
-    gathered = zero.whole_trainables(model)
-    if gathered is not None:
-        return gathered
+    """The trained parameters by name, whole also where FSDP shards them (every process must call this
+    together); DeepSpeed ZeRO-3 gathers its own (train/parallel/zero.py)."""
     return {name: full(p.detach()) for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -323,7 +253,7 @@ def sum_scalars(world: World, step_nll: float, stop: bool, device: torch.device)
     import torch.distributed as dist
 
     extra = torch.tensor([step_nll, 1.0 if stop else 0.0], dtype=torch.float64, device=device)
-    _collective("summing the step's loss", lambda: dist.all_reduce(extra))
+    collective("summing the step's loss", lambda: dist.all_reduce(extra))
     return float(extra[0]), bool(extra[1] > 0)
 
 

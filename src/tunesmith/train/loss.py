@@ -135,8 +135,9 @@ def _cpu_logits_scratch(hidden: torch.Tensor, vocab: int) -> torch.Tensor | None
 
     48 MiB for SmolLM2: more than glibc's largest mmap threshold (32 MiB), so a fresh tensor per
     chunk is a fresh mapping, faulted in 4 KiB page by page while the output-projection product writes
-    it; in the issue-8 workload that was two thirds of the training loop's page faults, and it slowed
-    that product from ~160 to ~90 GFLOP/s (bench/RESULTS.md).  Reused, it is faulted in once.  Only for
+    it; on bench/train_throughput.py's workload that was two thirds of the training loop's page faults, and
+    it slowed that product from ~160 to ~90 GFLOP/s (bench/RESULTS.md, "Training throughput and memory vs
+    Hugging Face Trainer + PEFT (CPU)", the levers table of "Levers one by one").  Reused, it is faulted in once.  Only for
     fp32 on a CPU without autocast: a GPU's caching allocator already reuses its blocks, and `mm(out=)`
     does not cast.
     """

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import resource
-import sys
 from pathlib import Path
-
-import torch
 
 
 class MetricsLog:

@@ -11,16 +11,23 @@ bitsandbytes is missing or cannot run on the device, the run uses torch's AdamW 
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
 
 import torch
 
 from tunesmith.config import Config
 
+log = logging.getLogger(__name__)
+
 # bitsandbytes quantises optimiser state only for tensors at least this large (its min_8bit_size).
 _EIGHT_BIT_MIN_ELEMENTS = 4096
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config, report=print) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: Config,
+                   report: Callable[[str], None] | None = None) -> torch.optim.Optimizer:
+    """AdamW (torch's or bitsandbytes' 8-bit) over `model`'s trainable parameters.  A fallback from 8-bit is said
+    through the log, or to `report` when given."""
     t = cfg.training
     params = [p for p in model.parameters() if p.requires_grad]
     # Weight decay on matrices only: decaying biases and norm gains pulls them to zero for no benefit
@@ -33,7 +40,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, report=print) -> torch.o
     settings = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
     if t.optimizer != "adamw":
         device = params[0].device if params else torch.device("cpu")
-        eight_bit = eight_bit_adamw_class(t.optimizer, device, report)
+        eight_bit = eight_bit_adamw_class(t.optimizer, device, report or log.info)
         if eight_bit is not None:
             optimizer = eight_bit(groups, **settings)
             optimizer.state_dict = functools.partial(_flat_state_dict, optimizer)
@@ -41,7 +48,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, report=print) -> torch.o
     return torch.optim.AdamW(groups, **settings)
 
 
-def eight_bit_adamw_class(name: str, device: torch.device, report=print):
+def eight_bit_adamw_class(name: str, device: torch.device, report: Callable[[str], None] = log.info):
     """bitsandbytes' AdamW8bit or PagedAdamW8bit where it runs on `device`, else None (with a one-line notice)."""
     fallback = "using torch's AdamW (32-bit state) instead"
     try:
@@ -100,3 +107,30 @@ def _eight_bit_problem(optimizer_class, device: torch.device) -> str | None:
         message = str(exc).splitlines()[0] if str(exc) else ""
         return f"{type(exc).__name__}: {message}"[:200]
     return None
+
+
+def allocate_early(params: list, optimizer) -> None:
+    """Gradient buffers and AdamW's moments, allocated before the first forward pass and kept for the run.
+
+    Left to themselves, both are allocated in the middle of the first step (gradients during the
+    backward pass, moments in the first optimizer step), between activations that are freed a moment
+    later.  The C heap cannot give back or reuse the space around such long-lived blocks well, and on a
+    CPU that fragmentation showed up as about a gigabyte of resident memory that no tensor was using
+    (bench/RESULTS.md, "Training throughput and memory vs Hugging Face Trainer + PEFT (CPU)", the levers table of
+    "Levers one by one").  Allocated first, they sit together below everything else.
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimiser
+    if type(optimizer) is not torch.optim.AdamW:
+        return  # other optimisers (bitsandbytes' 8-bit ones) allocate their own state
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") or group.get("fused") or group.get("capturable"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:  # the values torch's Adam._init_group would give them on the first step
+                state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

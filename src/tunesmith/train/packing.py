@@ -142,7 +142,8 @@ class RowsAttention(torch.autograd.Function):
     Through `F.scaled_dot_product_attention` each row's output is kept by SDPA's backward and the joined
     copy again by the output projection's LoRA (its input): the same numbers twice, 576 floats per token
     and layer on SmolLM2.  Here the flash kernel's backward is handed views of the joined output (it
-    accepts strided tensors), so that copy is the only one (bench/RESULTS.md, issue 8).
+    accepts strided tensors), so that copy is the only one (bench/RESULTS.md, "Training throughput and memory
+    vs Hugging Face Trainer + PEFT (CPU)", the levers table of "Levers one by one").
     """
 
     @staticmethod
@@ -222,8 +223,9 @@ def resolve_pass_tokens(setting: int | str, device: str, batch_size: int, max_le
 
     On a CPU every pass reads all the frozen weights twice (forward and backward), which costs about
     0.3 s on SmolLM2-135M whatever the pass holds; so passes are made as large as activation memory
-    allows (at least CPU_PASS_TOKENS: on the issue-8 workload 1024 trained 10% faster than 512, see
-    bench/RESULTS.md, "Training throughput and memory").  A GPU wants the whole micro-batch at once.
+    allows (at least CPU_PASS_TOKENS: on bench/train_throughput.py's workload 1024 trained 10% faster than 512,
+    see bench/RESULTS.md, "Training throughput and memory vs Hugging Face Trainer + PEFT (CPU)", "Levers one
+    by one").  A GPU wants the whole micro-batch at once.
     """
     if setting != "auto":
         return int(setting)

@@ -5,11 +5,12 @@ Trillion Parameter Models", 2020): stage 2 the optimiser state and the gradients
 stage 3 those and every weight of the model, gathered layer by layer when it runs.
 
 How it fits the loop.  The loop's losses do not go through the model's forward (train/loss.py runs the
-backbone and the output projection separately), so DeepSpeed is handed a small module, `_Step`, whose forward
-runs one of the loop's functions on the model: the engine's forward hooks then surround exactly the loss.
-Under stage 3 the decoder layers are DeepSpeed "leaf" modules, gathered whole when they run, as FSDP does
-(the fast LoRA/norm paths read weights inside a layer without calling each submodule), and the output
-projection's weight is registered with `_Step`, so it is gathered for the loss and its backward too.
+backbone and the output projection separately), so DeepSpeed is handed `Forward` (train/parallel/base.py), a
+small module whose forward runs one of the loop's functions on the model: the engine's forward hooks then
+surround exactly the loss.  Under stage 3 the decoder layers are DeepSpeed "leaf" modules, gathered whole when
+they run, as FSDP does (the fast LoRA/norm paths read weights inside a layer without calling each submodule),
+and the output projection's weight is registered with `Forward`, so it is gathered for the loss and its
+backward too.
 
 The loop keeps its own learning-rate schedule (on the torch optimiser DeepSpeed steps), its own token-
 weighted loss and the step's boundary: each pass says whether it is the step's last, and `engine.step()`
@@ -20,54 +21,87 @@ strategy, or on one.
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
 
 import torch
 
 from tunesmith.errors import UserError
 from tunesmith.models.parts import decoder_and_head
+from tunesmith.train import checkpoint, distributed
+from tunesmith.train.parallel.base import Forward, Sharded
 
-INSTALL = "pip install 'tunesmith[deepspeed]'"
 STATE_KEYS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-element state; "step" is one number per group
 
 
-def import_deepspeed():
-    try:
-        import deepspeed
-    except ImportError as exc:
-        raise UserError(f"distributed.strategy: deepspeed needs DeepSpeed, which is not installed "
-                        f"({exc}); install it with {INSTALL}, or use distributed.strategy: fsdp.") from None
-    import logging
+@dataclass
+class ZeroOptimizer:
+    """The torch optimiser's layout before DeepSpeed took it over, to write its state back in that layout."""
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown the run's log
-    # DeepSpeed calls torch collectives that torch has renamed; the notice is for DeepSpeed, not the user.
-    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-                            category=FutureWarning)
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() == "cpu":
-        # On the CPU DeepSpeed compiles a shared-memory all-reduce kernel when its process group opens; only its
-        # inference all-reduce uses it, and compiling needs a C++ toolchain the machine may lack: not wanted.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
+    engine: object  # deepspeed's DeepSpeedEngine
+    order: list[torch.nn.Parameter]  # the parameters, in the optimiser's order (its state_dict's indices)
+    sizes: list[int]  # parameters per group
+    groups: list[dict]  # the groups (lr as the schedule sets it)
 
 
-class _Step(torch.nn.Module):
-    """What the engine wraps: calling it runs `fn(model, *args)` inside the engine's forward."""
+class ZeroParallel(Sharded):
+    name = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
+    def sharding_words(self) -> str:
+        stage = self.cfg.distributed.zero_stage
+        return (f"; DeepSpeed ZeRO stage {stage} shards the optimiser state and gradients"
+                + (" and the weights" if stage == 3 else ""))
+
+    def wrap(self, model, optimizer, scheduler, restore):
+        """After the checkpoint is loaded: its whole tensors go into ZeRO's partitions."""
+        progress = restore(self.unwrap(model), optimizer, scheduler)
+        if self.half is torch.float16 and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad):
+            raise UserError("distributed.strategy: deepspeed does not take tunesmith's fp16 loss scaling; set "
+                            "training.autocast: false, or use distributed.strategy: ddp or fsdp.")
+        self.zero = wrap(model, optimizer, self.cfg, self.world)
+        self.engine = self.zero.engine
         self.model = model
+        return model, optimizer, scheduler, progress
+
+    def sync_gradients(self, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)  # the step's last pass is where gradients are final
 
     def forward(self, fn, *args):
-        return fn(self.model, *args)
+        return self.engine(fn, *args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, optimizer) -> float:
+        self.engine.step()  # clips to training.max_grad_norm, steps, zeroes the gradients
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def zero_grad(self, optimizer) -> None:
+        """`engine.step()` did (ZeRO keeps gradients and optimiser state in its own flat buffers)."""
+
+    def save_checkpoint(self, run_dir, model, optimizer, scheduler, progress):
+        return checkpoint.save_checkpoint(run_dir, self.unwrap(model), optimizer, scheduler, progress,
+                                          write=self.world.main, trainable=self.gather_trainables(model),
+                                          optimizer_state=optimizer_state_dict(self.zero, optimizer))
+
+    def gather_trainables(self, model):
+        if self.engine.zero_optimization_stage() != 3:
+            return distributed.whole_trainables(model)  # stage 2 keeps every weight whole
+        import deepspeed
+
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {name: p.detach().clone() for name, p in named}
+
+    def release(self) -> None:
+        super().release()
+        self.zero = self.engine = None  # the engine holds the model and the optimiser
 
 
-def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, world, device: torch.device):
-    """Hand `model` and `optimizer` to a DeepSpeed engine (ZeRO stage `distributed.zero_stage`); the loop
-    then reaches it through `engine_of(model)`.  State already loaded into `optimizer` (a resumed run) is
-    carried into ZeRO's partitions."""
-    deepspeed = import_deepspeed()
+def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, world) -> ZeroOptimizer:
+    """Hand `model` and `optimizer` to a DeepSpeed engine (ZeRO stage `distributed.zero_stage`).  State already
+    loaded into `optimizer` (a resumed run) is carried into ZeRO's partitions."""
+    deepspeed = distributed.import_deepspeed()
 
     stage = cfg.distributed.zero_stage
     order = [p for group in optimizer.param_groups for p in group["params"]]
@@ -102,20 +136,13 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, world, d
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
     }
-    engine, _, _, _ = deepspeed.initialize(model=_Step(model), optimizer=optimizer, config=config,
+    engine, _, _, _ = deepspeed.initialize(model=Forward(model), optimizer=optimizer, config=config,
                                            dist_init_required=False)
     if stage == 3:
         deepspeed.zero.register_external_parameter(engine.module, head.weight)
-    object.__setattr__(model, "tunesmith_engine", engine)  # not a submodule: the engine holds the model
-    model.tunesmith_call = lambda fn, *args: engine(fn, *args)
-    optimizer.tunesmith_zero = {"order": order, "sizes": sizes, "groups": groups, "engine": engine}
     if loaded:
         _put_optimizer_state(engine, optimizer, order, loaded)
-    return engine
-
-
-def engine_of(model: torch.nn.Module):
-    return model.__dict__.get("tunesmith_engine")
+    return ZeroOptimizer(engine=engine, order=order, sizes=sizes, groups=groups)
 
 
 def _flat_partitions(engine) -> list[torch.Tensor]:
@@ -152,33 +179,20 @@ def _shape(p: torch.nn.Parameter) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)  # stage 3 leaves an empty tensor in .data
 
 
-def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+def optimizer_state_dict(zero: ZeroOptimizer, optimizer: torch.optim.Optimizer) -> dict:
     """The ZeRO-managed optimiser's state as torch's `state_dict()` of the unsharded optimiser would give it:
     whole tensors, one entry per parameter.  Every process must call this together (gathers)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    zero = optimizer.tunesmith_zero
-    flats = [optimizer.state.get(flat) for flat in _flat_partitions(zero["engine"])]
+    flats = [optimizer.state.get(flat) for flat in _flat_partitions(zero.engine)]
     step = next((state["step"] for state in flats if state and "step" in state), None)
     state: dict[int, dict] = {}
-    for index, p in enumerate(zero["order"] if step is not None else []):  # none before the first step
+    for index, p in enumerate(zero.order if step is not None else []):  # none before the first step
         state[index] = {"step": step.detach().clone()}
         for key in STATE_KEYS:
             state[index][key] = safe_get_full_optimizer_state(p, key).reshape(_shape(p)).cpu()
     groups, start = [], 0
-    for group, size in zip(zero["groups"], zero["sizes"], strict=True):  # lr as the schedule left it
+    for group, size in zip(zero.groups, zero.sizes, strict=True):  # lr as the schedule left it
         groups.append({k: v for k, v in group.items() if k != "params"} | {"params": list(range(start, start + size))})
         start += size
     return {"state": state, "param_groups": groups}
-
-
-def whole_trainables(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The trained parameters as whole tensors under stage 3 (every process must call this), else None."""
-    engine = engine_of(model)
-    if engine is None or engine.zero_optimization_stage() != 3:
-        return None
-    import deepspeed
-
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters([p for _, p in named]):
-        return {name: p.detach().clone() for name, p in named}
