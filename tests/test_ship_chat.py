@@ -14,14 +14,14 @@ from test_ship_merge import SYSTEM, make_tiny_run, run_cli
 from tunesmith.data import encode_prompt
 from tunesmith.errors import UserError
 from tunesmith.models.generate import generate_answers
-from tunesmith.ship.chat import chat_repl, load_for_chat, register, stream_reply
+from tunesmith.ship.chat import chat_repl, load_for_chat, stream_reply
 from tunesmith.ship.merge import merge_run
 
 QUESTION = "Say the colour of the sky."
 
 
 def _main(argv: list[str]) -> int:
-    return run_cli(argv, register=register)
+    return run_cli(argv)
 
 
 @pytest.fixture(scope="module")

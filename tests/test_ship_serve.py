@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from test_train import ROWS, _config
 
+from tunesmith.cli import build_parser
 from tunesmith.data.tokens import chat_ids
 from tunesmith.errors import UserError
 from tunesmith.models.generate import ReplyStreamer, generate_answers
@@ -31,7 +32,6 @@ from tunesmith.ship.serve import (
     build_app,
     is_loopback,
     make_server,
-    register,
 )
 
 openai = pytest.importorskip("openai", reason="the serve tests speak to the server with the `openai` client")
@@ -422,10 +422,7 @@ def test_loopback_addresses():
 
 
 def test_serve_command_flags():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["serve", "runs/x"])
     assert (args.host, args.port, args.max_tokens_limit, args.no_merge) == ("127.0.0.1", 8000, 1024, False)
     args = parser.parse_args(["serve", "runs/x", "--port", "9001", "--api-key", "k", "--host", "0.0.0.0"])
@@ -436,10 +433,7 @@ def test_serve_command_flags():
 def test_serve_command_warns_when_public_and_stops_cleanly_on_ctrl_c(tiny_run):
     """The command in its own process: a warning for a public address without a key, the URL logged,
     a request answered, then SIGINT ends it with exit code 0."""
-    script = ("import argparse, sys\n"
-              "from tunesmith.ship.serve import register\n"
-              "parser = argparse.ArgumentParser(); register(parser.add_subparsers())\n"
-              "args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))\n")
+    script = "import sys\nfrom tunesmith.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     env = {**os.environ, "TUNESMITH_API_KEY": ""}
     process = subprocess.Popen([sys.executable, "-c", script, "serve", str(tiny_run), "--host", "0.0.0.0",
                                 "--port", "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

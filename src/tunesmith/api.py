@@ -41,9 +41,12 @@ from tunesmith.evaluate.runner import evaluate_run
 from tunesmith.evaluate.suite import BeforeAfter
 from tunesmith.hardware import detect_device
 from tunesmith.models import BUILTIN_MODELS, load_tokenizer, resolve_model_source
+from tunesmith.models.run_folder import open_run
 from tunesmith.models.validated import format_matrix, load_matrix
+from tunesmith.ship.chat import chat_repl, load_for_chat, stream_reply
 from tunesmith.ship.gguf_export import export_gguf
 from tunesmith.ship.merge import merge_run
+from tunesmith.ship.serve import ModelServer, build_app, is_loopback, load_generator, make_server
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import list_checkpoints
 from tunesmith.train.loop import TrainingInterrupted, run_training
@@ -54,7 +57,8 @@ __all__ = [
     "Config", "Launch", "RunEvent", "RunProcess", "UserError", "BUILTIN_MODELS",
     "load_config", "new_run_dir", "train", "train_job", "start_run", "follow", "stop", "resume", "distill",
     "evaluate", "merge", "export", "inspect_data", "format_inspection", "doctor", "format_doctor", "validated_matrix",
-    "format_matrix", "read_status", "existing_run_dir", "JobResult",
+    "format_matrix", "read_status", "existing_run_dir", "JobResult", "load_chat", "reply", "chat_repl",
+    "serving_app", "make_server", "ModelServer", "is_loopback",
 ]
 
 
@@ -378,6 +382,31 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> dict
 def export(run_dir: str | Path, out_file: str | Path, quant: str = "f16", ollama: bool = False) -> dict:
     """Write the run's model (adapter merged in) as one GGUF file, with an Ollama Modelfile when `ollama`."""
     return export_gguf(run_dir, out_file, quant=quant, ollama=ollama)
+
+
+def load_chat(run_dir: str | Path):
+    """(model, tokenizer, task, the run's system prompt) of a run folder or a merged model folder, loaded for
+    answering; a masked-language model is refused with a sentence."""
+    return load_for_chat(run_dir)
+
+
+def reply(model, tokenizer, messages: list[dict], task: str = "causal_lm", max_new_tokens: int = 512,
+          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+    """The answer to a conversation, as text pieces while it is generated (greedy unless `temperature` > 0):
+    the one generation path chat, generate, serve and eval share (tunesmith.models.generate)."""
+    return stream_reply(model, tokenizer, messages, task, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, seed=seed)
+
+
+def serving_app(run_dir: str | Path, api_key: str | None = None, model_id: str | None = None,
+                max_tokens_limit: int = 1024, merged: bool = True):
+    """The OpenAI-compatible FastAPI app for a run (what `tunesmith serve` runs under uvicorn), for mounting
+    in another app or testing; its generation worker is `app.state.generator` (close it when done)."""
+    handle = open_run(run_dir)
+    generator = load_generator(handle, merged=merged)
+    app = build_app(generator, model_id or handle.path.resolve().name, api_key, max_tokens_limit)
+    app.state.generator = generator
+    return app
 
 
 # --- data and the machine

@@ -4,18 +4,29 @@ could not do by calling the library function directly."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import tqdm
 
 from tunesmith import api
 from tunesmith.errors import UserError
-from tunesmith.ship import chat, serve
+from tunesmith.ship.chat import CHAT_HELP, DEFAULT_MAX_NEW_TOKENS
 from tunesmith.ship.gguf_export import QUANTS
 from tunesmith.ship.merge import DTYPE_CHOICES, MERGE_INFO
+from tunesmith.ship.serve import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT
 from tunesmith.train import distributed
+
+log = logging.getLogger(__name__)
 
 EXAMPLES = """examples:
   tunesmith train examples/quickstart.yaml
@@ -182,6 +193,158 @@ def _add_export(subparsers) -> None:
     export.set_defaults(func=cmd_export)
 
 
+def _check_decoding(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1.")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: give 0 (greedy) or more.")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: give a number above 0 and at most 1.")
+
+
+def _replier(model, tokenizer, task, args) -> Callable[[list[dict]], Iterator[str]]:
+    return lambda messages: api.reply(model, tokenizer, messages, task, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _notice(text: str) -> None:
+    """A notice for the person at the terminal, logged while stdout points at stderr: the `tunesmith`
+    logger writes to stdout, and stdout carries the conversation (and `generate`'s answer) alone."""
+    with contextlib.redirect_stdout(sys.stderr):
+        log.info(text)
+
+
+def cmd_chat(args) -> int:
+    _check_decoding(args)
+    with contextlib.suppress(ImportError):  # loading readline gives input() line editing and arrow-key history
+        importlib.import_module("readline")
+    model, tokenizer, task, system = api.load_chat(args.run_dir)
+    system = system if args.system is None else args.system
+    _notice(f"tunesmith: chatting with {args.run_dir}" + (f" (system prompt: {system!r})" if system else "")
+            + f". {CHAT_HELP}")
+    return api.chat_repl(_replier(model, tokenizer, task, args), system=system or None)
+
+
+def cmd_generate(args) -> int:
+    _check_decoding(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UserError("--prompt is empty; give the question to answer (or --prompt - to read it from stdin).")
+    model, tokenizer, task, system = api.load_chat(args.run_dir)
+    system = system if args.system is None else args.system
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    answer = "".join(_replier(model, tokenizer, task, args)(messages)).strip()
+    print(answer)
+    return 0
+
+
+def _decoding_flags(parser) -> None:
+    parser.add_argument("--system", metavar="TEXT",
+                        help="system prompt (default: the run's data.system_prompt, if it had one; --system '' "
+                        "sends none, leaving the chat template's own default)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                        help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS}); an answer also ends at "
+                        "the model's end-of-turn token")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="0 (default) answers greedily, the same every time; above 0 samples, more varied as T grows")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="when sampling, draw only from the most likely tokens that together hold P of the "
+                        "probability (default 1: all of them)")
+    parser.add_argument("--seed", type=int, metavar="N", help="seed for sampling, so a sampled answer can be repeated")
+
+
+def _add_chat(subparsers) -> None:
+    chat = subparsers.add_parser(
+        "chat",
+        help="talk to a trained model in the terminal, answers streamed",
+        description="A conversation with RUN_DIR's model in the terminal: each answer is printed as it is "
+        "generated, and earlier turns are kept as context. The model's own chat template formats the "
+        f"conversation, as in training. {CHAT_HELP} RUN_DIR is a run folder (base + adapter, or model/) or a "
+        "folder written by `tunesmith merge`.",
+    )
+    chat.add_argument("run_dir", metavar="RUN_DIR", help="a run folder or a merged model folder")
+    _decoding_flags(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    generate = subparsers.add_parser(
+        "generate",
+        help="answer one prompt and print only the answer (for scripts)",
+        description="Answer --prompt with RUN_DIR's model and print the answer alone on stdout (loading "
+        "notices go to stderr), formatted with the model's chat template as in training. Greedy by default, "
+        "so the same prompt gives the same answer.",
+    )
+    generate.add_argument("run_dir", metavar="RUN_DIR", help="a run folder or a merged model folder")
+    generate.add_argument("--prompt", required=True, metavar="TEXT",
+                          help="the user's message; - reads it from stdin")
+    _decoding_flags(generate)
+    generate.set_defaults(func=cmd_generate)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args) -> int:
+    # Loading draws progress bars, and tqdm starts a daemon monitor thread for them that outlives the bars;
+    # a server process has no use for it.
+    tqdm.tqdm.monitor_interval = 0
+
+    if not api.is_loopback(args.host) and not args.api_key:
+        log.warning(f"tunesmith serve: warning: --host {args.host} lets other machines reach this server and no "
+                    "--api-key is set, so anyone who can reach it can use it.")
+    server = api.make_server(args.run_dir, args.host, args.port, api_key=args.api_key, model_id=args.model_name,
+                         max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, merged=not args.no_merge,
+                         log_requests=not args.quiet)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn catches SIGINT and SIGTERM while it serves, shuts down gracefully, then raises the signal
+        # again: both end here as KeyboardInterrupt.  A shell starts a background job (`tunesmith serve ... &`)
+        # with SIGINT ignored, and Python keeps an ignored SIGINT ignored; `kill -INT` should still stop it.
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    log.info(f"tunesmith serve: {server.model_id} on {server.url}/v1 (OpenAI-compatible; "
+             f"{'API key required' if args.api_key else 'no API key'}); Ctrl-C stops it.")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def _add_serve(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a run over an OpenAI-compatible HTTP API",
+        description="Serve RUN_DIR (a run folder, or a model folder such as `tunesmith merge` writes) over an "
+        "OpenAI-compatible HTTP API: POST /v1/chat/completions (with streaming), POST /v1/completions, "
+        "GET /v1/models, GET /health, and its OpenAPI document at GET /openapi.json. Requests are answered one "
+        "at a time by one generation worker, in the order they arrive. Listens on 127.0.0.1 (this machine "
+        "only) unless --host says otherwise.",
+    )
+    serve.add_argument("run_dir", metavar="RUN_DIR",
+                       help="a folder that `tunesmith train` (or `tunesmith merge`) wrote")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface, then set --api-key)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", metavar="KEY", default=os.environ.get("TUNESMITH_API_KEY") or None,
+                       help="require `Authorization: Bearer KEY` on every /v1 request (default: the "
+                       "TUNESMITH_API_KEY environment variable, which other users cannot read in `ps`; none if unset)")
+    serve.add_argument("--model-name", metavar="NAME",
+                       help="the model id /v1/models lists and requests must name (default: RUN_DIR's folder name)")
+    serve.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, metavar="N",
+                       help=f"refuse requests for more than N new tokens; also the default when a request gives "
+                       f"no max_tokens (default {DEFAULT_MAX_TOKENS_LIMIT})")
+    serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                       help=f"answer 503 when N requests are already waiting for the model "
+                       f"(default {DEFAULT_MAX_QUEUE})")
+    serve.add_argument("--no-merge", action="store_true",
+                       help="serve an adapter run as base + adapter, as trained (default: the adapter is merged into "
+                       "the base once at start, which generates faster; a qlora base is dequantised for it)")
+    serve.add_argument("--quiet", action="store_true", help="do not log each request")
+    serve.set_defaults(func=cmd_serve)
+
+
 def _run_arguments(command: argparse.ArgumentParser, config_help: str, set_example: str) -> None:
     """CONFIG, --set and --output: what every command that makes a run folder takes."""
     command.add_argument("config", help=config_help)
@@ -266,10 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Using a run: each command's parser lives beside the library code it calls (tunesmith/ship/).
 
-    chat.register(sub)  # chat and generate
+    _add_chat(sub)  # chat and generate
     _add_merge(sub)
     _add_export(sub)
-    serve.register(sub)
+    _add_serve(sub)
 
     data = sub.add_parser("data", help="look at a data file before training on it",
                           description="Work with data files.")

@@ -9,7 +9,6 @@ format the conversation with the model's own chat template exactly as training d
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import sys
@@ -135,91 +134,3 @@ def load_for_chat(run_dir: str | Path):
         log.info(f"tunesmith: loading {handle.path} ({handle.kind})")
         model, tokenizer, task = load_for_inference(handle)
     return model, tokenizer, task, system
-
-
-def _check_decoding(args) -> None:
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1.")
-    if args.temperature < 0:
-        raise UserError(f"--temperature {args.temperature}: give 0 (greedy) or more.")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p}: give a number above 0 and at most 1.")
-
-
-def _replier(model, tokenizer, task, args) -> Callable[[list[dict]], Iterator[str]]:
-    return lambda messages: stream_reply(model, tokenizer, messages, task, max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-
-
-def _notice(text: str) -> None:
-    """A notice for the person at the terminal, logged while stdout points at stderr: the `tunesmith`
-    logger writes to stdout, and stdout carries the conversation (and `generate`'s answer) alone."""
-    with contextlib.redirect_stdout(sys.stderr):
-        log.info(text)
-
-
-def cmd_chat(args) -> int:
-    _check_decoding(args)
-    with contextlib.suppress(ImportError):  # loading readline gives input() line editing and arrow-key history
-        importlib.import_module("readline")
-    model, tokenizer, task, system = load_for_chat(args.run_dir)
-    system = system if args.system is None else args.system
-    _notice(f"tunesmith: chatting with {args.run_dir}" + (f" (system prompt: {system!r})" if system else "")
-            + f". {CHAT_HELP}")
-    return chat_repl(_replier(model, tokenizer, task, args), system=system or None)
-
-
-def cmd_generate(args) -> int:
-    _check_decoding(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
-        raise UserError("--prompt is empty; give the question to answer (or --prompt - to read it from stdin).")
-    model, tokenizer, task, system = load_for_chat(args.run_dir)
-    system = system if args.system is None else args.system
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    answer = "".join(_replier(model, tokenizer, task, args)(messages)).strip()
-    print(answer)
-    return 0
-
-
-def _decoding_flags(parser) -> None:
-    parser.add_argument("--system", metavar="TEXT",
-                        help="system prompt (default: the run's data.system_prompt, if it had one; --system '' "
-                        "sends none, leaving the chat template's own default)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
-                        help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS}); an answer also ends at "
-                        "the model's end-of-turn token")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                        help="0 (default) answers greedily, the same every time; above 0 samples, more varied as T grows")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                        help="when sampling, draw only from the most likely tokens that together hold P of the "
-                        "probability (default 1: all of them)")
-    parser.add_argument("--seed", type=int, metavar="N", help="seed for sampling, so a sampled answer can be repeated")
-
-
-def register(subparsers) -> None:
-    """Add `tunesmith chat` and `tunesmith generate` to the CLI's subparsers."""
-    chat = subparsers.add_parser(
-        "chat",
-        help="talk to a trained model in the terminal, answers streamed",
-        description="A conversation with RUN_DIR's model in the terminal: each answer is printed as it is "
-        "generated, and earlier turns are kept as context. The model's own chat template formats the "
-        f"conversation, as in training. {CHAT_HELP} RUN_DIR is a run folder (base + adapter, or model/) or a "
-        "folder written by `tunesmith merge`.",
-    )
-    chat.add_argument("run_dir", metavar="RUN_DIR", help="a run folder or a merged model folder")
-    _decoding_flags(chat)
-    chat.set_defaults(func=cmd_chat)
-
-    generate = subparsers.add_parser(
-        "generate",
-        help="answer one prompt and print only the answer (for scripts)",
-        description="Answer --prompt with RUN_DIR's model and print the answer alone on stdout (loading "
-        "notices go to stderr), formatted with the model's chat template as in training. Greedy by default, "
-        "so the same prompt gives the same answer.",
-    )
-    generate.add_argument("run_dir", metavar="RUN_DIR", help="a run folder or a merged model folder")
-    generate.add_argument("--prompt", required=True, metavar="TEXT",
-                          help="the user's message; - reads it from stdin")
-    _decoding_flags(generate)
-    generate.set_defaults(func=cmd_generate)

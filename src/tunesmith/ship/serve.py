@@ -39,9 +39,7 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import queue
-import signal
 import socket
 import threading
 import time
@@ -52,7 +50,6 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-import tqdm
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -713,72 +710,3 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
         raise
     app = build_app(generator, model_id, api_key, max_tokens_limit, log_requests=log_requests)
     return ModelServer(listener, generator, model_id, app)
-
-
-# --- the command ----------------------------------------------------------------------------------------
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def cmd_serve(args) -> int:
-    # Loading draws progress bars, and tqdm starts a daemon monitor thread for them that outlives the bars;
-    # a server process has no use for it.
-    tqdm.tqdm.monitor_interval = 0
-
-    if not is_loopback(args.host) and not args.api_key:
-        log.warning(f"tunesmith serve: warning: --host {args.host} lets other machines reach this server and no "
-                    "--api-key is set, so anyone who can reach it can use it.")
-    server = make_server(args.run_dir, args.host, args.port, api_key=args.api_key, model_id=args.model_name,
-                         max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, merged=not args.no_merge,
-                         log_requests=not args.quiet)
-    if threading.current_thread() is threading.main_thread():
-        # uvicorn catches SIGINT and SIGTERM while it serves, shuts down gracefully, then raises the signal
-        # again: both end here as KeyboardInterrupt.  A shell starts a background job (`tunesmith serve ... &`)
-        # with SIGINT ignored, and Python keeps an ignored SIGINT ignored; `kill -INT` should still stop it.
-        signal.signal(signal.SIGTERM, _interrupt)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    log.info(f"tunesmith serve: {server.model_id} on {server.url}/v1 (OpenAI-compatible; "
-             f"{'API key required' if args.api_key else 'no API key'}); Ctrl-C stops it.")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `tunesmith serve` to the CLI's subcommands."""
-    serve = subparsers.add_parser(
-        "serve",
-        help="serve a run over an OpenAI-compatible HTTP API",
-        description="Serve RUN_DIR (a run folder, or a model folder such as `tunesmith merge` writes) over an "
-        "OpenAI-compatible HTTP API: POST /v1/chat/completions (with streaming), POST /v1/completions, "
-        "GET /v1/models, GET /health, and its OpenAPI document at GET /openapi.json. Requests are answered one "
-        "at a time by one generation worker, in the order they arrive. Listens on 127.0.0.1 (this machine "
-        "only) unless --host says otherwise.",
-    )
-    serve.add_argument("run_dir", metavar="RUN_DIR",
-                       help="a folder that `tunesmith train` (or `tunesmith merge`) wrote")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface, then set --api-key)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
-    serve.add_argument("--api-key", metavar="KEY", default=os.environ.get("TUNESMITH_API_KEY") or None,
-                       help="require `Authorization: Bearer KEY` on every /v1 request (default: the "
-                       "TUNESMITH_API_KEY environment variable, which other users cannot read in `ps`; none if unset)")
-    serve.add_argument("--model-name", metavar="NAME",
-                       help="the model id /v1/models lists and requests must name (default: RUN_DIR's folder name)")
-    serve.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, metavar="N",
-                       help=f"refuse requests for more than N new tokens; also the default when a request gives "
-                       f"no max_tokens (default {DEFAULT_MAX_TOKENS_LIMIT})")
-    serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
-                       help=f"answer 503 when N requests are already waiting for the model "
-                       f"(default {DEFAULT_MAX_QUEUE})")
-    serve.add_argument("--no-merge", action="store_true",
-                       help="serve an adapter run as base + adapter, as trained (default: the adapter is merged into "
-                       "the base once at start, which generates faster; a qlora base is dequantised for it)")
-    serve.add_argument("--quiet", action="store_true", help="do not log each request")
-    serve.set_defaults(func=cmd_serve)
