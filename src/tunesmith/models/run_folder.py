@@ -7,6 +7,7 @@ a run is found, checked and loaded one way.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,10 @@ def load_for_inference(handle: RunHandle, dtype: torch.dtype | None = None, devi
     task = model_task(handle.source, handle.cfg)
     if handle.kind == "adapter":
         base = load_base(handle, dtype, task, dequantize=dequantize or merged)
-        with without_bitsandbytes():  # a 4-bit base imported it while loading; then nothing is hidden
+        with without_bitsandbytes(), warnings.catch_warnings():  # a 4-bit base imported bitsandbytes already
+            # peft (0.21) asks transformers 5 for `is_gradient_checkpointing`, which warns that it was renamed:
+            # their notice to each other, not one for whoever is chatting with the model
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(base, str(handle.weights), is_trainable=False)
