@@ -58,7 +58,8 @@ __all__ = [
     "load_config", "new_run_dir", "train", "train_job", "start_run", "follow", "stop", "resume", "distill",
     "evaluate", "merge", "export", "inspect_data", "format_inspection", "doctor", "format_doctor", "validated_matrix",
     "format_matrix", "read_status", "existing_run_dir", "JobResult", "load_chat", "reply", "chat_repl",
-    "serving_app", "make_server", "ModelServer", "is_loopback",
+    "serving_app", "make_server", "ModelServer", "is_loopback", "process_rank", "end_process",
+    "TrainingInterrupted",
 ]
 
 
@@ -231,6 +232,19 @@ def _launch_processes(config_path, overrides: Sequence[str], cfg: Config, run_di
     log.info(f"tunesmith: starting {launch.nproc} of the job's {world_size} training processes on this machine")
     return distributed.launch(argv, launch.nproc, launch.num_machines, launch.machine_rank, launch.main_process_ip,
                               launch.main_process_port, after_failure)
+
+
+def process_rank() -> int:
+    """This process's number in a job of several (0 when alone)."""
+    return distributed.world_from_env().rank
+
+
+def end_process(code: int) -> int:
+    """The exit code for a front end to return; one process of several leaves its process group here first
+    (and ends at once, so no engine's thread can abort it at teardown)."""
+    if "torch.distributed" in sys.modules:
+        return distributed.leave(code)
+    return code
 
 
 # --- a run in a child process, followed from its folder

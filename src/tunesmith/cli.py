@@ -24,7 +24,6 @@ from tunesmith.ship.chat import CHAT_HELP, DEFAULT_MAX_NEW_TOKENS
 from tunesmith.ship.gguf_export import QUANTS
 from tunesmith.ship.merge import DTYPE_CHOICES, MERGE_INFO
 from tunesmith.ship.serve import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT
-from tunesmith.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -482,9 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except UserError as exc:
-        interrupted = type(exc).__name__ == "TrainingInterrupted"
-
-        rank = distributed.world_from_env().rank
+        interrupted = isinstance(exc, api.TrainingInterrupted)
+        rank = api.process_rank()
         if rank == 0:
             print(f"tunesmith: {exc}", file=sys.stderr)
         elif not interrupted:  # every process stops on request; the first one says so
@@ -493,10 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tunesmith: interrupted.", file=sys.stderr)
         code = 130
-    if "torch.distributed" in sys.modules:  # one process of several ends here, whatever happened
-
-        return distributed.leave(code)
-    return code
+    return api.end_process(code)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Every module logs through `logging.getLogger(__name__)` (a child of `tunesmith`)
 `report=print` callback through its call sites.  The handler installed here writes each record's message,
 and nothing else, to the `sys.stdout` of the moment (so the CLI's output, pytest's capture and a notebook
 all see it), and only in the first process of a job (RANK unset or 0): with several processes, the others'
-lines would repeat it.  A front end that wants the lines elsewhere (the studio, a file) adds its own handler
+lines would repeat it (a line logged with `extra={"every_process": True}` is printed by every process).  A front end that wants the lines elsewhere (the studio, a file) adds its own handler
 to `logging.getLogger("tunesmith")` or removes this one.
 """
 
@@ -33,7 +33,9 @@ class _CurrentStdout(logging.StreamHandler):
 
 
 def _first_process(record: logging.LogRecord) -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    """Lines of the first process, and those logged with `extra={"every_process": True}` (what each machine
+    does on its own, e.g. converting a built-in model into its cache)."""
+    return os.environ.get("RANK", "0") == "0" or getattr(record, "every_process", False)
 
 
 def install() -> logging.Logger:

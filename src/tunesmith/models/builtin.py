@@ -96,7 +96,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info(f"tunesmith: converting {gguf_path.name} to a safetensors folder (once; later loads are fast)...")
+    log.info(f"tunesmith: converting {gguf_path.name} to a safetensors folder (once; later loads are fast)...",
+             extra={"every_process": True})  # each machine converts into its own cache
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)

@@ -87,6 +87,7 @@ from tunesmith.train.packing import make_pass, packed_attention, plan_passes, re
 from tunesmith.train.parallel import Parallel, choose_parallel
 from tunesmith.train.progress import Progress
 from tunesmith.train.report import health_check, plot_training, render_report
+from tunesmith.train.status import write_status
 from tunesmith.train.validation import heldout_loss
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,7 @@ def _setup_data(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, di
     if parallel.world.main:  # the first process alone writes the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", resolved_yaml(cfg))
+        write_status(run_dir, "running")  # for whoever follows the run from its folder (tunesmith.api.follow)
     log.info(
         f"data: {stats.get('format', bundle.format)} format, {len(bundle.train)} train / "
         f"{len(bundle.validation)} validation / {len(bundle.test)} held-out rows"
