@@ -374,18 +374,18 @@ def test_8bit_optimizer_keeps_8bit_state_and_resumes_exactly(tmp_path, tiny_llam
     assert all(torch.equal(p, expected[n]) for n, p in model.named_parameters())
 
 
-def test_8bit_optimizer_falls_back_with_one_line(tiny_llama, monkeypatch):
+def test_8bit_optimizer_falls_back_with_one_line(tiny_llama, monkeypatch, log_lines):
     bnb = pytest.importorskip("bitsandbytes")
 
     model = prepare_trainable(tiny_llama, load_config(None, ["method=full"]))
-    lines = []
-    paged = make_optimizer(model, load_config(None, ["training.optimizer=paged_adamw_8bit"]), report=lines.append)
+    lines = log_lines
+    paged = make_optimizer(model, load_config(None, ["training.optimizer=paged_adamw_8bit"]))
     assert type(paged) is bnb.optim.AdamW8bit  # on a CPU there is no paging, but 8-bit state still works
     assert len(lines) == 1 and "paged_adamw_8bit runs as adamw_8bit" in lines[0]
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     lines.clear()
-    plain = make_optimizer(model, load_config(None, ["training.optimizer=adamw_8bit"]), report=lines.append)
+    plain = make_optimizer(model, load_config(None, ["training.optimizer=adamw_8bit"]))
     assert type(plain) is torch.optim.AdamW
     assert len(lines) == 1 and "pip install bitsandbytes" in lines[0] and "AdamW" in lines[0]
 

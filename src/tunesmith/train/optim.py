@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 
 import torch
 
@@ -24,10 +23,9 @@ log = logging.getLogger(__name__)
 _EIGHT_BIT_MIN_ELEMENTS = 4096
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config,
-                   report: Callable[[str], None] | None = None) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW (torch's or bitsandbytes' 8-bit) over `model`'s trainable parameters.  A fallback from 8-bit is said
-    through the log, or to `report` when given."""
+    in one logged line."""
     t = cfg.training
     params = [p for p in model.parameters() if p.requires_grad]
     # Weight decay on matrices only: decaying biases and norm gains pulls them to zero for no benefit
@@ -40,7 +38,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config,
     settings = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
     if t.optimizer != "adamw":
         device = params[0].device if params else torch.device("cpu")
-        eight_bit = eight_bit_adamw_class(t.optimizer, device, report or log.info)
+        eight_bit = eight_bit_adamw_class(t.optimizer, device)
         if eight_bit is not None:
             optimizer = eight_bit(groups, **settings)
             optimizer.state_dict = functools.partial(_flat_state_dict, optimizer)
@@ -48,24 +46,24 @@ def make_optimizer(model: torch.nn.Module, cfg: Config,
     return torch.optim.AdamW(groups, **settings)
 
 
-def eight_bit_adamw_class(name: str, device: torch.device, report: Callable[[str], None] = log.info):
+def eight_bit_adamw_class(name: str, device: torch.device):
     """bitsandbytes' AdamW8bit or PagedAdamW8bit where it runs on `device`, else None (with a one-line notice)."""
     fallback = "using torch's AdamW (32-bit state) instead"
     try:
         import bitsandbytes as bnb
     except ImportError:
-        report(f"training.optimizer: {name} needs bitsandbytes (pip install bitsandbytes), which is not installed; {fallback}.")
+        log.info(f"training.optimizer: {name} needs bitsandbytes (pip install bitsandbytes), which is not installed; {fallback}.")
         return None
     except Exception as exc:  # a broken install raises all sorts (missing CUDA libraries, RuntimeError)
-        report(f"training.optimizer: bitsandbytes failed to import ({type(exc).__name__}); {fallback}.")
+        log.info(f"training.optimizer: bitsandbytes failed to import ({type(exc).__name__}); {fallback}.")
         return None
     if name == "paged_adamw_8bit" and device.type != "cuda":
-        report(f"training.optimizer: paging optimiser state needs CUDA; on {device.type} paged_adamw_8bit runs as adamw_8bit.")
+        log.info(f"training.optimizer: paging optimiser state needs CUDA; on {device.type} paged_adamw_8bit runs as adamw_8bit.")
         name = "adamw_8bit"
     chosen = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     problem = _eight_bit_problem(chosen, device)
     if problem is not None:
-        report(f"training.optimizer: {name} cannot run on {device.type} ({problem}); {fallback}.")
+        log.info(f"training.optimizer: {name} cannot run on {device.type} ({problem}); {fallback}.")
         return None
     return chosen
 
