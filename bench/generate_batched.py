@@ -1,6 +1,6 @@
 """Batched greedy generation vs one prompt at a time, on the built-in model, on this machine.
 
-Both runs use tunesmith's own generator (`tunesmith.evaluate.quick.generate_answers`: left padding,
+Both runs use tunesmith's own generator (`tunesmith.models.generate.generate_answers`: left padding,
 KV cache, greedy, stop at the end-of-turn token) on the same rows with the same max_new_tokens;
 only the batch size differs (1 vs each of --batch-sizes; the first is the headline, 16 being
 tunesmith's default `eval.batch_size`).  Rows come from the DialogSum dev file (dialogue

@@ -20,7 +20,7 @@ PROMPT = "What is the capital of France? The capital of France is"
 
 
 def _tiny_folder(root, family: str, tokenizer=None, tie: bool = False):
-    """A random two-layer model of `family` saved as a Hugging Face folder (ship.load's "folder" kind), with
+    """A random two-layer model of `family` saved as a Hugging Face folder (models.run_folder's "folder" kind), with
     norms and biases moved off their initial ones and zeros so that a misplaced one shows."""
     from conftest import build_tiny_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config

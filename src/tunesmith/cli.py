@@ -452,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser(
         "models",
         help="built-in models and the validated family x method matrix",
-        description="List the built-in models and the family x method matrix that the last run of "
-        "tests/test_matrix.py trained successfully.",
+        description="List the built-in models and the family x method matrix that tests/test_matrix.py "
+        "last trained successfully (recorded by `python -m tunesmith.models.validated --write`).",
     )
     models.set_defaults(func=cmd_models)
 

@@ -125,7 +125,7 @@ def build_datasets(
     cfg: DataConfig, tokenizer, cache_dir: str | Path | None = None, task: str = "causal_lm"
 ) -> DataBundle:
     """Read, normalise, split and tokenise the data the config names (see the module docstring), for a
-    model of kind `task` (causal_lm, seq2seq or masked_lm; see tunesmith.tasks)."""
+    model of kind `task` (causal_lm, seq2seq or masked_lm; see tunesmith.models.tasks)."""
     fmt, samples, places, rows_read = _load_samples(cfg.path, "data.path", cfg, cfg.limit)
     if cfg.validation_path:
         train_samples, train_places = samples, places

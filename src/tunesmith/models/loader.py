@@ -75,7 +75,7 @@ def load_tokenizer(source: str, cfg: ModelConfig):
 
 
 def model_task(source: str, cfg: Config) -> str:
-    """`model.task` for this model: as configured, or (auto) from its config.json (see tunesmith.tasks)."""
+    """`model.task` for this model: as configured, or (auto) from its config.json (see tunesmith.models.tasks)."""
     from transformers import AutoConfig
 
 

@@ -1,1 +1,2 @@
-"""Using what training made: load a run (ship.load), chat and generate, merge, export GGUF, serve."""
+"""Using what training made: chat and generate, merge, export GGUF, serve (a run is opened by
+tunesmith.models.run_folder)."""
