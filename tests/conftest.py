@@ -13,6 +13,15 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# The fuzz tests (tests/test_fuzz_*.py) draw the same examples on every run, keep no example database, and
+# have no per-example deadline (a case that hangs is caught by the test's own timeout instead).
+settings.register_profile(
+    "tunesmith", derandomize=True, database=None, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("tunesmith")
 
 # Text the tiny tokenizer learns its merges from: the words the tests use, plus enough prose
 # that common English pieces merge.  It is byte-level, so any other text still round-trips.

@@ -107,7 +107,8 @@ def test_a_corrupt_checkpoint_is_reported_and_skipped(setup, capsys):
     (newest / "trainable.safetensors").write_bytes(bytes(data))
     # a half-written temporary folder is never taken for a checkpoint either
     (run_dir / "checkpoints" / ".step-00000099.tmp").mkdir()
-    (run_dir / "summary.json").unlink()
+    (run_dir / "summary.json").unlink()  # as if it had stopped before the end
+    (run_dir / "status.json").unlink()
     api.train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
     out = capsys.readouterr().out
     assert f"skipping checkpoint {newest}" in out and "checksum" in out

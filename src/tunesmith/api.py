@@ -19,6 +19,7 @@ A run folder holds `status.json` once its training process ends: {"state": "fini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,7 +50,17 @@ from tunesmith.ship.merge import merge_run
 from tunesmith.ship.serve import ModelServer, build_app, is_loopback, load_generator, make_server
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import list_checkpoints
+from tunesmith.train.folder_lock import (
+    HELD_BY_LAUNCHER,
+    hold_run_folder,
+    in_use_by,
+    in_use_sentence,
+    only_lock_inside,
+    out_of_space,
+    remove_unstarted_run,
+)
 from tunesmith.train.loop import TrainingInterrupted, run_training
+from tunesmith.train.resumable import check_resumable
 from tunesmith.train.status import FINAL_STATES, STATUS_FILE, read_status, write_status
 
 log = logging.getLogger(__name__)
@@ -80,7 +91,10 @@ def new_run_dir(config_path: str | Path | None, cfg: Config, output: str | Path 
     """Where a new run goes: `output`, else the config's output.dir, else runs/<config name>-<time>.
     An existing run is never written over."""
     run_dir = Path(output or cfg.output.dir or _default_run_dir(config_path))
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    holder = in_use_by(run_dir) if run_dir.is_dir() else None
+    if holder:
+        raise UserError(in_use_sentence(run_dir, holder))
+    if run_dir.exists() and (not run_dir.is_dir() or not only_lock_inside(run_dir)):
         raise UserError(
             f"{run_dir} already exists and is not empty; tunesmith never writes over an earlier run. "
             "Pick another folder with --output DIR (or leave it out for a fresh runs/<name>-<time> folder)."
@@ -98,6 +112,11 @@ def existing_run_dir(cfg: Config, output: str | Path | None = None, machine_rank
                      "folder at the same path as machine 0 (a shared file system, or a copy of it)."
                      if machine_rank else "")
         raise UserError(f"--resume: {run_dir} does not exist; give the folder of the run to continue.{elsewhere}")
+    holder = in_use_by(run_dir)
+    if holder:
+        raise UserError(in_use_sentence(run_dir, holder))
+    if not machine_rank:
+        check_resumable(cfg, run_dir)
     return run_dir
 
 
@@ -106,29 +125,78 @@ def existing_run_dir(cfg: Config, output: str | Path | None = None, machine_rank
 def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     """Train in this process as `cfg` says into `run_dir` (continue from its newest checkpoint with `resume`),
     with the base-vs-tuned evaluation when `eval.enabled`; returns the summary written to summary.json.
-    The run folder's status.json says how it ended (finished, interrupted or failed, with the sentence)."""
+    The run folder is locked while it trains (a second writer gets a sentence naming this process); a new run
+    that fails before its first step leaves no folder behind.  status.json says how the run ended (finished,
+    interrupted or failed, with the sentence)."""
     run_dir = Path(run_dir)
     cfg.output.dir = str(run_dir)
     main = distributed.world_from_env().rank == 0
-    if main and resume:
-        (run_dir / STATUS_FILE).unlink(missing_ok=True)  # the stopped run's; this one writes its own
-    try:
-        summary = run_training(cfg, run_dir, resume=resume, evaluation=BeforeAfter)
-    except TrainingInterrupted as exc:
-        if main:
-            write_status(run_dir, "interrupted", str(exc))
-        raise
-    except UserError as exc:
-        if main:
-            write_status(run_dir, "failed", str(exc))
-        raise
-    except BaseException as exc:  # our bug, or Ctrl-C twice: the folder says so, the traceback stays
-        if main:
-            write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    if main:
-        write_status(run_dir, "finished", f"finished: {summary['train']['steps']} steps", summary="summary.json")
+    with _writing(run_dir, "resuming a run" if resume else "training", resume, main):
+        if main and resume:
+            check_resumable(cfg, run_dir)
+            (run_dir / STATUS_FILE).unlink(missing_ok=True)  # the stopped run's; this one writes its own
+        try:
+            summary = run_training(cfg, run_dir, resume=resume, evaluation=BeforeAfter)
+        except TrainingInterrupted as exc:
+            _final_status(main, run_dir, "interrupted", str(exc))
+            raise
+        except UserError as exc:
+            _final_status(main, run_dir, "failed", str(exc))
+            raise
+        except BaseException as exc:  # our bug, or Ctrl-C twice: the folder says so, the traceback stays
+            if out_of_space(exc):  # a full disk is not our bug: a sentence (written where there is room)
+                sentence = _disk_full(run_dir, exc)
+                _final_status(main, run_dir, "failed", sentence)
+                raise UserError(sentence) from None
+            _final_status(main, run_dir, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        _final_status(main, run_dir, "finished", f"finished: {summary['train']['steps']} steps", summary="summary.json")
     return summary
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path, doing: str, resume: bool, main: bool = True):
+    """Hold the run folder's lock while the block writes into it (the first process of a job; the others work
+    under its lock); a new run that fails before its first step leaves nothing behind."""
+    if not main:
+        yield
+        return
+    made = not run_dir.exists()
+    with hold_run_folder(run_dir, doing):
+        if not resume and not only_lock_inside(run_dir):  # another run got there between the check and the lock
+            raise UserError(f"{run_dir} already exists and is not empty; tunesmith never writes over an earlier run. "
+                            "Pick another folder with --output DIR.")
+        try:
+            yield
+        except BaseException:
+            if not resume and not _trained_anything(run_dir):
+                remove_unstarted_run(run_dir, made)
+            raise
+
+
+def _trained_anything(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return bool(list_checkpoints(run_dir)) or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def _final_status(main: bool, run_dir: Path, state: str, message: str, **extra) -> None:
+    """Write status.json (the first process); a full disk must not turn the run's own sentence into a traceback."""
+    if not main:
+        return
+    try:
+        write_status(run_dir, state, message, **extra)
+    except OSError as exc:
+        log.warning(f"tunesmith: could not write {run_dir / STATUS_FILE} ({exc.strerror or exc})")
+
+
+def _disk_full(run_dir: Path, exc: BaseException) -> str:
+    saved = list_checkpoints(run_dir)
+    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    return (f"the disk that holds {run_dir} is full (no space left{where}). "
+            + (f"The newest complete checkpoint, {saved[-1]}, is intact; free some space and continue with: "
+               f"tunesmith train {run_dir / 'config.yaml'} --resume" if saved else
+               "No checkpoint was saved yet; free some space and start the run again.")
+            )
 
 
 def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
@@ -171,7 +239,17 @@ def train_job(config_path: str | Path | None, overrides: Sequence[str] = (), out
         raise UserError("--nproc and --num-machines count processes and machines: give 1 or more.")
     if launch.nproc > 1 or launch.num_machines > 1:
         run_dir = _job_run_dir(config_path, cfg, output, resume, launch.machine_rank)
-        code = _launch_processes(config_path, overrides, cfg, run_dir, resume, launch)
+        if launch.machine_rank:  # machine 0's launcher holds the run folder
+            return JobResult(run_dir, _launch_processes(config_path, overrides, cfg, run_dir, resume, launch), None)
+        made = not run_dir.exists()
+        with _writing(run_dir, f"training as {launch.nproc} processes", resume):
+            os.environ[HELD_BY_LAUNCHER] = str(run_dir.resolve())  # the processes it starts work under its lock
+            try:
+                code = _launch_processes(config_path, overrides, cfg, run_dir, resume, launch)
+            finally:
+                os.environ.pop(HELD_BY_LAUNCHER, None)
+            if code and not resume and not _trained_anything(run_dir):
+                remove_unstarted_run(run_dir, made)
         return JobResult(run_dir, code, None)
     if distributed.world_from_env().size > 1:
         # A built-in or .gguf model is converted into this machine's cache before the process group starts
@@ -378,14 +456,18 @@ def distill(cfg: Config, run_dir: str | Path, cache_teacher: bool = False) -> di
         raise UserError("tunesmith distill runs as one process; start it without torchrun or accelerate launch.")
     run_dir = Path(run_dir)
     cfg.output.dir = str(run_dir)
-    return run_distillation(cfg, run_dir, cache_teacher=cache_teacher, evaluation=BeforeAfter)
+    with _writing(run_dir, "distilling", resume=False):
+        return run_distillation(cfg, run_dir, cache_teacher=cache_teacher, evaluation=BeforeAfter)
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, limit: int | None = None,
              overrides: Sequence[str] = ()) -> dict:
     """Base vs tuned on the run's held-out rows (or every row of `data`); writes RUN_DIR/eval/ and returns
-    {"base", "tuned", "notes", "eval_dir"}."""
-    return evaluate_run(run_dir, data=data, limit=limit, overrides=list(overrides))
+    {"base", "tuned", "notes", "eval_dir"}.  The run folder is locked meanwhile, as training locks it."""
+    if not Path(run_dir).is_dir():  # evaluate_run says what is wrong with the path
+        return evaluate_run(run_dir, data=data, limit=limit, overrides=list(overrides))
+    with hold_run_folder(run_dir, "evaluating"):
+        return evaluate_run(run_dir, data=data, limit=limit, overrides=list(overrides))
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> dict:

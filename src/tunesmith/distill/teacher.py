@@ -48,7 +48,7 @@ def load_teacher(cfg, device: str, dtype: torch.dtype) -> Teacher:
         files = model_weight_files(handle.source) + model_weight_files(handle.weights)
         source = handle.source
     else:
-        source = resolve_model_source(name)
+        source = resolve_model_source(name, key="teacher.name")
         teacher_cfg = cfg.model_copy(update={**method, "model": cfg.model.model_copy(update={"name": name})})
         task = model_task(source, teacher_cfg)
         tokenizer = load_tokenizer(source, teacher_cfg.model)

@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_dir, sha256_file
 from tunesmith.models.adapters import load_method_state, method_state
 from tunesmith.train.distributed import full, shard_like, whole_trainables
+from tunesmith.train.folder_lock import out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,31 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict, 
         }
         (tmp / STATE_FILE).write_text(json.dumps(state))
 
-    atomic_write_dir(folder, fill)
+    try:
+        atomic_write_dir(folder, fill)  # a partial folder is removed before the error goes on
+    except Exception as exc:  # OSError, or safetensors' own error type for a full disk
+        if not out_of_space(exc):
+            raise
+        tensors = [*trainable.values(), *opt_tensors.values()]
+        raise UserError(_no_space(run_dir, folder, sum(t.numel() * t.element_size() for t in tensors))) from None
     return folder
+
+
+def _no_space(run_dir: Path, folder: Path, needed: int) -> str:
+    """The sentence for a checkpoint the disk had no room for: what it needs, what is free, how to go on."""
+    free = shutil.disk_usage(run_dir).free
+    saved = list_checkpoints(run_dir)
+    return (
+        f"the disk that holds {run_dir} is full: checkpoint {folder.name} needs about {_mib(needed)} and "
+        f"{_mib(free)} is free, so it was not written. "
+        + (f"The previous checkpoint, {saved[-1]}, is intact: free at least {_mib(needed)} and continue with: "
+           f"tunesmith train {run_dir / 'config.yaml'} --resume" if saved else
+           "No checkpoint was saved before it; free the space and start the run again.")
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def checkpoint_problem(folder: Path) -> str | None:

@@ -63,7 +63,7 @@ from tunesmith.hardware import (
     release_free_memory,
     resolve_dtype,
 )
-from tunesmith.models import load_model, load_tokenizer, resolve_model_source, tunesmith_home
+from tunesmith.models import check_max_length, load_model, load_tokenizer, resolve_model_source, tunesmith_home
 from tunesmith.models.adapters import after_optimizer_step, count_parameters, extra_loss, prepare_trainable
 from tunesmith.models.fast import dropout_rows, fast_kernels, forget_shared_mask, new_mask_seed
 from tunesmith.models.loader import model_task
@@ -267,6 +267,7 @@ def _setup_data(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, di
     setup.source = resolve_model_source(cfg.model.name)
     setup.tokenizer = load_tokenizer(setup.source, cfg.model)
     setup.task = model_task(setup.source, cfg)
+    check_max_length(cfg, setup.source)
     parallel.refuse_unsupported(setup.task, distiller is not None)
     if distiller is not None and setup.task != "causal_lm":
         raise UserError(f"model.name: {cfg.model.name} is a {setup.task} model; distillation here is for causal "
@@ -281,6 +282,10 @@ def _setup_data(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, di
         bundle = build_datasets(cfg.data, setup.tokenizer, cache_dir=tunesmith_home() / "tokenized", task=setup.task)
     if not bundle.train:
         raise UserError(f"data.path: {cfg.data.path} gave no trainable rows; `tunesmith data inspect` shows why.")
+    if cfg.training.batch_size > len(bundle.train):
+        raise UserError(f"training.batch_size: {cfg.training.batch_size} rows per micro-batch, but {cfg.data.path} "
+                        f"gives {len(bundle.train)} training rows; set training.batch_size to {len(bundle.train)} "
+                        "or less (training.gradient_accumulation makes bigger steps without bigger micro-batches).")
     stats = bundle.stats
     if parallel.world.main:  # the first process alone writes the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
