@@ -62,3 +62,22 @@ def test_an_existing_run_folder_is_never_written_over(tmp_path):
     empty.mkdir()
     assert new_run_dir(None, load_config(None), str(empty)) == empty
     assert new_run_dir("examples/quickstart.yaml", load_config(None)).name.startswith("quickstart-")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capsys):
+    """`tunesmith models | head -1`: the pipe closes under the writer; no BrokenPipeError traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    closed_pipe = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr("sys.stdout", closed_pipe)
+    try:
+        assert main(["models"]) == 141
+    finally:
+        monkeypatch.undo()
+        try:
+            closed_pipe.close()
+        except BrokenPipeError:
+            pass
+    assert "Traceback" not in capsys.readouterr().err

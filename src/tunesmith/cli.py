@@ -491,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tunesmith: interrupted.", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        # The reader went away (`tunesmith models | head`): stop quietly.  Python's own advice (the signal
+        # module's "Note on SIGPIPE"): point stdout at devnull so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a command a closed pipe stopped
     return api.end_process(code)
 
 
