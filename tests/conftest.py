@@ -7,9 +7,11 @@ package cannot provide it).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import signal
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,24 @@ def log_lines():
         yield lines
     finally:
         logger.removeHandler(handler)
+
+
+class Hang(BaseException):
+    """A step ran past its time limit (a BaseException, so that no `except Exception` in the code swallows it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float = 10):
+    """Raise Hang in the test's (main) thread when the block runs longer than `seconds`; the signal also
+    interrupts a blocking open() of a named pipe.  The fuzz tests run every case under one."""
+
+    def stop(signum, frame):
+        raise Hang(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from tunesmith.data import (
     to_samples,
     tokenize_sample,
 )
+from tunesmith.data import read as read_module
 from tunesmith.data import tokens as tokens_module
 from tunesmith.errors import UserError
 
@@ -108,7 +111,7 @@ def test_jsonl_bad_line_is_named(tmp_path):
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("missing.jsonl", None, "no such file"),
+        ("missing.jsonl", None, "does not exist"),
         ("data.txt", "hello", "reads .json, .jsonl, .csv and .parquet"),
         ("empty.jsonl", "", "is empty"),
         ("blank.jsonl", "\n\n  \n", "holds only blank space"),
@@ -125,6 +128,30 @@ def test_unreadable_files_are_sentences(tmp_path, name, content, message):
     with pytest.raises(UserError, match=message) as info:
         read_records(path)
     assert name in str(info.value)
+
+
+def test_a_file_we_may_not_read_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "secret.jsonl"
+    path.write_text(json.dumps(ALPACA[0]) + "\n")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(read_module, "open", refuse, raising=False)  # (the tests run as root, who reads anything)
+    with pytest.raises(UserError, match=r"secret\.jsonl cannot be read \(permission denied\); check that you may"):
+        read_records(path)
+
+
+def test_a_path_with_a_nul_character_is_a_sentence(tmp_path):
+    with pytest.raises(UserError, match=r"a\\x00b\.jsonl: a path cannot hold a NUL character"):
+        read_records(tmp_path / "a\x00b.jsonl")
+
+
+def test_utf8_errors_name_the_line_and_byte(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("instruction,output\nSay hi.,Hi.\nCafé?,Oui.\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin\.csv, line 3: byte 34 \(0xe9\) is not UTF-8 text"):
+        read_records(path)
 
 
 # --- formats ---------------------------------------------------------------------------------------
@@ -511,6 +538,43 @@ def test_missing_data_file_names_the_config_key(tiny_tokenizer, write_jsonl, key
         build_datasets(cfg_for(**values), tiny_tokenizer)
 
 
+@pytest.mark.parametrize("key", ["path", "validation_path", "test_path"])
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_data_paths_that_are_not_files_name_the_config_key(tiny_tokenizer, write_jsonl, tmp_path, key, kind):
+    odd = tmp_path / f"odd-{kind}.jsonl"
+    os.mkfifo(odd) if kind == "fifo" else odd.mkdir()
+    values = {"path": str(write_jsonl(numbered_rows(5))), key: str(odd)}
+    what = r"is a named pipe \(FIFO\)" if kind == "fifo" else "is a folder"
+    with pytest.raises(UserError, match=rf"^data\.{key}: .*odd-{kind}\.jsonl {what}"):
+        build_datasets(cfg_for(**values), tiny_tokenizer)
+
+
+def test_blank_answers_are_left_out_counted_and_logged(tiny_tokenizer, write_data, log_lines):
+    rows = numbered_rows(6)
+    rows[1]["completion"] = ""
+    rows[4]["completion"] = " \n\t "
+    train = write_data(rows, "train.jsonl")
+    val = write_data(numbered_rows(1) + [{"prompt": "Nothing to say?", "completion": "   "}], "val.csv")
+    bundle = build_datasets(cfg_for(path=str(train), validation_path=str(val)), tiny_tokenizer)
+    stats = bundle.stats
+    assert stats["blank_answers"] == 3 and stats["dropped"] == 0 and stats["rows_used"] == 4
+    assert (len(bundle.train), len(bundle.validation), len(bundle.test_samples)) == (4, 1, 1)
+    answers = [s["messages"][-1]["content"] for s in bundle.test_samples]
+    assert answers == ["The answer is 0."]
+    warnings = [line for line in log_lines if "blank space) left out" in line]
+    assert warnings[0].startswith("data.path: 2 rows with an empty answer (or only blank space) left out")
+    assert "train.jsonl, line 2; " in warnings[0] and "train.jsonl, line 5)" in warnings[0]
+    assert warnings[1].startswith("data.validation_path: 1 row with") and "val.csv, row 2)" in warnings[1]
+    assert len(warnings) == 2
+
+
+def test_blank_text_rows_are_counted_as_blank_not_as_cut_short(tiny_tokenizer, write_data, log_lines):
+    path = write_data([{"text": "Some prose about the sea."}, {"text": "\n\n"}, {"text": "More prose."}])
+    stats = build_datasets(cfg_for(path=str(path), validation_split=0.0), tiny_tokenizer).stats
+    assert (stats["train"], stats["blank_answers"], stats["dropped"]) == (2, 1, 0)
+    assert any("1 row with an empty text" in line and "line 2)" in line for line in log_lines)
+
+
 def test_truncated_and_dropped_rows_are_counted(tiny_tokenizer, write_jsonl):
     rows = numbered_rows(6)
     rows[1]["completion"] = " ".join(["The answer is long."] * 40)  # answer cut short, still trains
@@ -610,6 +674,32 @@ def test_inspect_unknown_format_is_a_problem_not_a_crash(tmp_path):
     report = inspect_file(path)
     assert report["format"] is None and "cannot tell the data format" in report["problems"][-1]
     assert "not recognised" in format_inspection(report)
+
+
+def test_inspect_and_row_sentences_show_control_characters_as_escapes(tmp_path, tiny_tokenizer):
+    path = tmp_path / "ansi.jsonl"
+    rows = [
+        {"prompt": "\x1b[2J\x1b]0;owned\x07 hello", "completion": "fine\u202e" + "x" * 500},
+        {"prompt": "no answer", "\x1b[5mkey": "x"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = format_inspection(inspect_file(path, tiny_tokenizer))
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert "user: \\x1b[2J\\x1b]0;owned\\x07 hello" in text
+    assert "assistant: fine\\u202exxx" in text and "... (505 characters in all)" in text
+    assert "columns:  prompt, completion, \\x1b[5mkey" in text and "this row has: prompt, \\x1b[5mkey)" in text
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "\x1b[31m" * 100, "content": "x"}]
+    with pytest.raises(UserError) as info:
+        to_samples([{"messages": conversation}], cfg_for(), "chat.jsonl")
+    message = str(info.value)
+    assert "\x1b" not in message and "\"role\" is '\\x1b[31m\\x1b[31m" in message and len(message) < 400
+
+
+def test_inspect_flags_the_rows_training_leaves_out_for_a_blank_answer(write_data):
+    rows = [{"instruction": "Say hi.", "output": "Hi."}, {"instruction": "Say nothing.", "output": " "}]
+    report = inspect_file(write_data(rows))
+    assert report["empty_answers"] == 1
+    assert "1 row has an empty answer or only blank space (line 2); training leaves it out" in report["problems"][0]
 
 
 def test_inspect_clean_file(write_data, tiny_tokenizer):

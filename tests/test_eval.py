@@ -62,6 +62,7 @@ def test_exact_match_normalises_and_extracts_the_final_answer():
     assert not m.exact_match("48 + 24 = 73.\n#### 73", reference, GSM8K_REGEX)
     assert not m.exact_match("72", reference, GSM8K_REGEX)  # no '#### N' in the answer: nothing to compare
     assert m.extract_answer("so #### 1,234", GSM8K_REGEX) == "1,234"
+    assert m.extract_answer("no marker here", r"(?:#### (\d+))?") == ""  # an optional group that matched nothing
     assert m.exact_match("b", ["a", "b"])  # any reference
     assert m.exact_match_rate(["72", "no"], [["72"], ["yes"]]) == 0.5
 

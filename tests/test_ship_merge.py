@@ -32,7 +32,7 @@ def make_tiny_run(root, *overrides):
     model_dir, data = save_tiny_model_folder(root, ROWS)
     # float32 said outright (auto is fp32 on CPUs, bf16 on most GPUs): the merge is checked to float32
     # precision, and the merge follows the run's precision.
-    cfg = _config(model_dir, data, "model.dtype=float32", "training.max_steps=30", "training.batch_size=8", "training.learning_rate=1e-2",
+    cfg = _config(model_dir, data, "model.dtype=float32", "training.max_steps=30", "training.batch_size=6", "training.learning_rate=1e-2",
                   "lora.dropout=0.0", "training.lr_scheduler=constant", "eval.enabled=false",
                   f"data.system_prompt={SYSTEM}", *overrides)
     api.train(cfg, root / "run")

@@ -17,6 +17,7 @@ import pytest
 import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from test_train import ROWS, _config
 
@@ -298,7 +299,7 @@ def test_bad_requests_get_openai_errors(server):
     _assert_error(status, body, 400)  # FastAPI reads JSON only from a body said to be JSON (no CSRF by text/plain)
     assert "Content-Type: application/json" in body["error"]["message"]
     lone = b'{"messages": [{"role": "user", "content": "\\ud800"}]}'  # JSON can spell a lone surrogate
-    _assert_error(*_raw(server, "POST", "/v1/chat/completions", lone)[::2], 400, param="messages")
+    _assert_error(*_raw(server, "POST", "/v1/chat/completions", lone)[::2], 400, param="messages[0].content")
     _assert_error(*_raw(server, "POST", "/v1/chat/completions", {"max_tokens": 4})[::2], 400, param="messages")
     _assert_error(*_raw(server, "POST", "/v1/completions", {"prompt": [1, 2, 3]})[::2], 400, param="prompt")
     _assert_error(*_raw(server, "GET", "/v1/nothing-here")[::2], 404)
@@ -492,8 +493,8 @@ def test_schemathesis_finds_every_response_as_the_openapi_document_says(server):
     statuses: dict[str, set[int]] = {}
     for result in schema.get_all_operations():
         operation = result.ok()
-        for mode in schemathesis.GenerationMode:
-            if mode == schemathesis.GenerationMode.NEGATIVE and not operation.body and not list(operation.iter_parameters()):
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            if mode == GenerationMode.NEGATIVE and not operation.body and not list(operation.iter_parameters()):
                 continue  # nothing to make invalid (GET /health)
 
             @given(case=operation.as_strategy(mode))
@@ -508,6 +509,33 @@ def test_schemathesis_finds_every_response_as_the_openapi_document_says(server):
     # replies were generated, and invalid requests were refused with OpenAI's 400
     assert 200 in statuses["POST /v1/chat/completions"] and 200 in statuses["POST /v1/completions"]
     assert 400 in statuses["POST /v1/chat/completions"] and 400 in statuses["POST /v1/completions"]
+
+
+def test_schemathesis_follows_the_links_with_valid_and_invalid_requests(server):
+    """The OpenAPI document links GET /v1/models (and GET /v1/models/{model}) to the routes that take a model
+    id.  schemathesis's state machine follows those links against the live server, over HTTP, with valid
+    and invalid requests mixed (positive and negative generation), and checks every response: never a 5xx,
+    status codes and bodies as documented.  A 200 from GET /v1/models/{model} shows a listed id was used."""
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+    seen: set[tuple[str, int]] = set()
+
+    class Scenarios(schema.as_state_machine()):
+        def get_call_kwargs(self, case):
+            return {"headers": {"Authorization": f"Bearer {KEY}"}, "timeout": 60}
+
+        def after_call(self, response, case):
+            seen.add((case.operation.label, response.status_code))
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            case.validate_response(response, excluded_checks=[positive_data_acceptance],
+                                   additional_checks=[_valid_requests_accepted], transport_kwargs=kwargs)
+
+    Scenarios.run(settings=settings(max_examples=15, stateful_step_count=4, deadline=None, database=None,
+                                    suppress_health_check=list(HealthCheck)))
+    assert ("GET /v1/models/{model}", 200) in seen  # reached through the link: its id came from the listing
+    assert ("POST /v1/chat/completions", 200) in seen and ("POST /v1/chat/completions", 400) in seen
+    assert not any(status >= 500 for _, status in seen)
 
 
 @pytest.mark.slow

@@ -23,7 +23,12 @@ from tunesmith.errors import UserError
 from tunesmith.ship.chat import CHAT_HELP, DEFAULT_MAX_NEW_TOKENS
 from tunesmith.ship.gguf_export import QUANTS
 from tunesmith.ship.merge import DTYPE_CHOICES, MERGE_INFO
-from tunesmith.ship.serve import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT
+from tunesmith.ship.serve import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_TOKENS_LIMIT,
+)
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +298,8 @@ def cmd_serve(args) -> int:
                     "--api-key is set, so anyone who can reach it can use it.")
     server = api.make_server(args.run_dir, args.host, args.port, api_key=args.api_key, model_id=args.model_name,
                          max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, merged=not args.no_merge,
-                         log_requests=not args.quiet)
+                         log_requests=not args.quiet, header_timeout_s=args.header_timeout,
+                         body_timeout_s=args.body_timeout)
     if threading.current_thread() is threading.main_thread():
         # uvicorn catches SIGINT and SIGTERM while it serves, shuts down gracefully, then raises the signal
         # again: both end here as KeyboardInterrupt.  A shell starts a background job (`tunesmith serve ... &`)
@@ -340,6 +346,12 @@ def _add_serve(subparsers) -> None:
     serve.add_argument("--no-merge", action="store_true",
                        help="serve an adapter run as base + adapter, as trained (default: the adapter is merged into "
                        "the base once at start, which generates faster; a qlora base is dequantised for it)")
+    serve.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
+                       help="a request's line and headers must arrive within S seconds of its first byte, or it gets "
+                       f"408 and the connection is closed (default {DEFAULT_HEADER_TIMEOUT_S:g})")
+    serve.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
+                       help="a request's body must arrive within S seconds of its headers, or 408 (default "
+                       f"{DEFAULT_BODY_TIMEOUT_S:g})")
     serve.add_argument("--quiet", action="store_true", help="do not log each request")
     serve.set_defaults(func=cmd_serve)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -22,6 +23,18 @@ def _umask() -> int:
 # open() would have given it (0666 less the umask), so other users and tools (an Ollama server) can read it.
 FILE_MODE = 0o666 & ~_umask()
 DIR_MODE = 0o777 & ~_umask()  # likewise for mkdtemp's 0700 folders
+
+
+# Byte-order marks and the codec each declares; UTF-32's come first, as its little-endian mark starts like UTF-16's.
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"), (codecs.BOM_UTF8, "utf-8-sig"),
+)
+
+
+def declared_codec(data: bytes) -> str | None:
+    """The codec a file's bytes declare with a byte-order mark ("utf-8-sig" for UTF-8's), or None (no mark)."""
+    return next((codec for bom, codec in BYTE_ORDER_MARKS if data.startswith(bom)), None)
 
 
 def sha256_file(path: str | Path) -> str:

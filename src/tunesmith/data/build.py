@@ -1,8 +1,13 @@
 """From the data config to tokenised train / validation / test rows.
 
-    read the training file → first `limit` rows → one row shape → seeded split
-    (or data.validation_path) → test rows (data.test_path, else the validation rows)
-    → tokenise with prompt masking → drop rows with nothing left to train on (counted)
+    read the training file → first `limit` rows → one row shape → leave out rows whose
+    answer is blank (counted, logged) → seeded split (or data.validation_path) → test rows
+    (data.test_path, else the validation rows) → tokenise with prompt masking → drop rows
+    with nothing left to train on (counted)
+
+A row whose answer (or, for plain text, whose text) is empty or only blank space is left
+out of every split rather than trained on: it would teach the model to answer with nothing
+(`tunesmith data inspect` flags the same rows).  The log says how many and which.
 
 With a `cache_dir`, the tokenised rows are stored there keyed by a hash of the
 normalised samples (which covers the files, format, columns, system prompt, limit,
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -23,12 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.config import DataConfig
-from tunesmith.data.formats import normalise_rows
-from tunesmith.data.read import read_records, where
+from tunesmith.data.formats import has_blank_answer, normalise_rows
+from tunesmith.data.read import check_data_file, read_records, visible, where
 from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow, ensure_chat_template, tokenize_sample
 from tunesmith.errors import UserError
 
+log = logging.getLogger(__name__)
+
 _CACHE_VERSION = 1
+_SHOWN_PLACES = 5  # rows named in a log line about several rows
 
 
 @dataclass
@@ -42,14 +51,13 @@ class DataBundle:
 
 
 def resolve_data_path(value: str, key: str) -> Path:
-    """A data file named by config key `key`; relative paths start from the current folder."""
+    """A data file named by config key `key`; relative paths start from the current folder.  Anything but a
+    regular file (missing, a folder, a named pipe, a device, a link loop) is a UserError that starts with `key`."""
     path = Path(value).expanduser()
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise UserError(
-            f"{key}: {value} {what} (looked for {path.absolute()}); give the path of a JSON, JSONL, CSV or "
-            "Parquet file, relative to the folder you run tunesmith from."
-        )
+    try:
+        check_data_file(path)
+    except UserError as exc:
+        raise UserError(f"{key}: {exc}") from None
     return path
 
 
@@ -91,6 +99,23 @@ def _load_samples(value: str, key: str, cfg: DataConfig, limit: int | None = Non
     return fmt, samples, [where(records, i) for i in kept], rows_read
 
 
+def _leave_out_blank_answers(samples: list[dict], places: list[str], key: str) -> tuple[list, list, int]:
+    """(samples, places, how many were left out): rows whose answer is blank are left out, with a warning."""
+    blank = [j for j, sample in enumerate(samples) if has_blank_answer(sample)]
+    if not blank:
+        return samples, places, 0
+    shown = "; ".join(places[j] for j in blank[:_SHOWN_PLACES])
+    more = f" and {len(blank) - _SHOWN_PLACES} more" if len(blank) > _SHOWN_PLACES else ""
+    what = "an empty text" if "text" in samples[blank[0]] else "an empty answer"
+    log.warning(
+        f"{key}: {len(blank)} row{'s' if len(blank) != 1 else ''} with {what} (or only blank space) left out "
+        f"({shown}{more}); training on them would teach the model to answer with nothing. Fill or remove them; "
+        "`tunesmith data inspect` lists them."
+    )
+    keep = sorted(set(range(len(samples))) - set(blank))
+    return [samples[j] for j in keep], [places[j] for j in keep], len(blank)
+
+
 def _tokenize_all(
     samples: list[dict], places: list[str], tokenizer, cfg: DataConfig, task: str = "causal_lm"
 ) -> tuple[list[TokenizedRow], int, int]:
@@ -114,7 +139,7 @@ def load_eval_rows(path: str, key: str, cfg: DataConfig, tokenizer, task: str = 
     evaluating on data other than the run's own held-out split (`tunesmith eval --data FILE`)."""
     fmt, samples, places, _ = _load_samples(path, key, cfg)
     if not samples:
-        raise UserError(f"{key}: {path} has no rows to evaluate on.")
+        raise UserError(f"{key}: {visible(path, None)} has no rows to evaluate on.")
     if task == "causal_lm":
         ensure_chat_template(tokenizer)
     rows, _, _ = _tokenize_all(samples, places, tokenizer, cfg, task)
@@ -127,15 +152,20 @@ def build_datasets(
     """Read, normalise, split and tokenise the data the config names (see the module docstring), for a
     model of kind `task` (causal_lm, seq2seq or masked_lm; see tunesmith.models.tasks)."""
     fmt, samples, places, rows_read = _load_samples(cfg.path, "data.path", cfg, cfg.limit)
+    samples, places, blank = _leave_out_blank_answers(samples, places, "data.path")
     if cfg.validation_path:
         train_samples, train_places = samples, places
         _, val_samples, val_places, _ = _load_samples(cfg.validation_path, "data.validation_path", cfg)
+        val_samples, val_places, val_blank = _leave_out_blank_answers(val_samples, val_places, "data.validation_path")
+        blank += val_blank
     else:
         train_idx, val_idx = split_indices(len(samples), cfg.validation_split, cfg.seed)
         train_samples, train_places = [samples[i] for i in train_idx], [places[i] for i in train_idx]
         val_samples, val_places = [samples[i] for i in val_idx], [places[i] for i in val_idx]
     if cfg.test_path:
         _, test_samples, test_places, _ = _load_samples(cfg.test_path, "data.test_path", cfg)
+        test_samples, test_places, test_blank = _leave_out_blank_answers(test_samples, test_places, "data.test_path")
+        blank += test_blank
     else:
         test_samples, test_places = val_samples, val_places
 
@@ -163,6 +193,7 @@ def build_datasets(
         "format": fmt,
         "rows_read": rows_read,
         "rows_used": len(samples),
+        "blank_answers": blank,  # rows left out of every split because their answer is empty
         "train": len(train),
         "validation": len(validation),
         "test": len(test),

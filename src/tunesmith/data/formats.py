@@ -20,11 +20,10 @@ and takes the first format in the order above (messages first) whose fields are 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tunesmith.config import DataConfig
-from tunesmith.data.read import _kind, where
+from tunesmith.data.read import JSONTextError, _kind, loads_json, visible, visible_names, where
 from tunesmith.errors import UserError
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
@@ -75,16 +74,17 @@ def column_names(records) -> list[str]:
 def _check_columns(columns: dict[str, str], found: list[str], path) -> None:
     unknown = [ours for ours in columns if ours not in MAPPABLE_FIELDS]
     if unknown:
+        quoted = ", ".join(f"'{visible(u, 60)}'" for u in unknown)
         raise UserError(
-            f"data.columns: {', '.join(repr(u) for u in unknown)} is not a field tunesmith reads; the keys of "
+            f"data.columns: {quoted} is not a field tunesmith reads; the keys of "
             f"data.columns are our field names ({', '.join(MAPPABLE_FIELDS)}) and the values are your file's "
             "column names, e.g. {prompt: dialogue, completion: summary}."
         )
     for ours, theirs in columns.items():
         if theirs not in found:
             raise UserError(
-                f"data.columns maps {ours} to the column {theirs!r}, but {path or 'the data'} has no such column; "
-                f"its columns are: {', '.join(found)}."
+                f"data.columns maps {visible(ours, 60)} to the column '{visible(theirs, 60)}', but "
+                f"{visible(path or 'the data', None)} has no such column; its columns are: {visible_names(found)}."
             )
 
 
@@ -136,7 +136,8 @@ def detect_format(records, columns: dict[str, str] | None = None, path: str | Pa
             "data.columns: {prompt: input, completion: output}."
         )
     raise UserError(
-        f"{path or 'the data'}: cannot tell the data format from its columns ({', '.join(found) or 'none'}). "
+        f"{visible(path or 'the data', None)}: cannot tell the data format from its columns "
+        f"({visible_names(found) or 'none'}). "
         f"tunesmith reads: {_EXPECTED}. Set data.format to one of these and map your column names to its fields "
         f"with data.columns, e.g. data.columns: {{prompt: <question column>, completion: <answer column>}}.{hint}"
     )
@@ -145,7 +146,7 @@ def detect_format(records, columns: dict[str, str] | None = None, path: str | Pa
 def _label(name: str, columns: dict[str, str]) -> str:
     """How to name a field in an error: 'field "prompt" (column "dialogue")'."""
     if name in columns and columns[name] != name:
-        return f'field "{name}" (column "{columns[name]}")'
+        return f'field "{name}" (column "{visible(columns[name], 60)}")'
     return f'field "{name}"'
 
 
@@ -157,12 +158,31 @@ def _text_field(row: dict, name: str, columns: dict[str, str], required: bool = 
         state = "is null" if name in row else "is missing"
         raise RowError(
             f'{_label(name, columns)} {state}; add "{name}" (text) to this row, or map the column that holds it '
-            f"with data.columns (this row has: {', '.join(row) or 'no fields'})."
+            f"with data.columns (this row has: {visible_names(row) or 'no fields'})."
         )
     if not isinstance(value, str):
-        fix = f'write it as text, e.g. "{value}"' if _kind(value) in ("a number", "true/false") else "it must be text"
+        if _kind(value) in ("a number", "true/false"):
+            fix = f'write it as text, e.g. "{visible(value, 40)}"'
+        else:
+            fix = "it must be text"
         raise RowError(f"{_label(name, columns)} is {_kind(value)}; {fix}.")
+    _check_text(value, _label(name, columns))
     return value
+
+
+def _check_text(value: str, label: str) -> None:
+    """Refuse text that is not Unicode text: a lone UTF-16 surrogate, which a JSON escape such as \\ud800 can
+    write but no tokenizer (and no UTF-8 file) can hold."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(
+            f"{label} holds {visible(value[exc.start], None)} at character {exc.start + 1}: half of a surrogate "
+            "pair, written as a \\u escape, which is not a character; write the character itself, or both "
+            "halves of the pair (e.g. \\ud83d\\ude00), or remove the escape."
+        ) from None
 
 
 def _answer_field(row: dict, name: str, columns: dict[str, str]) -> tuple[str, list[str] | None]:
@@ -177,6 +197,8 @@ def _answer_field(row: dict, name: str, columns: dict[str, str]) -> tuple[str, l
                 f"{_label(name, columns)} is a list, which means several reference answers; each must be non-empty "
                 "text, and there must be at least one."
             )
+        for item in value:
+            _check_text(item, _label(name, columns))
         return value[0], list(value)
     return _text_field(row, name, columns), None
 
@@ -195,9 +217,9 @@ def _conversation(row: dict, fmt: str, columns: dict[str, str]) -> list[dict]:
     if isinstance(value, str):
         # CSV and some Parquet files hold the conversation as JSON text in one cell.
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise RowError(f"{label} is text that is not a JSON list; it must be {shape}.") from None
+            value = loads_json(value)
+        except JSONTextError as exc:
+            raise RowError(f"{label} is text that is not a JSON list ({exc.reason}); it must be {shape}.") from None
     if not isinstance(value, list):
         raise RowError(f"{label} is {_kind(value)}; it must be {shape}.")
     if not value:
@@ -211,15 +233,18 @@ def _conversation(row: dict, fmt: str, columns: dict[str, str]) -> list[dict]:
             )
         role = message.get(role_key)
         if not isinstance(role, str):
-            state = "missing" if role is None else _kind(role)
+            state = "missing" if role_key not in message else _kind(role)
             raise RowError(f'{where_here}: "{role_key}" is {state}; use one of {", ".join(allowed)}.')
         role = role.strip().lower()
         if role not in allowed:
-            raise RowError(f'{where_here}: "{role_key}" is {message[role_key]!r}; use one of {", ".join(allowed)}.')
+            raise RowError(
+                f"{where_here}: \"{role_key}\" is '{visible(message[role_key], 60)}'; use one of {', '.join(allowed)}."
+            )
         content = message.get(content_key)
         if not isinstance(content, str):
             state = "missing" if content_key not in message else _kind(content)
             raise RowError(f'{where_here}: "{content_key}" is {state}; it must be the message text.')
+        _check_text(content, f"{where_here}: \"{content_key}\"")
         messages.append({"role": role if fmt == "messages" else SHAREGPT_ROLES[role], "content": content})
     if messages[0]["role"] == "assistant":
         raise RowError(f"{label} starts with the assistant; a conversation must start with a system or user message.")
@@ -298,6 +323,14 @@ def normalise_rows(
 def to_samples(records, cfg: DataConfig, path: str | Path | None = None) -> list[dict]:
     """Every row in one shape ({"messages": [...]} or {"text": ...}); a malformed row raises a UserError."""
     return normalise_rows(records, cfg, path)[1]
+
+
+def has_blank_answer(sample: dict) -> bool:
+    """Whether the part of a sample that trains is empty or only blank space: a text row's text, or any
+    assistant reply of a conversation (training on it teaches the model to answer with nothing)."""
+    if "text" in sample:
+        return not sample["text"].strip()
+    return any(m["role"] == "assistant" and not m["content"].strip() for m in sample["messages"])
 
 
 def prompt_and_references(sample: dict) -> tuple[list[dict], list[str]]:

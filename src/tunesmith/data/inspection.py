@@ -1,7 +1,9 @@
 """`tunesmith data inspect FILE`: what a data file holds and what is wrong with it, before training on it.
 
 Unlike training, which stops at the first bad row, inspection collects the problems
-(up to MAX_PROBLEMS sentences, then a count) so one look shows them all.
+(up to MAX_PROBLEMS sentences, then a count) so one look shows them all.  The file's own
+text reaches the terminal only through `visible` (control characters as escapes, long
+values cut), and the problem sentences are built the same way.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from pathlib import Path
 
 from tunesmith.config import DataConfig
 from tunesmith.data.build import has_trained_tokens, percentiles
-from tunesmith.data.formats import column_names, normalise_rows
-from tunesmith.data.read import _read
+from tunesmith.data.formats import column_names, has_blank_answer, normalise_rows
+from tunesmith.data.read import _read, visible, visible_names
 from tunesmith.data.tokens import tokenize_sample
 from tunesmith.errors import UserError
 
 MAX_PROBLEMS = 20
+_SHOWN_MESSAGES = 8  # messages of the example conversation printed
 _SHOWN_PLACES = 5  # rows named in a summary sentence such as "3 rows have an empty answer (...)"
 
 
@@ -63,12 +66,15 @@ def inspect_file(path: str | Path, tokenizer=None, cfg: DataConfig | None = None
     problems = _capped(row_problems)
     places = [records.label(i) for i in kept]  # 'line 7': the file is named at the top of the report
 
-    empty = [places[j] for j, s in enumerate(samples) if _has_empty_answer(s)]
+    empty = [places[j] for j, s in enumerate(samples) if has_blank_answer(s)]
     report["empty_answers"] = len(empty)
     if empty:
         what = "an empty text" if fmt == "text" else "an empty answer"
         verb = "has" if len(empty) == 1 else "have"
-        problems.append(f"{_rows(len(empty))} {verb} {what} ({_places(empty)}); fill or remove them.")
+        problems.append(
+            f"{_rows(len(empty))} {verb} {what} or only blank space ({_places(empty)}); training leaves "
+            f"{'it' if len(empty) == 1 else 'them'} out; fill or remove {'it' if len(empty) == 1 else 'them'}."
+        )
 
     repeats = _duplicates(records)
     report["duplicates"] = len(repeats)
@@ -91,18 +97,15 @@ def _capped(problems: list[str]) -> list[str]:
     return problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more malformed rows like these."]
 
 
-def _has_empty_answer(sample: dict) -> bool:
-    if "text" in sample:
-        return not sample["text"].strip()
-    return any(m["role"] == "assistant" and not m["content"].strip() for m in sample["messages"])
-
-
 def _duplicates(records) -> list[tuple[int, int]]:
     """(row index, index of the earlier identical row) for every row that repeats an earlier one."""
     first_seen: dict[str, int] = {}
     repeats = []
     for i, record in enumerate(records):
-        key = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+        try:
+            key = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+        except (RecursionError, ValueError):  # nested deeper than json.dumps goes; such a row counts as unique
+            continue
         if key in first_seen:
             repeats.append((i, first_seen[key]))
         else:
@@ -118,7 +121,7 @@ def _measure_tokens(report: dict, problems: list[str], samples, places, tokenize
         try:
             row = tokenize_sample(sample, tokenizer, uncut)
         except UserError as exc:  # e.g. the chat template refuses the conversation
-            refused.append(f"{report['path']}, {place}: {exc}")
+            refused.append(f"{visible(report['path'], None)}, {place}: {exc}")
             continue
         lengths.append(len(row.input_ids))
         if len(row.input_ids) > cfg.max_length:
@@ -139,13 +142,13 @@ def _measure_tokens(report: dict, problems: list[str], samples, places, tokenize
 
 def format_inspection(report: dict) -> str:
     """The report as text for the terminal."""
-    lines = [report["path"]]
+    lines = [visible(report["path"], None)]
     lines.append(f"  format:   {report['format'] or 'not recognised'}")
     rows = f"  rows:     {report['rows']}"
     if report["malformed_rows"]:
         rows += f" ({report['valid_rows']} usable, {report['malformed_rows']} malformed)"
     lines.append(rows)
-    lines.append(f"  columns:  {', '.join(report['columns']) or 'none'}")
+    lines.append(f"  columns:  {visible_names(report['columns']) or 'none'}")
     lengths = report.get("token_lengths")
     if lengths:
         lines.append(
@@ -171,10 +174,10 @@ def format_inspection(report: dict) -> str:
 
 
 def _describe_sample(sample: dict, width: int = 100) -> list[str]:
-    def short(text: str) -> str:
-        text = text.replace("\n", "\\n")
-        return text if len(text) <= width else text[: width - 3] + "..."
-
     if "text" in sample:
-        return [f"text: {short(sample['text'])}"]
-    return [f"{m['role']}: {short(m['content'])}" for m in sample["messages"]]
+        return [f"text: {visible(sample['text'], width)}"]
+    messages = sample["messages"]
+    lines = [f"{m['role']}: {visible(m['content'], width)}" for m in messages[:_SHOWN_MESSAGES]]
+    if len(messages) > _SHOWN_MESSAGES:
+        lines.append(f"... and {len(messages) - _SHOWN_MESSAGES} more messages")
+    return lines

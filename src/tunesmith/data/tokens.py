@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from tunesmith.config import DataConfig
 from tunesmith.data.formats import prompt_and_reference
+from tunesmith.data.read import visible
 from tunesmith.errors import UserError
 from tunesmith.models.tasks import CAUSAL_LM, SEQ2SEQ
 
@@ -70,7 +71,7 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fals
         )
     except TemplateError as exc:
         raise UserError(
-            f"the model's chat template refused this conversation ({exc}); reorder or fix its messages "
+            f"the model's chat template refused this conversation ({visible(exc)}); reorder or fix its messages "
             "(many templates want user and assistant turns to alternate)."
         ) from None
     if isinstance(out, Mapping) or hasattr(out, "input_ids"):

@@ -51,7 +51,7 @@ def extract_answer(text: str, answer_regex: str | None) -> str:
     found = re.search(answer_regex, text)
     if not found:
         return ""
-    return found.group(1) if found.groups() else found.group(0)
+    return (found.group(1) or "") if found.groups() else found.group(0)  # an optional group may match nothing
 
 
 def exact_match(prediction: str, reference: References, answer_regex: str | None = None) -> bool:

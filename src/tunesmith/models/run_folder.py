@@ -41,7 +41,8 @@ def open_run(path: str | Path, overrides: list[str] | tuple = ()) -> RunHandle:
     config_file = path / "config.yaml"
     if not config_file.is_file():
         if (path / "config.json").is_file():  # a merged model or any Hugging Face folder
-            cfg = load_config(None, [f"model.name={path}", *overrides])
+            cfg = load_config(None, list(overrides))
+            cfg.model.name = str(path)  # as text, whatever it looks like (a folder named 1e5 or true, say)
             return RunHandle(path=path, kind="folder", weights=path, cfg=cfg, source=str(path))
         raise UserError(f"{path} has no config.yaml, so it is not a tunesmith run folder; give the folder "
                         "that `tunesmith train` printed (it holds config.yaml, summary.json and adapter/ or model/).")

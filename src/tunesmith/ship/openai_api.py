@@ -11,9 +11,21 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's API reference allows up to 4 stop sequences
+SHOWN_CHARS = 80  # a value a client sent is quoted in an error message up to this many characters
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -32,15 +44,31 @@ class RequestError(Exception):
 
 # --- requests --------------------------------------------------------------------------------------
 
+LONE_SURROGATE_ERRORS = {"lone_surrogate", "string_unicode"}  # ours (below), and pydantic-core's own for some strings
+
+
+def _unicode(text: str) -> str:
+    """JSON can spell a lone surrogate ("\\ud800"), which is not text: no tokenizer reads it, no UTF-8
+    reply can quote it.  Every string a request gives is checked, so none gets further."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise PydanticCustomError("lone_surrogate", "a lone surrogate (\\ud800 to \\udfff) is not text") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
+NonEmptyText = Annotated[StrictStr, Field(min_length=1), AfterValidator(_unicode)]
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"] = Field(description="developer is read as system")
-    content: StrictStr | list[TextPart] = Field(description="text, or a list of text parts (joined)")
+    content: Text | list[TextPart] = Field(description="text, or a list of text parts (joined)")
 
 
 class StreamOptions(BaseModel):
@@ -61,7 +89,6 @@ AtLeastOne = Annotated[StrictInt, Field(ge=1), BeforeValidator(_integral)]
 OnlyOne = Annotated[StrictInt, Field(ge=1, le=1), BeforeValidator(_integral)]
 OnlyZero = Annotated[StrictInt, Field(ge=0, le=0), BeforeValidator(_integral)]
 Seed = Annotated[StrictInt, Field(ge=-(2**63)), BeforeValidator(_integral)]
-NonEmptyText = Annotated[StrictStr, Field(min_length=1)]
 NOT_SUPPORTED = "not supported by tunesmith serve: leave it out, or send the value that means unused"
 
 
@@ -72,7 +99,7 @@ class GenerationFields(BaseModel):
     model_config = ConfigDict(json_schema_extra={"dependentSchemas": {"stream_options": {
         "properties": {"stream": {"const": True}}, "required": ["stream"]}}})
 
-    model: StrictStr | None = Field(None, description="the id GET /v1/models lists; left out, the model served")
+    model: Text | None = Field(None, description="the id GET /v1/models lists; left out, the model served")
     max_tokens: AtLeastOne | None = Field(None, description="at most the server's --max-tokens-limit")
     max_completion_tokens: AtLeastOne | None = Field(None, description="OpenAI's newer name for max_tokens")
     temperature: StrictFloat | None = Field(None, ge=0, le=2, description="0 answers greedily; default 1")
@@ -108,6 +135,7 @@ class CompletionRequest(GenerationFields):
     suffix: Literal[""] | None = Field(None, description=NOT_SUPPORTED)
 
 
+TEXT_FIELDS = {"model", "messages", "content", "text", "stop", "prompt"}  # where a request holds strings
 UNSUPPORTED_FIELDS = {"logit_bias", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools",
                       "tool_choice", "functions", "function_call", "response_format", "echo", "best_of", "suffix"}
 FinishReason = Literal["stop", "length"]
@@ -195,6 +223,18 @@ SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
 # --- refusing invalid requests --------------------------------------------------------------------
 
 
+def quoted(value) -> str:
+    """A value a client sent, as JSON for an error message: escaped to ASCII (a lone surrogate, which no
+    UTF-8 reply can carry, included) and cut to SHOWN_CHARS characters, however long or deep it was."""
+    if isinstance(value, str):
+        value = value[:SHOWN_CHARS + 1]
+    try:
+        text = json.dumps(value, default=str)
+    except (RecursionError, ValueError):  # nested too deep to write out
+        text = f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
 def _param(loc: tuple) -> str:
     """A pydantic location inside the body as OpenAI names a parameter: ("messages", 0, "role") -> messages[0].role."""
     out = ""
@@ -204,7 +244,14 @@ def _param(loc: tuple) -> str:
 
 
 def refusal(errors: list[dict]) -> RequestError:
-    """The first of FastAPI's validation errors as the sentence (and `param`) tunesmith answers with."""
+    """The first of FastAPI's validation errors as the sentence (and `param`) tunesmith answers with; a
+    lone surrogate anywhere first (a union's other branch may have failed first, for another reason)."""
+    surrogate = next((e for e in errors if e["type"] in LONE_SURROGATE_ERRORS), None)
+    if surrogate is not None:
+        # the location without pydantic's names for a union's branches ("str", "list[TextPart]", ...)
+        param = _param(tuple(p for p in surrogate["loc"][1:] if isinstance(p, int) or p in TEXT_FIELDS))
+        return RequestError(400, f"`{param}` holds a lone surrogate (\\ud800 to \\udfff), which is not text; "
+                            "send valid UTF-8.", param=param)
     error = errors[0]
     loc, kind, value = tuple(error["loc"][1:]), error["type"], error.get("input")
     if kind == "json_invalid":
@@ -215,7 +262,7 @@ def refusal(errors: list[dict]) -> RequestError:
                             code="invalid_json")
     if not loc or error["loc"][0] != "body":
         return RequestError(400, "The request body must be a JSON object.", code="invalid_json")
-    name, shown = loc[0], json.dumps(value, default=str)
+    name, shown = loc[0], quoted(value)
     if name == "messages":
         if len(loc) >= 3 and loc[2] == "content":
             return RequestError(400, f"`messages[{loc[1]}].content` must be a string or a list of text parts "

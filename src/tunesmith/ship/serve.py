@@ -15,7 +15,9 @@ of text, then `data: [DONE]`.
 uvicorn answers each request in its event loop, but only one thread touches the model: every request
 is put on one bounded queue, and a single generation worker takes them in turn, one at a time, and
 sends the text back to the request's handler.  So replies never mix, a request's greedy answer is the
-same whatever else is being served, and a slow client costs a waiting coroutine, not model time.
+same whatever else is being served, and a slow client costs a waiting coroutine, not model time.  A
+client that leaves (streaming or not) cancels its reply: the worker stops after the token in progress,
+or skips the request if it is still waiting.
 Requests are not batched together: batching pads prompts to one width, which changes float rounding,
 and then a greedy answer could differ with the company it keeps.
 
@@ -26,7 +28,16 @@ padding) on the same weights.
 
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the HTTP status that
 fits: 400 bad JSON or fields (FastAPI's 422 becomes this), 401 API key, 404 route or model, 405
-method, 413 body, 503 queue full or shutting down.
+method, 408 a request too slow to arrive, 413 body, 503 queue full or shutting down.  Input a client
+controls never reaches a traceback: a body JSON cannot read (nested too deep, a number too long, not
+UTF-8) and text that is not Unicode (a lone surrogate) are answered 400, and error bodies are written
+as ASCII JSON, so no echoed value can fail to encode.
+
+Slow clients hold a connection, never the model, and not for long: the request line and headers must
+arrive within `header_timeout_s` of the request's first byte (or of the connection's opening), checked
+by a small subclass of uvicorn's h11 protocol, since uvicorn itself only times out idle keep-alive
+connections; the body must arrive within `body_timeout_s` after that (408 otherwise); headers still
+unfinished past MAX_HEADER_BYTES get uvicorn's 400.  A client that leaves early costs at most a short log line.
 """
 
 from __future__ import annotations
@@ -44,11 +55,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import h11
 import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -58,6 +70,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tunesmith import __version__
 from tunesmith.data.tokens import chat_ids, ensure_chat_template, plain_prompt
@@ -83,6 +97,7 @@ from tunesmith.ship.openai_api import (
     ModelList,
     RequestError,
     Usage,
+    quoted,
     refusal,
 )
 
@@ -95,6 +110,14 @@ DEFAULT_MAX_QUEUE = 64  # requests waiting for the model beyond this get 503
 ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/health": "GET",
           "/openapi.json": "GET"}
 IDLE_TIMEOUT_S = 120  # seconds a keep-alive connection may sit idle before it is closed
+# How long a request may take to arrive.  nginx waits 60 s for each (its client_header_timeout and
+# client_body_timeout defaults); an API's clients send a whole request at once, so these are shorter.
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # from a request's first byte (or the connection's opening) to its last header
+DEFAULT_BODY_TIMEOUT_S = 30.0  # from the end of the headers to the body's last byte
+# A request line + headers still unfinished at this size gets uvicorn's 400 (h11's own default limit,
+# h11.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE; h11 bounds only what it cannot parse yet, so a finished header
+# block can be larger by what one read of the socket brings, at most 256 KiB in asyncio).
+MAX_HEADER_BYTES = 16 * 1024
 
 
 def _shutting_down(message: str) -> RequestError:
@@ -153,6 +176,11 @@ class Generator:
         self._state = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="tunesmith-generate", daemon=True)
         self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet taken by the worker."""
+        return self._queue.qsize()
 
     @property
     def context_length(self) -> int | None:
@@ -267,15 +295,6 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
             for m in body.messages]
 
 
-def _check_text(text: str, param: str) -> None:
-    """JSON can spell a lone surrogate ("\\ud800"), which is not text and which no tokenizer reads."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        raise RequestError(400, f"`{param}` holds a lone surrogate (\\ud800 to \\udfff), which is not text; "
-                           "send valid UTF-8.", param=param) from None
-
-
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
@@ -285,21 +304,38 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
 
 
 class _BodyLimit:
-    """Reads each request body before the app does, up to `limit` bytes; a larger one gets 413.
+    """Reads each request body before the app does, up to `limit` bytes and within `timeout_s` seconds;
+    a larger one gets 413, a slower one 408 (and the connection is closed).
 
     A body up to DRAIN_FACTOR times the limit is read and dropped first, so the client is reading when
     the 413 arrives (closing a socket with unread bytes resets the connection, and the client may never
     see the answer) and the connection can go on to the next request; a larger one closes it."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+
+        async def next_message() -> dict | None:
+            """The client's next message, or None once the body's time is up."""
+            try:
+                return await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return None
+
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
         chunks, size, more = [], 0, True
         while more and size <= self.limit:
-            message = await receive()
+            message = await next_message()
+            if message is None:
+                error = RequestError(408, f"The request body did not arrive within {self.timeout_s:g} s ({size} of "
+                                     f"{declared or 'an unknown number of'} bytes came); send the whole body at "
+                                     "once.", code="request_timeout", headers={"Connection": "close"})
+                return await _error_response(error)(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -307,14 +343,16 @@ class _BodyLimit:
             more = message.get("more_body", False)
         if size > self.limit:
             while more and size <= DRAIN_FACTOR * self.limit:
-                message = await receive()
+                message = await next_message()
+                if message is None:
+                    break  # too slow to drain: answer at once, and close the connection
                 if message["type"] == "http.disconnect":
                     return
                 size += len(message.get("body", b""))
                 more = message.get("more_body", False)
-            declared = dict(scope["headers"]).get(b"content-length", b"").decode() or f"more than {size}"
-            error = RequestError(413, f"The request body is {declared} bytes; the limit is {self.limit} bytes.",
-                                 code="request_too_large", headers={"Connection": "close"} if more else None)
+            error = RequestError(413, f"The request body is {declared or f'more than {size}'} bytes; the limit is "
+                                 f"{self.limit} bytes.", code="request_too_large",
+                                 headers={"Connection": "close"} if more else None)
             return await _error_response(error)(scope, receive, send)
         body, replayed = b"".join(chunks), False
 
@@ -328,9 +366,22 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
+class _ClientLeft(Exception):
+    """The client closed its connection before its reply was ready (its generation is cancelled)."""
+
+
+def _client_left(exc: BaseException, response_started: bool) -> bool:
+    """Whether `exc` says only that the client went away: a reset or broken connection, Starlette's
+    ClientDisconnect, or (servers of ASGI spec 2.4, where `send` raises OSError on a closed
+    connection) an OSError once the response has begun."""
+    return (isinstance(exc, (_ClientLeft, ClientDisconnect, ConnectionError))
+            or (response_started and isinstance(exc, OSError)))
+
+
 class _Outermost:
     """Logs each request (`log_requests`), and answers an exception the app did not handle with 500 in
-    OpenAI's shape (a bug of ours: its traceback is logged)."""
+    OpenAI's shape (a bug of ours: its traceback is logged).  A client that left is no bug: one short
+    line at most, no traceback."""
 
     def __init__(self, app, log_requests: bool):
         self.app, self.log_requests = app, log_requests
@@ -338,7 +389,7 @@ class _Outermost:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = None
+        status, outcome = None, None
 
         async def sending(message):
             nonlocal status
@@ -349,20 +400,31 @@ class _Outermost:
         try:
             await self.app(scope, receive, sending)
         except Exception as exc:
-            if status is not None:  # the response has begun: nothing to answer with but a cut connection
+            if _client_left(exc, status is not None):
+                outcome = "client left before the reply"
+            elif status is not None:  # the response has begun: nothing to answer with but a cut connection
                 raise
-            log.exception("tunesmith serve: internal error")
-            await _error_response(RequestError(500, f"internal error: {exc}", type="server_error"))(
-                scope, receive, sending)
+            else:
+                log.exception("tunesmith serve: internal error")
+                await _error_response(RequestError(500, f"internal error: {exc}", type="server_error"))(
+                    scope, receive, sending)
         finally:
             if self.log_requests:
                 client = (scope.get("client") or ["-"])[0]
                 log.info(f'tunesmith serve: {client} "{scope["method"]} {scope["path"]} '
-                         f'HTTP/{scope["http_version"]}" {status}')
+                         f'HTTP/{scope["http_version"]}" {outcome or status or "client left before the reply"}')
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error that quotes what a client sent (a lone
+    surrogate, which UTF-8 cannot encode, included) always renders."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def _error_response(error: RequestError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return _AsciiJSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _errors(*statuses: int) -> dict:
@@ -378,9 +440,10 @@ BEARER = HTTPBearer(auto_error=False, description="the server's --api-key")  # r
 
 def build_app(generator: Generator, model_id: str, api_key: str | None = None,
               max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_body_bytes: int = MAX_BODY_BYTES,
-              log_requests: bool = True) -> FastAPI:
+              log_requests: bool = True, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """The HTTP API for `generator`'s model, named `model_id`; with `api_key`, every /v1 route wants
-    `Authorization: Bearer KEY`.  Run it with uvicorn (make_server does) or any ASGI server."""
+    `Authorization: Bearer KEY`.  A request body must arrive within `body_timeout_s` seconds (408).
+    Run it with uvicorn (make_server does) or any ASGI server."""
     created = int(time.time())
     app = FastAPI(title="tunesmith serve", version=__version__, docs_url=None, redoc_url=None,
                   description="An OpenAI-compatible API for one model, answered one request at a time.")
@@ -400,20 +463,23 @@ def build_app(generator: Generator, model_id: str, api_key: str | None = None,
     def card() -> ModelCard:
         return ModelCard(id=model_id, object="model", created=created, owned_by="tunesmith")
 
-    @app.get("/health", response_model=Health, summary="Whether the server is up (no API key needed)")
+    # operation ids: those of OpenAI's own OpenAPI document (openai-openapi, openapi.yaml)
+    @app.get("/health", response_model=Health, summary="Whether the server is up (no API key needed)",
+             operation_id="health")
     async def health() -> Health:
         return Health(status="ok")
 
-    @v1.get("/models", response_model=ModelList, responses=_errors(*keyed), summary="The model served")
+    @v1.get("/models", response_model=ModelList, responses=_errors(*keyed), summary="The model served",
+            operation_id="listModels")
     async def list_models() -> ModelList:
         return ModelList(object="list", data=[card()])
 
     @v1.get("/models/{model:path}", response_model=ModelCard, responses=_errors(*keyed, 404),
-            summary="One model by its id")
+            summary="One model by its id", operation_id="retrieveModel")
     async def retrieve_model(model: str) -> ModelCard:
         if model != model_id:
-            raise RequestError(404, f"The model `{model}` does not exist here; this server serves `{model_id}`.",
-                               param="model", code="model_not_found")
+            raise RequestError(404, f"The model {quoted(model)} does not exist here; this server serves "
+                               f"`{model_id}`.", param="model", code="model_not_found")
         return card()
 
     completion_errors = _errors(400, *keyed, 404, 413, 503)
@@ -424,14 +490,14 @@ def build_app(generator: Generator, model_id: str, api_key: str | None = None,
                 **completion_errors}
 
     @v1.post("/chat/completions", response_model=ChatCompletion, responses=replies(ChatCompletion),
-             summary="Reply to a conversation")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await complete(body, chat=True)
+             summary="Reply to a conversation", operation_id="createChatCompletion")
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        return await complete(body, http, chat=True)
 
     @v1.post("/completions", response_model=Completion, responses=replies(Completion),
-             summary="Continue a plain text prompt")
-    async def completions(body: CompletionRequest):
-        return await complete(body, chat=False)
+             summary="Continue a plain text prompt", operation_id="createCompletion")
+    async def completions(body: CompletionRequest, http: Request):
+        return await complete(body, http, chat=False)
 
     def prompt_ids(body: GenerationFields, chat: bool) -> list[int]:
         """The prompt as token ids (on the thread pool: tokenising is work, and the lock may wait)."""
@@ -439,8 +505,6 @@ def build_app(generator: Generator, model_id: str, api_key: str | None = None,
             messages = _messages(body)
         else:
             prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt
-        for text in [m["content"] for m in messages] if chat else [prompt]:
-            _check_text(text, "messages" if chat else "prompt")
         with generator.tokenizer_lock:
             if not chat or generator.encoder_decoder:
                 text = plain_prompt(messages) if chat else prompt
@@ -450,9 +514,9 @@ def build_app(generator: Generator, model_id: str, api_key: str | None = None,
             except UserError as exc:
                 raise RequestError(400, str(exc), param="messages") from None
 
-    async def complete(body: GenerationFields, chat: bool):
+    async def complete(body: GenerationFields, http: Request, chat: bool):
         if body.model is not None and body.model != model_id:
-            raise RequestError(404, f"The model `{body.model}` does not exist here; this server serves "
+            raise RequestError(404, f"The model {quoted(body.model)} does not exist here; this server serves "
                                f"`{model_id}` (see GET /v1/models).", param="model", code="model_not_found")
         if body.stream_options is not None and not body.stream:
             raise RequestError(400, "`stream_options` is only allowed with `stream: true`.", param="stream_options")
@@ -464,14 +528,11 @@ def build_app(generator: Generator, model_id: str, api_key: str | None = None,
                 "model": model_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_events(request, head, chat, include_usage),
-                                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        pieces = []
+            return _EventStream(request, _events(request, head, chat, include_usage))
         try:
-            while (event := await request.events.get())[0] == "text":
-                pieces.append(event[1])
+            event, pieces = await _reply_unless_the_client_leaves(request, http.receive)
         finally:
-            request.cancelled.set()  # done with it (or the handler was cancelled): nothing more to generate
+            request.cancelled.set()  # done with it, the client left, or the handler was cancelled: stop generating
         if event[0] == "error":
             raise event[1]
         _, finish, prompt_tokens, completion_tokens = event
@@ -484,14 +545,29 @@ def build_app(generator: Generator, model_id: str, api_key: str | None = None,
     app.include_router(v1)
     _answer_errors_the_openai_way(app)
     app.openapi = functools.partial(_openapi_document, app, max_tokens_limit)
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(_Outermost, log_requests=log_requests)  # added last: it runs first
     return app
 
 
+def _unreadable_body(cause: BaseException | None) -> RequestError:
+    """The sentence for a JSON body FastAPI could not parse (it raises its 400 `from` the reason)."""
+    if isinstance(cause, RecursionError):
+        why = "it is nested too deeply (arrays or objects inside each other hundreds of levels deep)"
+    elif isinstance(cause, UnicodeError):
+        why = "it is not UTF-8 text"
+    elif isinstance(cause, ValueError) and "digits" in str(cause):
+        # Python reads integers of at most sys.get_int_max_str_digits() digits (4300 by default)
+        why = "it holds an integer with too many digits"
+    else:
+        why = f"{type(cause).__name__ if cause else 'unknown error'}: {quoted(str(cause))}"
+    return RequestError(400, f"The request body could not be read as JSON: {why}.", code="invalid_json")
+
+
 def _answer_errors_the_openai_way(app: FastAPI) -> None:
     """Every refusal in OpenAI's error shape: ours (RequestError), FastAPI's validation errors (422 there,
-    400 here, with the sentence `refusal` gives), Starlette's 404 and 405."""
+    400 here, with the sentence `refusal` gives), FastAPI's 400 for a body it could not parse (with the
+    reason), Starlette's 404 and 405."""
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError) -> JSONResponse:
@@ -505,20 +581,32 @@ def _answer_errors_the_openai_way(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         method, path = request.method, request.url.path
         if exc.status_code == 404:
-            error = RequestError(404, f"Unknown URL {method} {path}; this server answers {', '.join(ROUTES)}.",
+            error = RequestError(404, f"Unknown URL {method} {quoted(path)}; this server answers {', '.join(ROUTES)}.",
                                  code="unknown_url")
+        elif exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+            error = _unreadable_body(exc.__cause__)
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "")
-            error = RequestError(405, f"{path} takes {allowed}, not {method}.", code="method_not_allowed",
+            error = RequestError(405, f"{quoted(path)} takes {allowed}, not {method}.", code="method_not_allowed",
                                  headers=exc.headers)
         else:
             error = RequestError(exc.status_code, str(exc.detail), headers=exc.headers)
         return _error_response(error)
 
 
+def _model_links(pointer: str) -> dict:
+    """Links (the OpenAPI 3.1 specification's Link Object) from a response that names the model, at
+    `pointer` (a JSON pointer into its body), to the operations that take a model id.  The request body
+    holding a runtime expression is how schemathesis's stateful tests fill in one field of a body."""
+    uses = {"createChatCompletion": "a conversation for", "createCompletion": "a prompt for"}
+    return {operation: {"operationId": operation, "requestBody": {"model": f"$response.body#{pointer}"},
+                        "description": f"send {what} this model"} for operation, what in uses.items()}
+
+
 def _openapi_document(app: FastAPI, max_tokens_limit: int) -> dict:
     """FastAPI's document, less the 422 it lists for every route (validation errors are answered 400),
-    and with this server's --max-tokens-limit, which the request models cannot know."""
+    with this server's --max-tokens-limit, which the request models cannot know, and with links from
+    the model routes to the routes that take a model id."""
     if app.openapi_schema is None:
         document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for operations in document["paths"].values():
@@ -532,8 +620,61 @@ def _openapi_document(app: FastAPI, max_tokens_limit: int) -> dict:
                 for option in schemas[name]["properties"][key]["anyOf"]:
                     if option.get("type") == "integer":
                         option["maximum"] = max_tokens_limit
+        paths = document["paths"]
+        paths["/v1/models"]["get"]["responses"]["200"]["links"] = {
+            "retrieveModel": {"operationId": "retrieveModel", "parameters": {"model": "$response.body#/data/0/id"},
+                              "description": "the model listed"},
+            **_model_links("/data/0/id")}
+        paths["/v1/models/{model}"]["get"]["responses"]["200"]["links"] = _model_links("/id")
         app.openapi_schema = document
     return app.openapi_schema
+
+
+async def _collect(request: GenerationRequest) -> tuple[tuple, list[str]]:
+    """The reply's last event ("end" or "error") and its pieces of text before it."""
+    pieces = []
+    while (event := await request.events.get())[0] == "text":
+        pieces.append(event[1])
+    return event, pieces
+
+
+async def _until_disconnected(receive: Callable) -> None:
+    """Returns once the client has gone.  Called after the body has been read, when the next message
+    an ASGI server has for the app is http.disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _reply_unless_the_client_leaves(request: GenerationRequest, receive: Callable) -> tuple[tuple, list[str]]:
+    """_collect's (last event, pieces), or _ClientLeft if the client disconnects first.  Nothing is being
+    sent while a whole reply is awaited, so only listening for the disconnect notices a client gone."""
+    reply = asyncio.ensure_future(_collect(request))
+    gone = asyncio.ensure_future(_until_disconnected(receive))
+    try:
+        await asyncio.wait({reply, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        reply.cancel()
+        gone.cancel()
+    if reply.done() and not reply.cancelled():
+        return reply.result()
+    raise _ClientLeft()
+
+
+class _EventStream(StreamingResponse):
+    """A reply's server-sent events; however the response ends (the last event sent, the client gone,
+    the handler cancelled), the request's generation is cancelled.  Here rather than in the events'
+    generator: a client that leaves before the first event cancels the response before the generator
+    has begun, and a generator that never began runs no `finally`."""
+
+    def __init__(self, request: GenerationRequest, events: AsyncIterator[bytes]):
+        super().__init__(events, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        self.request = request
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.request.cancelled.set()
 
 
 async def _events(request: GenerationRequest, head: dict, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
@@ -546,25 +687,22 @@ async def _events(request: GenerationRequest, head: dict, chat: bool, include_us
                   {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish})
         return _event({**head, "choices": [choice], **extra})
 
-    try:
-        if chat:
-            yield chunk({"role": "assistant", "content": ""}, None)
-        while True:
-            event = await request.events.get()
-            if event[0] == "text":
-                yield chunk({"content": event[1]} if chat else event[1], None)
-            elif event[0] == "error":
-                yield _event(event[1].body())
-                break
-            else:
-                _, finish, prompt_tokens, completion_tokens = event
-                yield chunk({} if chat else "", finish)
-                if include_usage:
-                    yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens).model_dump()})
-                break
-        yield b"data: [DONE]\n\n"
-    finally:
-        request.cancelled.set()  # ended, or the client went away (the stream is cancelled): stop generating
+    if chat:
+        yield chunk({"role": "assistant", "content": ""}, None)
+    while True:
+        event = await request.events.get()
+        if event[0] == "text":
+            yield chunk({"content": event[1]} if chat else event[1], None)
+        elif event[0] == "error":
+            yield _event(event[1].body())
+            break
+        else:
+            _, finish, prompt_tokens, completion_tokens = event
+            yield chunk({} if chat else "", finish)
+            if include_usage:
+                yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens).model_dump()})
+            break
+    yield b"data: [DONE]\n\n"
 
 
 def _event(obj: dict) -> bytes:
@@ -572,6 +710,76 @@ def _event(obj: dict) -> bytes:
 
 
 # --- the server -----------------------------------------------------------------------------------------
+
+
+class _H11WithHeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers are not all there
+    `header_timeout_s` seconds after the request's first byte (for a new connection: after it opened).
+
+    uvicorn's only timer on reading is timeout_keep_alive, for the idle time after a response, and the
+    first byte of the next request stops it: a client that then sends its headers a byte at a time (or
+    opens a connection and sends nothing) would hold the connection for as long as it liked.  A request
+    whose first bytes came gets 408 before the close; a connection that sent nothing is just closed."""
+
+    def __init__(self, *args, header_timeout_s: float, log_requests: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s, self.log_requests = header_timeout_s, log_requests
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._start_header_clock()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # (part of) a request line or headers: the clock runs
+            self._start_header_clock()
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the headers are all here (or the request was refused)
+            self._stop_header_clock()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # the next request's first bytes may have come with the last one (pipelining): its clock runs
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0] and not self.transport.is_closing():
+            self._start_header_clock()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_clock()
+        super().connection_lost(exc)
+
+    def _start_header_clock(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _stop_header_clock(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.conn.trailing_data[0]:  # a request had begun: say why it ends (h11 cannot send a response
+            # before it has read a request, so the bytes are written here)
+            error = RequestError(408, f"The request line and headers did not arrive within {self.header_timeout_s:g} "
+                                 "s; send them at once.", code="request_timeout")
+            body = json.dumps(error.body()).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            if self.log_requests:
+                log.info(f"tunesmith serve: {(self.client or ['-'])[0]} sent no complete request headers within "
+                         f"{self.header_timeout_s:g} s: 408")
+        self.transport.close()
+
+
+def _quiet_broken_connections(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The event loop's exception handler: a connection a client reset or broke is the client's
+    business (one debug line); anything else goes to asyncio's default handler, traceback and all."""
+    if isinstance(context.get("exception"), ConnectionError):
+        log.debug(f"tunesmith serve: a client's connection broke ({type(context['exception']).__name__})")
+        return
+    loop.default_exception_handler(context)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -588,6 +796,10 @@ class _Uvicorn(uvicorn.Server):
             log.info("tunesmith serve: stopping.")
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets=None) -> None:
+        asyncio.get_running_loop().set_exception_handler(_quiet_broken_connections)
+        await super().startup(sockets=sockets)
+
     async def shutdown(self, sockets=None) -> None:
         await asyncio.to_thread(self.generator.close)
         await super().shutdown(sockets=sockets)
@@ -597,12 +809,16 @@ class ModelServer:
     """The HTTP server and its generation worker: `serve_forever()` answers until `shutdown()` (from another
     thread) stops both.  `url` is where it listens, e.g. http://127.0.0.1:8000 (port 0 picks a free one)."""
 
-    def __init__(self, listener: socket.socket, generator: Generator, model_id: str, app: FastAPI):
+    def __init__(self, listener: socket.socket, generator: Generator, model_id: str, app: FastAPI,
+                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, log_requests: bool = True):
         self.socket, self.generator, self.model_id, self.app = listener, generator, model_id, app
         self.server_address = listener.getsockname()  # (host, port), the port chosen when port 0 was asked for
         host, port = self.server_address[:2]
+        protocol = functools.partial(_H11WithHeaderTimeout, header_timeout_s=header_timeout_s,
+                                     log_requests=log_requests)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="off",
-                                timeout_keep_alive=IDLE_TIMEOUT_S, timeout_graceful_shutdown=60)
+                                http=protocol, timeout_keep_alive=IDLE_TIMEOUT_S, timeout_graceful_shutdown=60,
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES)
         self._uvicorn = _Uvicorn(config, generator)
         self._serving = threading.Event()
         self._stopped = threading.Event()
@@ -691,13 +907,19 @@ def load_generator(handle: RunHandle, merged: bool = True, device: str | None = 
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                 model_id: str | None = None, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
                 max_queue: int = DEFAULT_MAX_QUEUE, merged: bool = True, device: str | None = None,
-                log_requests: bool = True) -> ModelServer:
+                log_requests: bool = True, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+                body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> ModelServer:
     """Bind `host:port` and load the model of `run_dir` (see load_generator) behind build_app's API.
-    `model_id` (default: the folder's name) is what /v1/models lists and requests must name."""
+    `model_id` (default: the folder's name) is what /v1/models lists and requests must name.  A request's
+    line and headers must arrive within `header_timeout_s` seconds of its first byte, its body within
+    `body_timeout_s` after that (408 otherwise, and the connection is closed)."""
     if max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit {max_tokens_limit}: give at least 1.")
     if max_queue < 1:
         raise UserError(f"--max-queue {max_queue}: give at least 1.")
+    for flag, seconds in (("--header-timeout", header_timeout_s), ("--body-timeout", body_timeout_s)):
+        if not seconds > 0:
+            raise UserError(f"{flag} {seconds}: give a number of seconds above 0.")
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: give a port from 1 to 65535 (or 0 for any free one).")
     handle = open_run(run_dir)
@@ -708,5 +930,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
     except BaseException:
         listener.close()
         raise
-    app = build_app(generator, model_id, api_key, max_tokens_limit, log_requests=log_requests)
-    return ModelServer(listener, generator, model_id, app)
+    app = build_app(generator, model_id, api_key, max_tokens_limit, log_requests=log_requests,
+                    body_timeout_s=body_timeout_s)
+    return ModelServer(listener, generator, model_id, app, header_timeout_s=header_timeout_s,
+                       log_requests=log_requests)

@@ -56,8 +56,8 @@ def _first_non_folder(path: Path) -> Path | None:
 def in_use_by(run_dir: Path) -> str | None:
     """Who holds `run_dir`'s lock ("process 123 (training, since ...)"), or None when nobody does."""
     lock_path = run_dir / LOCK_FILE
-    if _key(run_dir) in _held or not lock_path.is_file():
-        return None
+    if _key(run_dir) in _held or os.environ.get(HELD_BY_LAUNCHER) == str(_key(run_dir)) or not lock_path.is_file():
+        return None  # this process holds it, or the launcher that started it does
     try:
         import fcntl
     except ImportError:
