@@ -11,11 +11,17 @@ from tunesmith.cli import main
 from tunesmith.config import load_config
 
 
-def test_help_on_every_subcommand():
-    for argv in (["--help"], ["train", "--help"], ["data", "inspect", "--help"], ["models", "--help"], ["doctor", "--help"]):
-        result = subprocess.run([sys.executable, "-m", "tunesmith.cli", *argv], capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        assert "usage: tunesmith" in result.stdout
+def test_help_on_every_subcommand(capsys):
+    result = subprocess.run([sys.executable, "-m", "tunesmith.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr  # the command itself starts (one process: each takes seconds)
+    assert "usage: tunesmith" in result.stdout
+    commands = [["train"], ["distill"], ["eval"], ["chat"], ["generate"], ["merge"], ["export"], ["serve"],
+                ["data", "inspect"], ["models"], ["doctor"]]
+    for argv in commands:  # every subcommand's help, in this process
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--help"])
+        assert done.value.code == 0, argv
+        assert f"usage: tunesmith {' '.join(argv)}" in capsys.readouterr().out, argv
 
 
 def test_a_config_error_is_one_sentence_naming_the_key(tmp_path, capsys):
