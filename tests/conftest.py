@@ -136,6 +136,22 @@ def save_tiny_model_folder(root: Path, rows: list[dict]) -> tuple[Path, Path]:
     return model_dir, data
 
 
+# Rows that a tiny model learns from visibly in a few steps (8 train and 2 validation rows with validation_split 0.2).
+REPEAT_ROWS = [
+    {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
+    for w in ["river", "stone", "cloud", "apple", "green", "music", "paper", "light", "house", "water"]
+]
+
+
+def save_tiny_run_config(root: Path, extra_yaml: str = "") -> Path:
+    """root/run.yaml: a tiny Llama (saved beside it) trained on REPEAT_ROWS, without the before/after evaluation."""
+    model_dir, data = save_tiny_model_folder(root, REPEAT_ROWS)
+    config = root / "run.yaml"
+    config.write_text(f"model: {{name: {model_dir}}}\ndata: {{path: {data}, validation_split: 0.2}}\n"
+                      f"training: {{epochs: 100, learning_rate: 3.0e-3}}\neval: {{enabled: false}}\n{extra_yaml}")
+    return config
+
+
 @pytest.fixture
 def tiny_llama_config(tiny_tokenizer):
     return build_tiny_llama_config(tiny_tokenizer)

@@ -6,25 +6,16 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import save_tiny_model_folder
+from conftest import save_tiny_run_config
 
 from tunesmith import api
 from tunesmith.train.checkpoint import list_checkpoints
-
-ROWS = [
-    {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
-    for w in ["river", "stone", "cloud", "apple", "green", "music", "paper", "light", "house", "water"]
-]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    model_dir, data = save_tiny_model_folder(root, ROWS)
-    config = root / "run.yaml"
-    config.write_text(f"model: {{name: {model_dir}}}\ndata: {{path: {data}, validation_split: 0.2}}\n"
-                      "training: {epochs: 100, learning_rate: 3.0e-3}\neval: {enabled: false}\n")
-    return root, config
+    return root, save_tiny_run_config(root)
 
 
 def test_a_child_run_is_followed_from_its_folder_to_the_end(tiny):

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import save_tiny_model_folder
+from conftest import save_tiny_run_config
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -21,10 +21,6 @@ from tunesmith.train import checkpoint as checkpoint_module
 from tunesmith.train import loop as loop_module
 from tunesmith.train.checkpoint import checkpoint_problem, list_checkpoints
 
-ROWS = [
-    {"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
-    for w in ["river", "stone", "cloud", "apple", "green", "music", "paper", "light", "house", "water"]
-]
 # 8 training rows in micro-batches of 2: 4 steps an epoch; a checkpoint every 3 steps
 SHORT = ["training.max_steps=9", "training.save_steps=3", "training.save_total_limit=5"]
 
@@ -32,10 +28,7 @@ SHORT = ["training.max_steps=9", "training.save_steps=3", "training.save_total_l
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    model_dir, data = save_tiny_model_folder(root, ROWS)
-    config = root / "run.yaml"
-    config.write_text(f"model: {{name: {model_dir}}}\ndata: {{path: {data}, validation_split: 0.2}}\n"
-                      "training: {epochs: 100, learning_rate: 3.0e-3}\nlora: {dropout: 0.1}\neval: {enabled: false}\n")
+    config = save_tiny_run_config(root, "lora: {dropout: 0.1}\n")  # dropout: the resume must restore the RNG too
     straight = root / "straight"
     api.train(api.load_config(config, SHORT), straight)
     return root, config, straight

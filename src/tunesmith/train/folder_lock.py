@@ -75,12 +75,16 @@ def in_use_by(run_dir: Path) -> str | None:
 
 
 def _holder(lock_path: Path) -> str:
-    try:
-        info = json.loads(lock_path.read_text())
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
-        return f"process {info['pid']} ({info['doing']}, since {since})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+    """Who holds the lock, from what it wrote into the lock file (which it does just after taking the lock:
+    a holder that has only just taken it is given a second to write)."""
+    for _ in range(20):
+        try:
+            info = json.loads(lock_path.read_text())
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+            return f"process {info['pid']} ({info['doing']}, since {since})"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "another process"
 
 
 @contextlib.contextmanager
