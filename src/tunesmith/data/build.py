@@ -1,13 +1,15 @@
 """From the data config to tokenised train / validation / test rows.
 
     read the training file → first `limit` rows → one row shape → leave out rows whose
-    answer is blank (counted, logged) → seeded split (or data.validation_path) → test rows
+    answer is blank or whose text holds a tokenizer control token (counted, logged) → seeded split (or data.validation_path) → test rows
     (data.test_path, else the validation rows) → tokenise with prompt masking → drop rows
     with nothing left to train on (counted)
 
 A row whose answer (or, for plain text, whose text) is empty or only blank space is left
 out of every split rather than trained on: it would teach the model to answer with nothing
-(`tunesmith data inspect` flags the same rows).  The log says how many and which.
+(`tunesmith data inspect` flags the same rows).  So is a row whose text holds one of the tokenizer's
+control tokens (`<|im_end|>`, `</s>`): the template and the tokenizer would read it as a turn boundary, so
+the row would write its own turns.  The log says how many and which.
 
 With a `cache_dir`, the tokenised rows are stored there keyed by a hash of the
 normalised samples (which covers the files, format, columns, system prompt, limit,
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.config import DataConfig
-from tunesmith.data.formats import has_blank_answer, normalise_rows
+from tunesmith.data.formats import control_token_in, control_tokens, has_blank_answer, normalise_rows
 from tunesmith.data.read import check_data_file, read_records, visible, where
 from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow, ensure_chat_template, tokenize_sample
 from tunesmith.errors import UserError
@@ -116,6 +118,24 @@ def _leave_out_blank_answers(samples: list[dict], places: list[str], key: str) -
     return [samples[j] for j in keep], [places[j] for j in keep], len(blank)
 
 
+def _leave_out_control_tokens(samples: list[dict], places: list[str], key: str, tokens: list[str]) -> tuple[list, list, int]:
+    """(samples, places, how many were left out): rows whose text holds one of the tokenizer's control tokens
+    (see formats.control_tokens) are left out, with a warning that names them."""
+    found = [(j, token) for j, sample in enumerate(samples) if (token := control_token_in(sample, tokens))]
+    if not found:
+        return samples, places, 0
+    shown = "; ".join(f"{places[j]} holds {visible(token, 40)}" for j, token in found[:_SHOWN_PLACES])
+    more = f" and {len(found) - _SHOWN_PLACES} more" if len(found) > _SHOWN_PLACES else ""
+    log.warning(
+        f"{key}: {len(found)} row{'s' if len(found) != 1 else ''} holding the tokenizer's control tokens left out "
+        f"({shown}{more}): the model would read them as turn boundaries, not as text. Remove those tokens from "
+        "the rows; `tunesmith data inspect` lists them."
+    )
+    leave = {j for j, _ in found}
+    keep = [j for j in range(len(samples)) if j not in leave]
+    return [samples[j] for j in keep], [places[j] for j in keep], len(found)
+
+
 def _tokenize_all(
     samples: list[dict], places: list[str], tokenizer, cfg: DataConfig, task: str = "causal_lm"
 ) -> tuple[list[TokenizedRow], int, int]:
@@ -152,12 +172,16 @@ def build_datasets(
     """Read, normalise, split and tokenise the data the config names (see the module docstring), for a
     model of kind `task` (causal_lm, seq2seq or masked_lm; see tunesmith.models.tasks)."""
     fmt, samples, places, rows_read = _load_samples(cfg.path, "data.path", cfg, cfg.limit)
+    tokens = control_tokens(tokenizer)
     samples, places, blank = _leave_out_blank_answers(samples, places, "data.path")
+    samples, places, controlled = _leave_out_control_tokens(samples, places, "data.path", tokens)
     if cfg.validation_path:
         train_samples, train_places = samples, places
         _, val_samples, val_places, _ = _load_samples(cfg.validation_path, "data.validation_path", cfg)
         val_samples, val_places, val_blank = _leave_out_blank_answers(val_samples, val_places, "data.validation_path")
         blank += val_blank
+        val_samples, val_places, left_out = _leave_out_control_tokens(val_samples, val_places, "data.validation_path", tokens)
+        controlled += left_out
     else:
         train_idx, val_idx = split_indices(len(samples), cfg.validation_split, cfg.seed)
         train_samples, train_places = [samples[i] for i in train_idx], [places[i] for i in train_idx]
@@ -166,6 +190,8 @@ def build_datasets(
         _, test_samples, test_places, _ = _load_samples(cfg.test_path, "data.test_path", cfg)
         test_samples, test_places, test_blank = _leave_out_blank_answers(test_samples, test_places, "data.test_path")
         blank += test_blank
+        test_samples, test_places, left_out = _leave_out_control_tokens(test_samples, test_places, "data.test_path", tokens)
+        controlled += left_out
     else:
         test_samples, test_places = val_samples, val_places
 
@@ -194,6 +220,7 @@ def build_datasets(
         "rows_read": rows_read,
         "rows_used": len(samples),
         "blank_answers": blank,  # rows left out of every split because their answer is empty
+        "control_token_rows": controlled,  # rows left out because their text holds a tokenizer control token
         "train": len(train),
         "validation": len(validation),
         "test": len(test),

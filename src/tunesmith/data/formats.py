@@ -333,6 +333,23 @@ def has_blank_answer(sample: dict) -> bool:
     return any(m["role"] == "assistant" and not m["content"].strip() for m in sample["messages"])
 
 
+def control_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens as text (`<|im_end|>`, `</s>`, ...), longest first.  The chat template and
+    the tokenizer turn such text into the control token itself, wherever it stands, so a row holding one
+    writes its own turn boundaries (an answer smuggled into the prompt, say) instead of being read as text."""
+    names = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            names.add(str(added))
+    return sorted((name for name in names if name.strip()), key=len, reverse=True)
+
+
+def control_token_in(sample: dict, tokens: list[str]) -> str | None:
+    """The first of `tokens` that a sample's text holds, or None."""
+    texts = [sample["text"]] if "text" in sample else [m["content"] for m in sample["messages"]]
+    return next((token for text in texts for token in tokens if token in text), None)
+
+
 def prompt_and_references(sample: dict) -> tuple[list[dict], list[str]]:
     """(the conversation before the last assistant reply, every reference answer: that reply, or the
     row's list of references when it gave several)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tunesmith.config import DataConfig
 from tunesmith.data.build import has_trained_tokens, percentiles
-from tunesmith.data.formats import column_names, has_blank_answer, normalise_rows
+from tunesmith.data.formats import column_names, control_token_in, control_tokens, has_blank_answer, normalise_rows
 from tunesmith.data.read import _read, visible, visible_names
 from tunesmith.data.tokens import tokenize_sample
 from tunesmith.errors import UserError
@@ -86,6 +86,16 @@ def inspect_file(path: str | Path, tokenizer=None, cfg: DataConfig | None = None
         )
 
     if tokenizer is not None and samples:
+        tokens = control_tokens(tokenizer)
+        holding = [f"{places[j]}: {visible(token, 40)}" for j, s in enumerate(samples)
+                   if (token := control_token_in(s, tokens))]
+        report["control_token_rows"] = len(holding)
+        if holding:
+            problems.append(
+                f"{_rows(len(holding))} {'holds' if len(holding) == 1 else 'hold'} the tokenizer's control tokens "
+                f"({_places(holding)}), which the model would read as turn boundaries; training leaves "
+                f"{'it' if len(holding) == 1 else 'them'} out; remove those tokens."
+            )
         _measure_tokens(report, problems, samples, places, tokenizer, cfg)
     report["problems"] = problems
     return report
