@@ -52,11 +52,11 @@ from tunesmith.train import distributed
 from tunesmith.train.checkpoint import list_checkpoints
 from tunesmith.train.folder_lock import (
     HELD_BY_LAUNCHER,
+    disk_full_sentence,
     hold_run_folder,
-    in_use_by,
-    in_use_sentence,
-    only_lock_inside,
     out_of_space,
+    refuse_if_in_use,
+    refuse_if_used,
     remove_unstarted_run,
 )
 from tunesmith.train.loop import TrainingInterrupted, run_training
@@ -91,14 +91,8 @@ def new_run_dir(config_path: str | Path | None, cfg: Config, output: str | Path 
     """Where a new run goes: `output`, else the config's output.dir, else runs/<config name>-<time>.
     An existing run is never written over."""
     run_dir = Path(output or cfg.output.dir or _default_run_dir(config_path))
-    holder = in_use_by(run_dir) if run_dir.is_dir() else None
-    if holder:
-        raise UserError(in_use_sentence(run_dir, holder))
-    if run_dir.exists() and (not run_dir.is_dir() or not only_lock_inside(run_dir)):
-        raise UserError(
-            f"{run_dir} already exists and is not empty; tunesmith never writes over an earlier run. "
-            "Pick another folder with --output DIR (or leave it out for a fresh runs/<name>-<time> folder)."
-        )
+    refuse_if_in_use(run_dir)
+    refuse_if_used(run_dir)
     return run_dir
 
 
@@ -112,9 +106,7 @@ def existing_run_dir(cfg: Config, output: str | Path | None = None, machine_rank
                      "folder at the same path as machine 0 (a shared file system, or a copy of it)."
                      if machine_rank else "")
         raise UserError(f"--resume: {run_dir} does not exist; give the folder of the run to continue.{elsewhere}")
-    holder = in_use_by(run_dir)
-    if holder:
-        raise UserError(in_use_sentence(run_dir, holder))
+    refuse_if_in_use(run_dir)
     if not machine_rank:
         check_resumable(cfg, run_dir)
     return run_dir
@@ -163,9 +155,8 @@ def _writing(run_dir: Path, doing: str, resume: bool, main: bool = True):
         return
     made = not run_dir.exists()
     with hold_run_folder(run_dir, doing):
-        if not resume and not only_lock_inside(run_dir):  # another run got there between the check and the lock
-            raise UserError(f"{run_dir} already exists and is not empty; tunesmith never writes over an earlier run. "
-                            "Pick another folder with --output DIR.")
+        if not resume:  # another run may have got there between the caller's check and the lock
+            refuse_if_used(run_dir)
         try:
             yield
         except BaseException:
@@ -190,13 +181,8 @@ def _final_status(main: bool, run_dir: Path, state: str, message: str, **extra) 
 
 
 def _disk_full(run_dir: Path, exc: BaseException) -> str:
-    saved = list_checkpoints(run_dir)
-    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
-    return (f"the disk that holds {run_dir} is full (no space left{where}). "
-            + (f"The newest complete checkpoint, {saved[-1]}, is intact; free some space and continue with: "
-               f"tunesmith train {run_dir / 'config.yaml'} --resume" if saved else
-               "No checkpoint was saved yet; free some space and start the run again.")
-            )
+    what = f"writing {exc.filename} failed" if getattr(exc, "filename", None) else "a file of the run was not written"
+    return disk_full_sentence(run_dir, what, list_checkpoints(run_dir))
 
 
 def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict:

@@ -448,11 +448,11 @@ def _explain(exc: ValidationError, source: str) -> str:
         if kind == "unknown":
             lines.append(_unknown_keys(key, unknown[key]))
         elif kind == "missing":
-            lines.append(f"config key `{_name(key)}` is missing; give it a value.")
+            lines.append(f"config key `{visible(key, 100)}` is missing; give it a value.")
         else:
             given, error_type, allowed = values[key]
             unquote = isinstance(given, str) and error_type.startswith(("int_", "float_")) and _is_number(given)
-            lines.append(f"config key `{_name(key)}`: given {_shown(given)}; allowed: {', or '.join(allowed)}"
+            lines.append(f"config key `{visible(key, 100)}`: given {_shown(given)}; allowed: {', or '.join(allowed)}"
                          + ("; write the number without quotes." if unquote else "."))
     more = len(problems) - len(lines)
     return f"{source}: " + " ".join(lines) + (f" And {more:,} more problem{'s' * (more > 1)}." if more else "")
@@ -464,10 +464,10 @@ def _unknown_keys(section: str, keys: list[tuple[str, str]]) -> str:
     named = []
     for dotted, key in keys[:5]:
         near = difflib.get_close_matches(key, known, n=1)
-        named.append(f"`{_name(dotted)}`" + (f" (did you mean `{near[0]}`?)" if near else ""))
+        named.append(f"`{visible(dotted, 100)}`" + (f" (did you mean `{near[0]}`?)" if near else ""))
     if len(keys) > 5:
         named.append(f"{len(keys) - 5:,} more")
-    where = f"in {_name(section)}" if section else "at the top level"
+    where = f"in {visible(section, 100)}" if section else "at the top level"
     return (f"unknown config key{'s' * (len(keys) > 1)} {', '.join(named)}; the keys allowed {where} are: "
             f"{', '.join(known)}.")
 
@@ -538,11 +538,6 @@ def _shown(value: Any) -> str:
         return f"a {type(value).__name__}"
 
 
-def _name(text: str, limit: int = 100) -> str:
-    """A key or a path for a sentence: cut to `limit` characters, those that are not printable written as escapes."""
-    return visible(text, limit)
-
-
 def _is_number(text: str) -> bool:
     """Whether `text` reads as a finite number ('3', '1e-4'; not 'nan')."""
     try:
@@ -587,7 +582,7 @@ class _ConfigLoader(_Base):
                 key = self.construct_object(key_node)
                 first = seen.setdefault(key, key_node)
                 if first is not key_node:
-                    raise _Refused(f"the key `{_name(str(key))}` is given twice (first on line "
+                    raise _Refused(f"the key `{visible(str(key), 100)}` is given twice (first on line "
                                    f"{first.start_mark.line + 1}); keep one of them", key_node.start_mark.line + 1)
         return super().construct_mapping(node, deep)
 
@@ -602,7 +597,7 @@ class _ConfigLoader(_Base):
                            "a plain value", node.start_mark.line + 1) from None
 
     def refuse_tag(self, node):
-        raise _Refused(f"the tag {_name(_tag(node.tag))} is not allowed: a config holds only text, numbers, "
+        raise _Refused(f"the tag {visible(_tag(node.tag), 100)} is not allowed: a config holds only text, numbers, "
                        "true/false, null, lists and mappings; remove the tag (or quote the value when the ! is "
                        "part of its text)", node.start_mark.line + 1)
 
@@ -712,7 +707,7 @@ def _config_text(data: bytes, name: str) -> str:
 def _read_config_file(path: Path) -> str:
     """The text of the config file at `path`; a sentence for a path that is missing, a folder, a named pipe or a
     device (looked at with stat before anything opens it, so nothing blocks), too large, or not text."""
-    name = _name(str(path), 300)
+    name = visible(str(path), 300)
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -762,7 +757,7 @@ def parse_value(text: str, key: str = "") -> Any:
     """A `--set` value is read as YAML, with the same reader as a config file, so 3e-4, true, null and
     [q_proj, v_proj] mean what they say and "3" is text.  What YAML cannot parse, and a value in which it would
     see a comment (`#### (.+)` is null to YAML, `Use # for titles` is 'Use'), is taken as the text it is."""
-    where = f"--set {_name(key)}" if key else "--set"
+    where = f"--set {visible(key, 100)}" if key else "--set"
     if len(text) > MAX_CONFIG_BYTES:
         raise UserError(f"{where}: the value is {len(text):,} characters; a config value is at most "
                         f"{MAX_CONFIG_BYTES:,}.")
@@ -782,11 +777,11 @@ def apply_overrides(raw: Any, overrides: list[str], source: str = "config") -> d
     out = dict(_top_mapping(raw, source))
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"--set {_name(item)}: write it as KEY=VALUE, e.g. --set training.epochs=1.")
+            raise UserError(f"--set {visible(item, 100)}: write it as KEY=VALUE, e.g. --set training.epochs=1.")
         key, value = item.split("=", 1)
         parts = [part.strip() for part in key.strip().split(".")]
         if not all(parts):
-            raise UserError(f"--set {_name(item)}: the key {f'`{_name(key)}` ' if key.strip() else ''}has an "
+            raise UserError(f"--set {visible(item, 100)}: the key {f'`{visible(key, 100)}` ' if key.strip() else ''}has an "
                             "empty name before, between or after its dots; write KEY=VALUE with a dotted key, "
                             "e.g. --set training.epochs=1.")
         node = out
@@ -797,15 +792,15 @@ def apply_overrides(raw: Any, overrides: list[str], source: str = "config") -> d
             elif isinstance(child, dict):
                 child = dict(child)
             else:
-                raise UserError(f"--set {_name(key)}: `{_name('.'.join(parts[:i + 1]))}` is a value, not a section, "
-                                f"so it has no key `{_name(parts[i + 1])}`.")
+                raise UserError(f"--set {visible(key, 100)}: `{visible('.'.join(parts[:i + 1]), 100)}` is a value, not a section, "
+                                f"so it has no key `{visible(parts[i + 1], 100)}`.")
             node[part] = child
             node = child
         parsed = parse_value(value, key)
         section = _section_model(parts)
         if section is not None and parsed is not None and not isinstance(parsed, dict):
-            raise UserError(f"--set {_name(key)}: `{_name(key)}` is a section, not a value; set one of its keys, "
-                            f"e.g. --set {_name(key)}.{next(iter(section.model_fields))}=...")
+            raise UserError(f"--set {visible(key, 100)}: `{visible(key, 100)}` is a section, not a value; set one of its keys, "
+                            f"e.g. --set {visible(key, 100)}.{next(iter(section.model_fields))}=...")
         node[parts[-1]] = parsed
     return out
 
@@ -832,7 +827,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: Any = {}
     source = "defaults"
     if path is not None:
-        source = _name(str(path), 300)
+        source = visible(str(path), 300)
         raw = _read_yaml(_read_config_file(Path(path)), source)
     raw = apply_overrides(raw, overrides or [], source)
     return config_from_dict(raw, source)

@@ -28,7 +28,7 @@ from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_dir, sha256_file
 from tunesmith.models.adapters import load_method_state, method_state
 from tunesmith.train.distributed import full, shard_like, whole_trainables
-from tunesmith.train.folder_lock import out_of_space
+from tunesmith.train.folder_lock import disk_full_sentence, out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, progress: dict, 
 def _no_space(run_dir: Path, folder: Path, needed: int) -> str:
     """The sentence for a checkpoint the disk had no room for: what it needs, what is free, how to go on."""
     free = shutil.disk_usage(run_dir).free
-    saved = list_checkpoints(run_dir)
-    return (
-        f"the disk that holds {run_dir} is full: checkpoint {folder.name} needs about {_mib(needed)} and "
-        f"{_mib(free)} is free, so it was not written. "
-        + (f"The previous checkpoint, {saved[-1]}, is intact: free at least {_mib(needed)} and continue with: "
-           f"tunesmith train {run_dir / 'config.yaml'} --resume" if saved else
-           "No checkpoint was saved before it; free the space and start the run again.")
-    )
+    return disk_full_sentence(run_dir, f"checkpoint {folder.name} needs about {_mib(needed)} and {_mib(free)} is "
+                                       "free, so it was not written", list_checkpoints(run_dir))
 
 
 def _mib(size: int) -> str:

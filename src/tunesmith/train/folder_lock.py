@@ -32,14 +32,14 @@ def _key(run_dir: Path) -> Path:
     return run_dir.resolve()
 
 
-def make_folder(run_dir: Path, what: str = "the run folder") -> None:
+def make_folder(run_dir: Path) -> None:
     """Create `run_dir` (and its parents), or say in a sentence why it cannot be made."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         in_the_way = _first_non_folder(run_dir)
         why = f"{in_the_way} is a file, not a folder" if in_the_way else (exc.strerror or str(exc))
-        raise UserError(f"{run_dir}: {what} cannot be made ({why}); give a folder you can write to with "
+        raise UserError(f"{run_dir}: the run folder cannot be made ({why}); give a folder you can write to with "
                         "--output DIR.") from None
 
 
@@ -53,8 +53,16 @@ def _first_non_folder(path: Path) -> Path | None:
     return None
 
 
-def in_use_by(run_dir: Path) -> str | None:
-    """Who holds `run_dir`'s lock ("process 123 (training, since ...)"), or None when nobody does."""
+def refuse_if_in_use(run_dir: Path) -> None:
+    """A UserError naming the process that holds `run_dir`'s lock, if another one does (checked before a run
+    starts, so the sentence names the holder rather than the files it made)."""
+    holder = _other_holder(run_dir) if run_dir.is_dir() else None
+    if holder:
+        raise UserError(in_use_sentence(run_dir, holder))
+
+
+def _other_holder(run_dir: Path) -> str | None:
+    """Who holds `run_dir`'s lock ("process 123 (training, since ...)"), or None when nobody else does."""
     lock_path = run_dir / LOCK_FILE
     if _key(run_dir) in _held or os.environ.get(HELD_BY_LAUNCHER) == str(_key(run_dir)) or not lock_path.is_file():
         return None  # this process holds it, or the launcher that started it does
@@ -141,9 +149,14 @@ def in_use_sentence(run_dir: Path, holder: str) -> str:
             "stop it: kill -INT with that process id saves a checkpoint first), or use another folder with --output DIR.")
 
 
-def only_lock_inside(run_dir: Path) -> bool:
-    """True when `run_dir` holds nothing but (at most) its lock file: a new run may start there."""
-    return all(entry.name == LOCK_FILE for entry in run_dir.iterdir())
+def refuse_if_used(run_dir: Path) -> None:
+    """A UserError unless `run_dir` is missing or holds nothing but (at most) its lock file: a new run may start
+    there, and never over an earlier one."""
+    if run_dir.exists() and (not run_dir.is_dir() or any(entry.name != LOCK_FILE for entry in run_dir.iterdir())):
+        raise UserError(
+            f"{run_dir} already exists and is not empty; tunesmith never writes over an earlier run. "
+            "Pick another folder with --output DIR (or leave it out for a fresh runs/<name>-<time> folder)."
+        )
 
 
 def remove_unstarted_run(run_dir: Path, made_folder: bool) -> None:
@@ -159,6 +172,15 @@ def remove_unstarted_run(run_dir: Path, made_folder: bool) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+def disk_full_sentence(run_dir: Path, what: str, saved: list[Path]) -> str:
+    """The sentence for a write the disk had no room for: `what` failed (and why); how to go on from `saved`,
+    the run's complete checkpoints."""
+    return (f"the disk that holds {run_dir} is full: {what}. "
+            + (f"The previous checkpoint, {saved[-1]}, is intact: free some space and continue with: "
+               f"tunesmith train {run_dir / 'config.yaml'} --resume" if saved else
+               "No checkpoint was saved before it; free some space and start the run again."))
 
 
 def out_of_space(exc: BaseException) -> bool:
