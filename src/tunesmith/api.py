@@ -66,10 +66,10 @@ from tunesmith.train.status import FINAL_STATES, STATUS_FILE, read_status, write
 log = logging.getLogger(__name__)
 __all__ = [
     "Config", "Launch", "RunEvent", "RunProcess", "UserError", "BUILTIN_MODELS",
-    "load_config", "new_run_dir", "train", "train_job", "start_run", "follow", "stop", "resume", "distill",
+    "load_config", "load_config_text", "new_run_dir", "train", "train_job", "start_run", "follow", "stop", "resume", "distill",
     "evaluate", "merge", "export", "inspect_data", "format_inspection", "doctor", "format_doctor", "validated_matrix",
     "format_matrix", "read_status", "existing_run_dir", "JobResult", "load_chat", "reply", "chat_repl",
-    "serving_app", "make_server", "ModelServer", "is_loopback", "process_rank", "end_process",
+    "serving_app", "load_base_chat", "last_sentence", "make_server", "ModelServer", "is_loopback", "process_rank", "end_process",
     "TrainingInterrupted",
 ]
 
@@ -80,6 +80,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """The config in `path` (None: every default) with `--set`-style overrides, validated; a UserError names the
     key, what was given and what is allowed."""
     return _config.load_config(path, list(overrides))
+
+
+def load_config_text(text: str, overrides: Sequence[str] = (), source: str = "config") -> Config:
+    """`load_config` for YAML held as text (the studio's config view), with the same checks as a file."""
+    return _config.load_config_text(text, list(overrides), source)
 
 
 def _default_run_dir(config_path: str | Path | None) -> Path:
@@ -349,22 +354,32 @@ class RunProcess:
 
 
 def start_run(config_path: str | Path, overrides: Sequence[str] = (), output: str | Path | None = None,
-              resume: bool = False, nproc: int = 1) -> RunProcess:
+              resume: bool = False, nproc: int = 1, log_file: str | Path | None = None,
+              detach: bool = False) -> RunProcess:
     """Start `tunesmith train` in a child process and return at once; the run folder is chosen (and checked)
-    here, so the caller knows where to follow it."""
+    here, so the caller knows where to follow it.  The child's output goes to `log_file` (appended; default a
+    new temporary file).  With `detach` the child runs in a session of its own, so it keeps training when the
+    caller ends, however it ends (the studio re-attaches to it by process id)."""
     cfg = load_config(config_path, overrides)
     run_dir = existing_run_dir(cfg, output) if resume else new_run_dir(config_path, cfg, output)
     argv = [sys.executable, "-m", "tunesmith.cli", "train", str(config_path), "--output", str(run_dir),
             "--nproc", str(nproc)] + [x for item in overrides for x in ("--set", item)]
     argv += ["--resume"] if resume else []
     started = time.time()
-    handle, log_name = tempfile.mkstemp(prefix="tunesmith-run-", suffix=".log")
-    with os.fdopen(handle, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if log_file is None:
+        handle, log_name = tempfile.mkstemp(prefix="tunesmith-run-", suffix=".log")
+        log = os.fdopen(handle, "wb")
+    else:
+        log_name = str(log_file)
+        log = open(log_name, "ab")  # noqa: SIM115 - closed below, once the child holds its own copy
+    with log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=detach)
     return RunProcess(run_dir, process, Path(log_name), started)
 
 
-def _last_sentence(log_file: Path | None) -> str:
+def last_sentence(log_file: Path | None) -> str:
+    """The last line a training process said (`tunesmith ...`), else its last line, from its output file."""
     if log_file is None or not log_file.is_file():
         return ""
     lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
@@ -411,7 +426,7 @@ def follow(run_dir: str | Path, process: subprocess.Popen | None = None, log_fil
                 yield RunEvent(status["state"], status, status.get("message"))
                 return
         elif ended:
-            why = _last_sentence(log_file) or f"the training process ended with exit code {process.returncode}"
+            why = last_sentence(log_file) or f"the training process ended with exit code {process.returncode}"
             yield RunEvent("failed", {"exit_code": process.returncode}, why)
             return
         elif timeout_s is not None and time.monotonic() - quiet_since > timeout_s:
@@ -470,6 +485,12 @@ def load_chat(run_dir: str | Path):
     """(model, tokenizer, task, the run's system prompt) of a run folder or a merged model folder, loaded for
     answering; a masked-language model is refused with a sentence."""
     return load_for_chat(run_dir)
+
+
+def load_base_chat(model_name: str):
+    """(model, tokenizer, task, system prompt None) for a base model as the config's model.name gives it (the
+    built-in name, a local folder, a .gguf file), untuned: the "base" side of a comparison."""
+    return load_for_chat(resolve_model_source(model_name))
 
 
 def reply(model, tokenizer, messages: list[dict], task: str = "causal_lm", max_new_tokens: int = 512,

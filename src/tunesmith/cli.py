@@ -29,6 +29,8 @@ from tunesmith.ship.serve import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_TOKENS_LIMIT,
 )
+from tunesmith.studio.app import StudioSettings
+from tunesmith.studio.server import default_home, run_studio
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +319,36 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_studio(args) -> int:
+    tqdm.tqdm.monitor_interval = 0
+    home = Path(args.home).expanduser() if args.home else default_home()
+    run_studio(StudioSettings(home=home, db=args.db, token=args.token, host=args.host, port=args.port))
+    return 0
+
+
+def _add_studio(subparsers) -> None:
+    studio = subparsers.add_parser(
+        "studio",
+        help="the whole workflow in a browser: data, documents, training, evaluation, chat, export",
+        description="Serve tunesmith studio, a web app over the same library the commands use. Its state is kept in "
+        "a database (SQLite under --home by default, or PostgreSQL with --db); runs are processes of their own and "
+        "keep training when the browser or the studio closes. Open the address it prints.",
+    )
+    studio.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1, this machine only; any other needs --token)")
+    studio.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860; 0 picks a free one)")
+    studio.add_argument("--db", metavar="URL", default=os.environ.get("TUNESMITH_STUDIO_DB") or None,
+                        help="database URL: sqlite:///FILE or postgresql://user@host:5432/name (default: SQLite "
+                        "at HOME/studio.db; also TUNESMITH_STUDIO_DB)")
+    studio.add_argument("--token", metavar="TOKEN", default=os.environ.get("TUNESMITH_STUDIO_TOKEN") or None,
+                        help="a secret every request must carry (the printed address sets it in the browser); "
+                        "needed to listen on anything but this machine (also TUNESMITH_STUDIO_TOKEN)")
+    studio.add_argument("--home", metavar="DIR",
+                        help="where the studio keeps uploads, configs, logs and run folders (default "
+                        "$TUNESMITH_HOME/studio)")
+    studio.set_defaults(func=cmd_studio)
+
+
 def _add_serve(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve",
@@ -444,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_export(sub)
     _add_serve(sub)
+    _add_studio(sub)
 
     data = sub.add_parser("data", help="look at a data file before training on it",
                           description="Work with data files.")

@@ -833,6 +833,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(raw, source)
 
 
+def load_config_text(text: str, overrides: list[str] | None = None, source: str = "config") -> Config:
+    """`load_config` for a config held as text (the studio's YAML view), read with the same checks as a file."""
+    if len(text.encode()) > MAX_CONFIG_BYTES:
+        raise UserError(f"{source}: the config is {len(text.encode()):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}.")
+    raw = _read_yaml(text, source) if text.strip() else {}
+    return config_from_dict(apply_overrides(raw, overrides or [], source), source)
+
+
 def resolved_yaml(cfg: Config) -> str:
     """Every key with its value, defaults included, as YAML that `load_config` reads back to an equal config."""
     return yaml.dump(cfg.model_dump(mode="json"), Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,7 @@
+"""The studio's documents pages and API (being written)."""
+
+from fastapi import FastAPI
+
+
+def register(app: FastAPI) -> None:
+    pass
