@@ -73,8 +73,8 @@ def split_indices(n: int, validation_split: float, seed: int) -> tuple[list[int]
     return sorted(order[held:]), sorted(order[:held])
 
 
-def percentiles(values: list[int]) -> dict[str, int]:
-    """p50/p90/p99/max by nearest rank ({} for no values)."""
+def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, int]:
+    """p50/p90/p99 (or the `points` asked for) and max, by nearest rank ({} for no values)."""
     if not values:
         return {}
     ordered = sorted(values)
@@ -82,7 +82,7 @@ def percentiles(values: list[int]) -> dict[str, int]:
     def rank(p: float) -> int:
         return ordered[max(math.ceil(p / 100 * len(ordered)) - 1, 0)]
 
-    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1]}
+    return {**{f"p{p}": rank(p) for p in points}, "max": ordered[-1]}
 
 
 def has_trained_tokens(row: TokenizedRow, task: str = "causal_lm") -> bool:

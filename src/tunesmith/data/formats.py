@@ -59,7 +59,12 @@ _EXPECTED = (
 
 
 class RowError(Exception):
-    """What is wrong with one row; the caller puts the file and row number in front."""
+    """What is wrong with one row; the caller puts the file and row number in front.  `field` is the file's
+    column the problem is in (the column data.columns maps, when it renames one), or None."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def column_names(records) -> list[str]:
@@ -150,6 +155,11 @@ def _label(name: str, columns: dict[str, str]) -> str:
     return f'field "{name}"'
 
 
+def _column(name: str, columns: dict[str, str]) -> str:
+    """The file's column that holds our field `name`."""
+    return columns.get(name, name)
+
+
 def _text_field(row: dict, name: str, columns: dict[str, str], required: bool = True) -> str | None:
     value = row.get(name)
     if name not in row or value is None:
@@ -158,19 +168,20 @@ def _text_field(row: dict, name: str, columns: dict[str, str], required: bool = 
         state = "is null" if name in row else "is missing"
         raise RowError(
             f'{_label(name, columns)} {state}; add "{name}" (text) to this row, or map the column that holds it '
-            f"with data.columns (this row has: {visible_names(row) or 'no fields'})."
+            f"with data.columns (this row has: {visible_names(row) or 'no fields'}).",
+            _column(name, columns),
         )
     if not isinstance(value, str):
         if _kind(value) in ("a number", "true/false"):
             fix = f'write it as text, e.g. "{visible(value, 40)}"'
         else:
             fix = "it must be text"
-        raise RowError(f"{_label(name, columns)} is {_kind(value)}; {fix}.")
-    _check_text(value, _label(name, columns))
+        raise RowError(f"{_label(name, columns)} is {_kind(value)}; {fix}.", _column(name, columns))
+    _check_text(value, _label(name, columns), _column(name, columns))
     return value
 
 
-def _check_text(value: str, label: str) -> None:
+def _check_text(value: str, label: str, field: str | None = None) -> None:
     """Refuse text that is not Unicode text: a lone UTF-16 surrogate, which a JSON escape such as \\ud800 can
     write but no tokenizer (and no UTF-8 file) can hold."""
     if value.isascii():
@@ -181,7 +192,8 @@ def _check_text(value: str, label: str) -> None:
         raise RowError(
             f"{label} holds {visible(value[exc.start], None)} at character {exc.start + 1}: half of a surrogate "
             "pair, written as a \\u escape, which is not a character; write the character itself, or both "
-            "halves of the pair (e.g. \\ud83d\\ude00), or remove the escape."
+            "halves of the pair (e.g. \\ud83d\\ude00), or remove the escape.",
+            field,
         ) from None
 
 
@@ -195,10 +207,11 @@ def _answer_field(row: dict, name: str, columns: dict[str, str]) -> tuple[str, l
         if not value or not all(isinstance(item, str) and item.strip() for item in value):
             raise RowError(
                 f"{_label(name, columns)} is a list, which means several reference answers; each must be non-empty "
-                "text, and there must be at least one."
+                "text, and there must be at least one.",
+                _column(name, columns),
             )
         for item in value:
-            _check_text(item, _label(name, columns))
+            _check_text(item, _label(name, columns), _column(name, columns))
         return value[0], list(value)
     return _text_field(row, name, columns), None
 
@@ -209,49 +222,58 @@ def _conversation(row: dict, fmt: str, columns: dict[str, str]) -> list[dict]:
         ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
     )
     allowed = CHAT_ROLES if fmt == "messages" else tuple(SHAREGPT_ROLES)
-    label = _label(name, columns)
+    label, column = _label(name, columns), _column(name, columns)
     shape = f'a list of {{"{role_key}": ..., "{content_key}": ...}} objects'
     value = row.get(name)
     if value is None:
-        raise RowError(f"{label} is {'null' if name in row else 'missing'}; give this row {shape}.")
+        raise RowError(f"{label} is {'null' if name in row else 'missing'}; give this row {shape}.", column)
     if isinstance(value, str):
         # CSV and some Parquet files hold the conversation as JSON text in one cell.
         try:
             value = loads_json(value)
         except JSONTextError as exc:
-            raise RowError(f"{label} is text that is not a JSON list ({exc.reason}); it must be {shape}.") from None
+            raise RowError(
+                f"{label} is text that is not a JSON list ({exc.reason}); it must be {shape}.", column
+            ) from None
     if not isinstance(value, list):
-        raise RowError(f"{label} is {_kind(value)}; it must be {shape}.")
+        raise RowError(f"{label} is {_kind(value)}; it must be {shape}.", column)
     if not value:
-        raise RowError(f"{label} is an empty conversation; give it at least a user message and the assistant's reply.")
+        raise RowError(
+            f"{label} is an empty conversation; give it at least a user message and the assistant's reply.", column
+        )
     messages = []
     for number, message in enumerate(value, start=1):
         where_here = f"{label}, message {number}"
         if not isinstance(message, dict):
             raise RowError(
-                f"{where_here} is {_kind(message)}; every message must be an object with {role_key} and {content_key}."
+                f"{where_here} is {_kind(message)}; every message must be an object with {role_key} and {content_key}.",
+                column,
             )
         role = message.get(role_key)
         if not isinstance(role, str):
             state = "missing" if role_key not in message else _kind(role)
-            raise RowError(f'{where_here}: "{role_key}" is {state}; use one of {", ".join(allowed)}.')
+            raise RowError(f'{where_here}: "{role_key}" is {state}; use one of {", ".join(allowed)}.', column)
         role = role.strip().lower()
         if role not in allowed:
             raise RowError(
-                f"{where_here}: \"{role_key}\" is '{visible(message[role_key], 60)}'; use one of {', '.join(allowed)}."
+                f"{where_here}: \"{role_key}\" is '{visible(message[role_key], 60)}'; use one of {', '.join(allowed)}.",
+                column,
             )
         content = message.get(content_key)
         if not isinstance(content, str):
             state = "missing" if content_key not in message else _kind(content)
-            raise RowError(f'{where_here}: "{content_key}" is {state}; it must be the message text.')
-        _check_text(content, f"{where_here}: \"{content_key}\"")
+            raise RowError(f'{where_here}: "{content_key}" is {state}; it must be the message text.', column)
+        _check_text(content, f"{where_here}: \"{content_key}\"", column)
         messages.append({"role": role if fmt == "messages" else SHAREGPT_ROLES[role], "content": content})
     if messages[0]["role"] == "assistant":
-        raise RowError(f"{label} starts with the assistant; a conversation must start with a system or user message.")
+        raise RowError(
+            f"{label} starts with the assistant; a conversation must start with a system or user message.", column
+        )
     if messages[-1]["role"] != "assistant":
         raise RowError(
             f"{label} ends with a {messages[-1]['role']} message; a training conversation must end with the "
-            "assistant's reply, so add the reply or remove the last message."
+            "assistant's reply, so add the reply or remove the last message.",
+            column,
         )
     return messages
 
@@ -289,24 +311,23 @@ def _row_to_sample(row: dict, fmt: str, cfg: DataConfig, pair: tuple[str, str]) 
 
 
 def normalise_rows(
-    records, cfg: DataConfig, path=None, problems: list[str] | None = None
+    records,
+    cfg: DataConfig,
+    path=None,
+    problems: list[str] | None = None,
+    failures: list[tuple[int, RowError]] | None = None,
 ) -> tuple[str, list[dict], list[int]]:
     """(format, samples, indices of the rows they came from).
 
-    Without `problems`, the first malformed row raises a UserError naming file, row and field;
-    with it, each malformed row's sentence is appended there and the row is left out.
+    Without `problems` or `failures`, the first malformed row raises a UserError naming file, row and field;
+    with `problems`, each malformed row's sentence is appended there and the row is left out; with `failures`,
+    (its index, its RowError, whose `field` names the column) likewise.
     """
     path = path if path is not None else getattr(records, "path", None)
     found = column_names(records)
     _check_columns(cfg.columns, found, path)
     fmt = cfg.format if cfg.format != "auto" else detect_format(records, cfg.columns, path)
-    names = set(_mapped_names(found, cfg.columns))
-    # prompt/completion, or question/answer when the file uses those names
-    pair = (
-        ("question", "answer")
-        if "prompt" not in names and {"question", "answer"} <= names
-        else ("prompt", "completion")
-    )
+    pair = _prompt_answer_pair(set(_mapped_names(found, cfg.columns)))
     samples, kept = [], []
     for i, record in enumerate(records):
         try:
@@ -314,10 +335,28 @@ def normalise_rows(
             kept.append(i)
         except RowError as exc:
             message = f"{where(records, i, path)}: {exc}"
-            if problems is None:
+            if problems is None and failures is None:
                 raise UserError(message) from None
-            problems.append(message)
+            if problems is not None:
+                problems.append(message)
+            if failures is not None:
+                failures.append((i, exc))
     return fmt, samples, kept
+
+
+def _prompt_answer_pair(names: set[str]) -> tuple[str, str]:
+    """prompt/completion, or question/answer when the file uses those names (after data.columns renames)."""
+    if "prompt" not in names and {"question", "answer"} <= names:
+        return ("question", "answer")
+    return ("prompt", "completion")
+
+
+def answer_column(fmt: str, records, cfg: DataConfig) -> str:
+    """The file's column that holds what a row of format `fmt` trains on: the answer, the conversation or the text."""
+    ours = {"alpaca": "output", "messages": "messages", "sharegpt": "conversations", "text": "text"}.get(fmt)
+    if ours is None:  # prompt_completion
+        ours = _prompt_answer_pair(set(_mapped_names(column_names(records), cfg.columns)))[1]
+    return _column(ours, cfg.columns)
 
 
 def to_samples(records, cfg: DataConfig, path: str | Path | None = None) -> list[dict]:

@@ -13,8 +13,15 @@ from pathlib import Path
 
 from tunesmith.config import DataConfig
 from tunesmith.data.build import has_trained_tokens, percentiles
-from tunesmith.data.formats import column_names, control_token_in, control_tokens, has_blank_answer, normalise_rows
-from tunesmith.data.read import _read, visible, visible_names
+from tunesmith.data.formats import (
+    answer_column,
+    column_names,
+    control_token_in,
+    control_tokens,
+    has_blank_answer,
+    normalise_rows,
+)
+from tunesmith.data.read import Records, _read, visible, visible_names
 from tunesmith.data.tokens import tokenize_sample
 from tunesmith.errors import UserError
 
@@ -129,15 +136,14 @@ def _measure_tokens(report: dict, problems: list[str], samples, places, tokenize
     lengths, truncated, untrainable, refused = [], [], [], []
     for sample, place in zip(samples, places):
         try:
-            row = tokenize_sample(sample, tokenizer, uncut)
+            length, trainable = _measure(sample, tokenizer, uncut, cfg.max_length)
         except UserError as exc:  # e.g. the chat template refuses the conversation
             refused.append(f"{visible(report['path'], None)}, {place}: {exc}")
             continue
-        lengths.append(len(row.input_ids))
-        if len(row.input_ids) > cfg.max_length:
+        lengths.append(length)
+        if length > cfg.max_length:
             truncated.append(place)
-            row.labels = row.labels[: cfg.max_length]
-            if not has_trained_tokens(row):
+            if not trainable:
                 untrainable.append(place)
     problems.extend(_capped(refused))
     report["token_lengths"] = percentiles(lengths)
@@ -148,6 +154,89 @@ def _measure_tokens(report: dict, problems: list[str], samples, places, tokenize
             f"{_rows(len(untrainable))} would have no answer tokens left at data.max_length={cfg.max_length} "
             f"({_places(untrainable)}) and would be dropped; raise data.max_length or shorten those prompts."
         )
+
+
+def _measure(sample: dict, tokenizer, uncut: DataConfig, max_length: int) -> tuple[int, bool]:
+    """(tokens in the sample before truncation, whether any answer token is left at `max_length`); `uncut` is the
+    data config with a max_length nothing reaches.  A UserError when the chat template refuses the sample."""
+    row = tokenize_sample(sample, tokenizer, uncut)
+    length = len(row.input_ids)
+    row.labels = row.labels[:max_length]
+    return length, has_trained_tokens(row)
+
+
+def row_problems(records: Records, tokenizer=None, cfg: DataConfig | None = None) -> dict:
+    """The checks of `inspect_file`, each finding tied to one row and the column it is in, for an editor that
+    lists every bad row (the studio's dataset page).
+
+    Returns {"format": the detected format or None, "valid_rows": rows that read as a sample,
+    "problems": [{"row": the row's number (None: the whole file), "field": the column or None,
+    "message": "row 3: ..."}] in row order, "token_lengths": [tokens of each row the template took, uncut]}.
+    The rules are inspect_file's own; only the wording is per row where inspect_file sums up, and every
+    problem is listed (inspect_file lists MAX_PROBLEMS malformed rows).
+    """
+    cfg = cfg or DataConfig()
+    found: list[dict] = []
+
+    def note(i: int, field: str | None, text: str) -> None:
+        found.append({"row": records.row_numbers[i], "field": field, "message": f"{records.label(i)}: {text}"})
+
+    failures: list = []
+    try:
+        fmt, samples, kept = normalise_rows(records, cfg, failures=failures)
+    except UserError as exc:  # no recognisable format, or data.columns names a missing column
+        whole = {"row": None, "field": None, "message": str(exc)}
+        return {"format": None, "valid_rows": 0, "problems": [whole], "token_lengths": []}
+    for i, exc in failures:
+        note(i, exc.field, str(exc))
+
+    answer = answer_column(fmt, records, cfg)
+    what = "an empty text" if fmt == "text" else "an empty answer"
+    for sample, i in zip(samples, kept):
+        if has_blank_answer(sample):
+            note(i, answer, f"has {what} or only blank space; training leaves it out; fill or remove it.")
+    for i, first in _duplicates(records):
+        note(i, None, f"is an exact duplicate of {records.label(first)}; duplicates weigh that row more in training.")
+
+    lengths: list[int] = []
+    if tokenizer is not None:
+        tokens = control_tokens(tokenizer)
+        uncut = cfg.model_copy(update={"max_length": 10**9})
+        for sample, i in zip(samples, kept):
+            if token := control_token_in(sample, tokens):
+                note(i, _column_holding(records[i], token),
+                     f"holds the tokenizer's control token {visible(token, 40)}, which the model would read as a "
+                     "turn boundary; training leaves it out; remove that token.")
+            try:
+                length, trainable = _measure(sample, tokenizer, uncut, cfg.max_length)
+            except UserError as exc:  # e.g. the chat template refuses the conversation
+                note(i, None, str(exc))
+                continue
+            lengths.append(length)
+            if not trainable:
+                note(i, None, f"would have no answer tokens left at data.max_length={cfg.max_length} and would be "
+                              "dropped; raise data.max_length or shorten its prompt.")
+    found.sort(key=lambda problem: problem["row"])  # stable: one row's findings keep the order above
+    return {"format": fmt, "valid_rows": len(samples), "problems": found, "token_lengths": lengths}
+
+
+def _column_holding(record: dict, text: str) -> str | None:
+    """The first column whose value (or any text nested in it) holds `text`; None when none does (the system
+    prompt from the config, say)."""
+
+    def holds(value) -> bool:
+        if isinstance(value, str):
+            return text in value
+        if isinstance(value, dict):
+            return any(holds(v) for v in value.values())
+        if isinstance(value, list):
+            return any(holds(v) for v in value)
+        return False
+
+    try:
+        return next((key for key, value in record.items() if holds(value)), None)
+    except RecursionError:  # a column nested deeper than Python recurses
+        return None
 
 
 def format_inspection(report: dict) -> str:

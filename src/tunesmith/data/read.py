@@ -71,6 +71,15 @@ def read_records(path: str | Path) -> Records:
     return _read(Path(path), problems=None)
 
 
+def read_records_keeping_bad_lines(path: str | Path) -> tuple[Records, list[tuple[int, str, str]]]:
+    """Like `read_records`, but a JSONL line that is not a JSON object does not stop the reading: it comes back
+    as (line number, the line's text, what is wrong with it and what to do), for an editor that lets the user
+    fix it (the studio's dataset page).  Every other problem with the file is a UserError, as for read_records."""
+    bad_lines: list[tuple[int, str, str]] = []
+    records = _read(Path(path), problems=[], bad_lines=bad_lines)
+    return records, bad_lines
+
+
 def check_data_file(path: str | Path) -> None:
     """Raise a UserError that says what `path` is unless it is a regular file (symbolic links followed).
 
@@ -135,8 +144,9 @@ def _read_bytes(path: Path) -> bytes:
         ) from None
 
 
-def _read(path: Path, problems: list[str] | None) -> Records:
-    """Read `path`; with a `problems` list, bad JSONL lines are noted there and skipped instead of raised."""
+def _read(path: Path, problems: list[str] | None, bad_lines: list[tuple[int, str, str]] | None = None) -> Records:
+    """Read `path`; with a `problems` list, bad JSONL lines are noted there and skipped instead of raised
+    (and, with `bad_lines` too, kept there as (line number, text, what is wrong))."""
     check_data_file(path)
     name = visible(path, None)
     suffix = path.suffix.lower()
@@ -158,7 +168,7 @@ def _read(path: Path, problems: list[str] | None) -> Records:
                 f"{name} holds only blank space; put your rows in it (one JSON object per line for .jsonl)."
             )
         if suffix in (".jsonl", ".ndjson"):
-            records = _parse_jsonl(text, path, problems)
+            records = _parse_jsonl(text, path, problems, bad_lines)
         elif suffix == ".json":
             records = _parse_json(text, path, problems)
         else:
@@ -263,7 +273,30 @@ def _kind(value) -> str:
     return f"a {type(value).__name__} value"
 
 
-def _parse_jsonl(text: str, path: Path, problems: list[str] | None) -> Records:
+class JSONLineError(ValueError):
+    """A JSONL line that is not one JSON object; its text says what is wrong and what to do, without the place."""
+
+
+def parse_jsonl_line(line: str) -> dict:
+    """The JSON object on one line of a JSONL file; a `JSONLineError` otherwise."""
+    try:
+        row = loads_json(line)
+    except JSONTextError as exc:
+        reason = exc.reason if exc.syntax is None else f"not valid JSON ({exc.syntax} at column {exc.column})"
+        raise JSONLineError(
+            f"{reason}; fix or remove that line (each line must be one complete JSON object)."
+        ) from None
+    if not isinstance(row, dict):
+        raise JSONLineError(
+            f"holds {_kind(row)}, not a JSON object; each line must be one object "
+            'such as {"prompt": "...", "completion": "..."}.'
+        )
+    return row
+
+
+def _parse_jsonl(
+    text: str, path: Path, problems: list[str] | None, bad_lines: list[tuple[int, str, str]] | None = None
+) -> Records:
     name = visible(path, None)
     rows, line_numbers = [], []
     # split("\n"), not splitlines(): JSON text may hold raw U+2028 and similar characters inside strings.
@@ -271,25 +304,14 @@ def _parse_jsonl(text: str, path: Path, problems: list[str] | None) -> Records:
         if not line.strip():
             continue
         try:
-            row = loads_json(line)
-        except JSONTextError as exc:
-            reason = exc.reason if exc.syntax is None else f"not valid JSON ({exc.syntax} at column {exc.column})"
-            message = (
-                f"{name}, line {number}: {reason}; fix or remove that line "
-                "(each line must be one complete JSON object)."
-            )
+            row = parse_jsonl_line(line)
+        except JSONLineError as exc:
+            message = f"{name}, line {number}: {exc}"
             if problems is None:
                 raise UserError(message) from None
             problems.append(message)
-            continue
-        if not isinstance(row, dict):
-            message = (
-                f"{name}, line {number}: holds {_kind(row)}, not a JSON object; each line must be one object "
-                'such as {"prompt": "...", "completion": "..."}.'
-            )
-            if problems is None:
-                raise UserError(message)
-            problems.append(message)
+            if bad_lines is not None:
+                bad_lines.append((number, line, str(exc)))
             continue
         rows.append(row)
         line_numbers.append(number)
