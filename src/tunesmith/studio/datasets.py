@@ -117,6 +117,11 @@ def _settled(row, number: int) -> dict:
     return row
 
 
+def is_raw(row: dict) -> bool:
+    """Whether `row` is a kept line that is not a JSON object (still to be fixed)."""
+    return _raw_text(row) is not None
+
+
 def _raw_text(row: dict) -> str | None:
     """The kept line of a RAW_KEY row, or None for an ordinary row."""
     if len(row) == 1 and isinstance(row.get(RAW_KEY), str):

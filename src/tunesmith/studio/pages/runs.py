@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from tunesmith import api
 from tunesmith.errors import UserError
-from tunesmith.studio import configs
+from tunesmith.studio import configs, datasets
 from tunesmith.studio.db import NAME, Dataset, Project, Run
 from tunesmith.studio.runner import resumable
 from tunesmith.studio.web import DB, files_dir, get_or_404, render
@@ -126,6 +126,22 @@ def config_diff(runs: list[Run]) -> tuple[list[str], dict[int, dict]]:
     return differing, flat
 
 
+def refuse_broken_dataset(s, config_yaml: str, files: Path) -> None:
+    """A run on one of the studio's datasets that still holds lines that are not JSON would stop at its first
+    row: say so now, with the rows to fix."""
+    cfg = api.load_config_text(config_yaml, source="the run's config")
+    path = Path(cfg.data.path)
+    if path.parent != files or not path.is_file():
+        return
+    broken = [n for n, row in enumerate(datasets.read_rows(path), start=1) if datasets.is_raw(row)]
+    if broken:
+        dataset = s.scalars(select(Dataset).where(Dataset.file == path.name)).first()
+        name = dataset.name if dataset else path.name
+        rows = ", ".join(str(n) for n in broken[:10]) + (" …" if len(broken) > 10 else "")
+        raise UserError(f"dataset {name!r} still has {len(broken)} line(s) that are not JSON (row {rows}); fix or "
+                        "delete them on the dataset's page, then launch again.")
+
+
 def register(app: FastAPI) -> None:
     @app.get("/projects/{project_id}/train", include_in_schema=False)
     def train_page(s: DB, project_id: int, request: Request, from_run: int | None = None, dataset: int | None = None):
@@ -157,6 +173,7 @@ def register(app: FastAPI) -> None:
         get_or_404(s, Project, project_id, "project")
         if body.parent_id is not None:
             get_or_404(s, Run, body.parent_id, "run")
+        refuse_broken_dataset(s, body.config_yaml, files_dir(request))
         run = request.app.state.runs.submit(body.name, body.config_yaml, project_id, body.parent_id)
         return run_out(run)
 
