@@ -34,8 +34,8 @@ class LineChart {
   }
   static label(v) {
     const a = Math.abs(v);
-    if (a !== 0 && (a < 1e-2 || a >= 1e5)) return v.toExponential(1);
-    return (Math.round(v * 1000) / 1000).toString();
+    if (a !== 0 && (a < 1e-2 || a >= 1e5)) return v.toExponential(2);
+    return Number(v.toPrecision(4)).toString();
   }
   draw() {
     const c = this.canvas, g = c.getContext("2d"), w = c.width, h = c.height;
