@@ -109,7 +109,11 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     path: PathText = Field("examples/data/dates-train.jsonl", description="Training data file.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = Field(
+        "auto",
+        description="How rows are read: alpaca (instruction, input, output), messages, sharegpt (conversations), "
+        "prompt_completion (prompt, completion) or text; auto takes the first of these whose fields the file has.",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map our field names to the file's columns, e.g. {prompt: dialogue, completion: summary}.",
@@ -124,13 +128,15 @@ class DataConfig(_Section):
         None, description="Held-out rows for the before/after evaluation; default: the validation rows."
     )
     limit: int | None = Field(None, ge=1, le=INT64_MAX, description="Use only the first N rows of the training file.")
-    seed: int = Field(42, ge=0, le=SEED_MAX)
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of the shuffle that picks the validation rows.")
 
 
 class LoraConfig(_Section):
     r: int = Field(16, ge=1, le=INT64_MAX, description="Adapter rank (for adalora: the average rank it ends with).")
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    alpha: float = Field(32, gt=0, description="Adapter scale: the update is multiplied by alpha/r (alpha/sqrt(r) "
+                         "with rsLoRA).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input while training; 0 turns "
+                           "it off.")
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
         "auto",
         description="auto (the family's attention and MLP projections), all-linear, or module names such as "
@@ -180,16 +186,26 @@ class AdaloraConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: float = Field(3, gt=0, le=MAX_EPOCHS)
+    epochs: float = Field(3, gt=0, le=MAX_EPOCHS, description="Passes over the training data; a fraction such as 0.5 "
+                          "stops partway (max_steps stops sooner when it is fewer steps).")
     max_steps: int | None = Field(None, ge=1, le=INT64_MAX, description="Stop after this many optimiser steps.")
-    batch_size: int = Field(2, ge=1, le=MAX_BATCH)
-    eval_batch_size: int = Field(1, ge=1, le=MAX_BATCH)
-    gradient_accumulation: int = Field(1, ge=1, le=MAX_BATCH)
-    learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0, le=INT64_MAX)
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(2, ge=1, le=MAX_BATCH, description="Rows per micro-batch (in each process).")
+    eval_batch_size: int = Field(
+        1, ge=1, le=MAX_BATCH, description="Rows per batch when computing the validation and held-out loss.")
+    gradient_accumulation: int = Field(
+        1, ge=1, le=MAX_BATCH, description="Micro-batches whose gradients add up before each optimiser step.")
+    learning_rate: float = Field(1e-4, gt=0, description="The peak learning rate, reached when warmup ends.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="How the learning rate moves after warmup: down to 0 along a cosine or a straight "
+        "line, or constant.")
+    warmup_steps: int = Field(
+        0, ge=0, le=INT64_MAX, description="Steps over which the learning rate rises from 0 to learning_rate; 0 "
+        "uses warmup_ratio.")
+    warmup_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Warmup as a share of the run's steps, used when warmup_steps is 0.")
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="AdamW weight decay of the trained weight matrices (biases and norm weights are "
+        "not decayed).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null turns it off.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="8-bit and paged AdamW come from bitsandbytes; where it cannot run, AdamW."
@@ -223,10 +239,12 @@ class TrainingConfig(_Section):
         description="Patches that train faster in less memory (src/tunesmith/models/fast). auto: tunesmith's fused "
         "LoRA-dropout, RMSNorm and rotary paths where they apply; off: the stock PEFT/transformers modules.",
     )
-    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    eval_each_epoch: bool = True
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW's decay rate of its running mean of gradients.")
+    adam_beta2: float = Field(
+        0.999, ge=0.0, lt=1.0, description="AdamW's decay rate of its running mean of squared gradients.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Added to AdamW's denominator to keep the step finite.")
+    eval_each_epoch: bool = Field(
+        True, description="Compute the validation loss when each epoch ends (and when max_steps ends the run).")
     eval_steps: int | None = Field(None, ge=1, le=INT64_MAX, description="Also compute validation loss every N steps.")
     save_steps: int | None = Field(
         None, ge=1, le=INT64_MAX, description="Save a checkpoint every N steps (one is always saved at each epoch end)."
@@ -237,7 +255,9 @@ class TrainingConfig(_Section):
     )
     early_stopping_threshold: float = Field(0.0, ge=0.0, description="Improvement smaller than this does not count.")
     load_best_at_end: bool = Field(False, description="End with the weights of the best validation loss.")
-    seed: int = Field(42, ge=0, le=SEED_MAX)
+    seed: int = Field(
+        42, ge=0, le=SEED_MAX, description="Seeds the random generators and each epoch's row order; the same seed "
+        "repeats a run.")
     num_threads: int | None = Field(
         None, ge=1, le=MAX_THREADS, description="CPU threads for torch; default: all cores.")
 
@@ -255,8 +275,9 @@ EvalMetric = Literal["perplexity", "rouge", "bleu", "chrf", "exact_match", "simi
 class EvalConfig(_Section):
     enabled: bool = Field(True, description="Compare base and tuned on the held-out rows after training.")
     limit: int | None = Field(50, ge=1, le=INT64_MAX, description="Evaluate at most this many held-out rows.")
-    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
-    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
+    max_new_tokens: int = Field(
+        64, ge=1, le=MAX_TOKENS, description="The longest answer generated for each held-out prompt (greedy).")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Prompts answered at once while generating.")
     answer_regex: str | None = Field(
         None, description="Compare only what this regex's first group captures (e.g. '#### (.+)')."
     )
@@ -370,19 +391,26 @@ class OutputConfig(_Section):
 
 
 class Config(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    method: Literal["lora", "qlora", "dora", "rslora", "adalora", "full"] = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    qlora: QloraConfig = Field(default_factory=QloraConfig)
-    adalora: AdaloraConfig = Field(default_factory=AdaloraConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to fine-tune.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The training data and how it is read.")
+    method: Literal["lora", "qlora", "dora", "rslora", "adalora", "full"] = Field(
+        "lora",
+        description="What trains: lora (a low-rank adapter beside the frozen weights), qlora (LoRA on a 4-bit base), "
+        "dora and rslora (LoRA variants), adalora (LoRA whose ranks shrink along a schedule) or full (every weight).",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The adapter of the LoRA methods.")
+    qlora: QloraConfig = Field(default_factory=QloraConfig, description="What method qlora does without 4-bit.")
+    adalora: AdaloraConfig = Field(default_factory=AdaloraConfig, description="AdaLoRA's rank schedule.")
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="Optimiser, schedule, batches, validation and checkpoints.")
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="The base-vs-tuned evaluation after training and in tunesmith eval.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher of tunesmith distill.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="The student of tunesmith distill.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="How tunesmith distill mixes its losses.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="How several training processes share the work.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run is written.")
 
     @field_validator("method", mode="before")
     @classmethod

@@ -65,7 +65,7 @@ def form_sections() -> list[dict]:
     """[{name, methods (None: every method), keys: [{key, kind, choices, default, description}]}]."""
     sections = []
     defaults = Config()
-    top = {"key": "method", "kind": "choice", "default": defaults.method, "description": "How the model is trained.",
+    top = {"key": "method", "kind": "choice", "default": defaults.method, "description": Config.model_fields["method"].description or "",
            "choices": list(typing.get_args(Config.model_fields["method"].annotation))}
     sections.append({"name": "method", "methods": None, "keys": [top]})
     for name, info in Config.model_fields.items():
