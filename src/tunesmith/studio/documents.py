@@ -14,10 +14,11 @@ What makes a pair valid (`QAPair` and `pair_problem`):
     ```json fence; nothing else around it.  Keys other than the two are ignored.
   - question: text, stripped, at most 300 characters, at least three words, ending with "?".
   - answer: text, stripped, non-empty, at most 1,000 characters, not a copy of the question.
-  - grounded, as a floor and not a fact check: the question and the answer each share at least one content
-    word (letters only, 4 or more of them, not a common function word) with the chunk.  It catches a reply
-    about something else (the prompt's worked example, say); it does not catch a wrong fact about the right
-    subject, so every pair is marked "generated" for a person to review.
+  - grounded, as a floor and not a fact check: the question has content words (words of 4+ letters, not common
+    function words, compared by their first 5 letters) and at least half of them occur in the chunk; so do at
+    least half of the answer's, when it has any (a short "Yes." has none).  It catches a reply about something else (the prompt's worked example, an invented subject); it
+    does not catch a wrong fact about the right subject, so every pair is marked "generated" for a person to
+    review.
   - not a repeat of a question already accepted for the same chunk.
 """
 
@@ -65,7 +66,7 @@ def extract_text(path: Path, shown_name: str | None = None) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{name} cannot be read ({visible(exc.strerror or exc)}); upload it again.") from None
-    if not data.strip():
+    if not data:
         raise UserError(f"{name} is empty; upload a document that holds text.")
     text = _pdf_text(path, name) if suffix == ".pdf" else _plain_text(data, name)
     if not text:
@@ -109,8 +110,11 @@ def _plain_text(data: bytes, name: str) -> str:
     try:
         text = data.decode(codec)
     except UnicodeDecodeError as exc:
-        raise UserError(f"{name} is not UTF-8 text (byte 0x{data[exc.start]:02x} at position {exc.start + 1:,} is not "
-                        "UTF-8); save it with the UTF-8 encoding and upload it again.") from None
+        start = exc.start + (3 if codec == "utf-8-sig" else 0)  # utf-8-sig counts from after the mark
+        line = data.count(b"\n", 0, start) + 1
+        raise UserError(f"{name}, line {line:,}: byte 0x{data[start]:02x} is not {codec.upper().replace('-SIG', '')} "
+                        "text; the file is probably in another encoding (such as Latin-1 or Windows-1252); save it as "
+                        "UTF-8 (most editors offer it under 'Save as') and upload it again.") from None
     if "\x00" in text:
         raise UserError(f"{name} holds NUL characters, so it is not a text file; upload the document's text as a "
                         ".txt or .md file.")
@@ -188,7 +192,9 @@ def _sentence_end(ids: list[int], tokenizer, start: int, end: int, earliest: int
 
 
 class QAPair(BaseModel):
-    """One question about a chunk and its answer (see the module docstring for what else makes it valid)."""
+    """A question about one fact in a text, and its answer."""
+
+    # What else makes a pair valid (grounding, repeats) is pair_problem's; the module docstring lists it all.
 
     model_config = ConfigDict(extra="ignore")
 
@@ -246,18 +252,25 @@ _STOPWORDS = frozenset(
 
 
 def content_words(text: str) -> set[str]:
-    """Lower-cased words of 4+ letters that are not common function words (grounding's unit)."""
-    return {w for w in re.findall(r"[^\W\d_]{4,}", text.lower()) if w not in _STOPWORDS}
+    """Grounding's unit: the lower-cased words of 4+ letters that are not common function words, each cut to its
+    first 5 letters (a crude stem: return, returns, returned are one word)."""
+    return {w[:5] for w in re.findall(r"[^\W\d_]{4,}", text.lower()) if w not in _STOPWORDS}
+
+
+GROUNDED_SHARE = 0.5  # the least share of a question's, and of an answer's, content words found in the chunk
 
 
 def pair_problem(pair: QAPair, chunk_text_: str, earlier: Sequence[QAPair] = ()) -> str | None:
-    """Why `pair` is not kept for the chunk beyond the schema (None: kept): not grounded in the chunk, an answer
-    that repeats the question, a question already accepted."""
+    """Why `pair` is not kept for the chunk beyond the schema (None: kept): a question or answer not grounded in
+    the chunk (fewer than GROUNDED_SHARE of its content words are in it), an answer that repeats the question,
+    a question already accepted."""
     words = content_words(chunk_text_)
-    if not content_words(pair.question) & words:
-        return "the question shares no content word with the chunk"
-    if not content_words(pair.answer) & words:
-        return "the answer shares no content word with the chunk"
+    if not content_words(pair.question):
+        return "the question names nothing from the chunk (it has no content word)"
+    for name, text in (("question", pair.question), ("answer", pair.answer)):
+        own = content_words(text)  # an answer may have none ("Yes.")
+        if own and len(own & words) < GROUNDED_SHARE * len(own):
+            return f"the {name} is not grounded in the chunk ({len(own & words)} of its {len(own)} content words are in it)"
     if _key(pair.answer) == _key(pair.question):
         return "the answer repeats the question"
     if any(_key(pair.question) == _key(e.question) for e in earlier):
@@ -317,7 +330,7 @@ class ChunkResult:
     chunk_index: int
     pairs: list[QAPair]
     attempts: int  # replies asked for
-    retries: int  # replies asked for after a failed one (attempts - pairs asked for, when none was given up)
+    retries: int  # replies asked for again after a refused one (at most max_retries)
     error: str | None  # None when n_pairs were kept, else why the chunk has fewer
     failures: list[str] = field(default_factory=list)  # why each refused reply was refused, in order
     stopped: bool = False  # should_stop ended it before it was done
@@ -401,8 +414,9 @@ def model_generator(model_name: str, max_new_tokens: int = 200,
     question gets a third of `max_new_tokens` (at most 64 tokens), the answer the rest.
 
     Attempt 0 decodes greedily; attempt k samples at RETRY_TEMPERATURE with a seed from the prompt and k (so
-    a run repeats).  A seq2seq model, or a `prefix` other than JSON_PREFIX, gets no prefill: the model writes
-    the whole reply, which must then be JSON by itself."""
+    a run repeats).  A `prefix` other than JSON_PREFIX is prefilled and the model writes the rest of the reply
+    freely; a seq2seq model (no assistant turn to prefill) writes the whole reply.  Either must then be JSON by
+    itself."""
     model, tokenizer, task, _system = load_base_chat(model_name)
     question_budget = max(16, min(64, max_new_tokens // 3))
     answer_budget = max(16, max_new_tokens - question_budget)
