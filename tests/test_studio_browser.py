@@ -138,3 +138,33 @@ def test_the_whole_workflow_in_a_browser(tmp_path, page):
         assert page.locator("#health").is_visible()
         wait_points(page, "#chart-loss", STEPS)
         screenshot(page, "06-run-finished")
+
+        # --- evaluate: the base-vs-tuned table of the before/after evaluation
+        scores = page.locator("#evaluate table.scores")
+        assert scores.count() >= 1 and scores.first.locator("tr").count() > 2
+        assert "exact_match" in scores.first.inner_text() or "chrf" in scores.first.inner_text()
+
+        # --- export: a GGUF file, downloaded from the page
+        page.locator("#export-gguf button[type=submit]").click()
+        link = page.locator("#export-jobs a[download]", has_text=".gguf")
+        link.first.wait_for(timeout=180_000)
+        screenshot(page, "07-run-exported")
+        with page.expect_download() as download:
+            link.first.click()
+        saved = tmp_path / "model.gguf"
+        download.value.save_as(saved)
+        assert saved.read_bytes()[:4] == b"GGUF" and saved.stat().st_size > 1_000_000
+
+        # --- chat: base and tuned answer the same message side by side
+        page.goto(run_url + "/chat")
+        page.locator("#chat-input textarea").fill("Repeat the word river.")
+        page.locator("#chat-input button[type=submit]").click()
+        for side in ("base", "tuned"):
+            answer = page.locator(f"#column-{side} .message.answer")
+            answer.first.wait_for(timeout=120_000)
+        # both streams end (a random model may well answer with nothing at all)
+        page.wait_for_function("document.querySelectorAll('.message.answer').length >= 2 "
+                               "&& !document.querySelector('.message.streaming')", timeout=120_000)
+        screenshot(page, "08-chat")
+        page.reload()  # the conversation is kept
+        assert page.locator("#column-tuned .message.user").first.inner_text() == "Repeat the word river."
