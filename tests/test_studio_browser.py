@@ -73,8 +73,6 @@ def wait_points(page, canvas: str, at_least: int, timeout: float = 90) -> int:
 
 def test_the_whole_workflow_in_a_browser(tmp_path, page):
     model = slow_tiny_model(tmp_path)
-    data = tmp_path / "repeat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in REPEAT_ROWS * 3))
     with StudioProcess(tmp_path / "studio") as studio:
         # --- a project
         page.goto(studio.url)
@@ -88,14 +86,35 @@ def test_the_whole_workflow_in_a_browser(tmp_path, page):
         assert "Repeat words" in page.locator("h1").inner_text()
         screenshot(page, "02-project")
 
-        # --- the train form: every key with its default; method-specific sections follow the method
-        page.locator("#train-link").click()
-        page.wait_for_url(re.compile(r"/train"))
+        # --- a dataset with one broken row: its number and field are shown, and it is fixed in the page
+        rows = [{**r, "instruction": r["instruction"].replace("Repeat", verb)}
+                for verb in ("Repeat", "Say again", "Echo") for r in REPEAT_ROWS]
+        broken = 5
+        data = tmp_path / "repeat.jsonl"
+        data.write_text("".join(json.dumps({k: v for k, v in r.items() if not (n == broken and k == "output")}) + "\n"
+                                for n, r in enumerate(rows, start=1)))
+        page.locator("#upload-dataset input[name=file]").set_input_files(str(data))
+        page.locator("#upload-dataset button[type=submit]").click()
+        arrived(page, r"/datasets/\d+")
+        problem = page.locator(f'#problems li[data-row="{broken}"][data-field="output"]')
+        problem.wait_for()
+        assert str(broken) in problem.inner_text()
+        screenshot(page, "03-dataset-problem")
+        editor = page.locator(f"#row-{broken} textarea.row-json")
+        editor.fill(json.dumps(rows[broken - 1]))
+        page.locator(f"#row-{broken} .save-row").click()
+        page.locator("#no-problems").wait_for()
+        assert page.locator("#problems li").count() == 0
+        screenshot(page, "04-dataset-fixed")
+
+        # --- the train form, on that dataset: every key with its default; method-specific sections follow the method
+        page.locator("#train-on").click()
+        arrived(page, r"/train")
         assert page.locator('fieldset[data-section="adalora"]').is_hidden()
         page.select_option('[name="method"]', "adalora")
         assert page.locator('fieldset[data-section="adalora"]').is_visible()
         page.select_option('[name="method"]', "lora")
-        page.fill('[name="data.path"]', str(data))
+        assert page.locator('[name="data.path"]').input_value().endswith(".jsonl")
         page.fill('[name="data.validation_split"]', "0.2")
         page.fill('[name="training.max_steps"]', str(STEPS))
         page.fill('[name="training.epochs"]', "100")
@@ -114,7 +133,7 @@ def test_the_whole_workflow_in_a_browser(tmp_path, page):
         page.get_by_text("Apply YAML to the form").click()
         page.locator("#form-view").wait_for(state="visible")
         assert page.locator('[name="training.learning_rate"]').input_value() == "0.004"
-        screenshot(page, "03-train-form")
+        screenshot(page, "05-train-form")
         page.locator("#launch").click()
         arrived(page, r"/runs/\d+$")
         run_url = page.url
@@ -124,20 +143,20 @@ def test_the_whole_workflow_in_a_browser(tmp_path, page):
         page.reload()
         after = wait_points(page, "#chart-loss", before)  # the points so far come back at once ...
         wait_points(page, "#chart-loss", after + 2)  # ... and new ones keep arriving
-        screenshot(page, "04-run-training")
+        screenshot(page, "06-run-training")
 
         # --- stop (a checkpoint is saved) and resume
         page.locator("#stop").click()
         page.wait_for_function("document.getElementById('run-state').textContent.includes('resumable')",
                                timeout=90_000)
-        screenshot(page, "05-run-stopped")
+        screenshot(page, "07-run-stopped")
         page.locator("#resume").click()
         page.wait_for_function("document.getElementById('run-state').textContent.startsWith('finished')",
                                timeout=180_000)
         page.goto(run_url)
         assert page.locator("#health").is_visible()
         wait_points(page, "#chart-loss", STEPS)
-        screenshot(page, "06-run-finished")
+        screenshot(page, "08-run-finished")
 
         # --- evaluate: the base-vs-tuned table of the before/after evaluation
         scores = page.locator("#evaluate table.scores")
@@ -148,7 +167,7 @@ def test_the_whole_workflow_in_a_browser(tmp_path, page):
         page.locator("#export-gguf button[type=submit]").click()
         link = page.locator("#export-jobs a[download]", has_text=".gguf")
         link.first.wait_for(timeout=180_000)
-        screenshot(page, "07-run-exported")
+        screenshot(page, "09-run-exported")
         with page.expect_download() as download:
             link.first.click()
         saved = tmp_path / "model.gguf"
@@ -165,6 +184,6 @@ def test_the_whole_workflow_in_a_browser(tmp_path, page):
         # both streams end (a random model may well answer with nothing at all)
         page.wait_for_function("document.querySelectorAll('.message.answer').length >= 2 "
                                "&& !document.querySelector('.message.streaming')", timeout=120_000)
-        screenshot(page, "08-chat")
+        screenshot(page, "10-chat")
         page.reload()  # the conversation is kept
         assert page.locator("#column-tuned .message.user").first.inner_text() == "Repeat the word river."
