@@ -30,7 +30,7 @@ class LineChart {
     if (x0 === x1) { x0 -= 1; x1 += 1; }
     if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
     const pad = (y1 - y0) * 0.05;
-    return [x0, x1, y0 - pad, y1 + pad];
+    return [x0, x1, y0 >= 0 ? Math.max(0, y0 - pad) : y0 - pad, y1 + pad];
   }
   static label(v) {
     const a = Math.abs(v);
@@ -52,7 +52,7 @@ class LineChart {
       const y = y0 + (y1 - y0) * i / 4, x = x0 + (x1 - x0) * i / 4;
       g.beginPath(); g.moveTo(left, py(y)); g.lineTo(w - right, py(y)); g.stroke();
       g.fillText(LineChart.label(y), 2, py(y) + 4);
-      g.fillText(LineChart.label(Math.round(x * 100) / 100), px(x) - 8, h - 8);
+      g.fillText(LineChart.label(x1 - x0 >= 8 ? Math.round(x) : Math.round(x * 100) / 100), px(x) - 8, h - 8);
     }
     let i = 0;
     for (const [name, points] of this.series) {

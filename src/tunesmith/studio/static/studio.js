@@ -100,7 +100,9 @@ const studio = {
     const el = document.getElementById("run-state");
     el.textContent = s.state + (s.resumable ? " · resumable" : "");
     el.className = "state state-" + s.state;
-    document.getElementById("run-message").textContent = s.message || "";
+    const message = document.getElementById("run-message");
+    message.textContent = s.message || "";
+    message.className = ["failed", "interrupted"].includes(s.state) ? "sentence" : "meta";
     document.getElementById("stop").hidden = !["queued", "running"].includes(s.state);
     document.getElementById("resume").hidden = !s.resumable;
   },
