@@ -13,6 +13,7 @@ so a web page cannot reach a loopback studio by rebinding its own name (DNS rebi
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import secrets
@@ -25,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.api import is_loopback
@@ -140,30 +142,32 @@ def create_app(settings: StudioSettings) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        # a refusal's sentence: JSON for /api, else a page for a browser, which must not carry the token it refuses
+        refuse = functools.partial(error_response, request, show_token=False)
         host = request.headers.get("host", "")
         if hosts is not None and host not in hosts:
-            return _refuse(403, f"this studio answers requests for 127.0.0.1:{settings.port} only, not for "
-                                f"{host[:100]!r}; open http://127.0.0.1:{settings.port}/.")
+            return refuse(403, f"this studio answers requests for 127.0.0.1:{settings.port} only, not for "
+                               f"{host[:100]!r}; open http://127.0.0.1:{settings.port}/.")
         path = request.url.path
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY:
-            return _refuse(413, f"the request is {int(length) / 2**20:.0f} MiB; the studio takes at most "
-                                f"{MAX_BODY // 2**20} MiB in one upload.")
+            return refuse(413, f"the request is {int(length) / 2**20:.0f} MiB; the studio takes at most "
+                               f"{MAX_BODY // 2**20} MiB in one upload.")
         if path.startswith(OPEN_PATHS):
             return await call_next(request)
         given = (request.headers.get(TOKEN_HEADER) or request.query_params.get("token")
                  or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
         cookie = request.cookies.get(TOKEN_COOKIE, "")
         if token_required and not (_same(given, token) or _same(cookie, token)):
-            return _refuse(401, "this studio needs its token: open the address it printed at start "
-                                "(…/?token=…), or send the X-Tunesmith-Token header.")
+            return refuse(401, "this studio needs its token: open the address it printed at start "
+                               "(…/?token=…), or send the X-Tunesmith-Token header.")
         if request.method in UNSAFE:
             if not _same(request.headers.get(TOKEN_HEADER, ""), token):
-                return _refuse(403, "changes need the studio's token in the X-Tunesmith-Token header (the studio's "
-                                    "own pages send it; reload the page if the studio was restarted with a new one).")
+                return refuse(403, "changes need the studio's token in the X-Tunesmith-Token header (the studio's "
+                                   "own pages send it; reload the page if the studio was restarted with a new one).")
             if not _origin_ok(request):
-                return _refuse(403, "changes are accepted only from the studio's own pages (this request came "
-                                    "from another site).")
+                return refuse(403, "changes are accepted only from the studio's own pages (this request came "
+                                   "from another site).")
         if request.method == "GET" and request.query_params.get("token") and _same(
                 request.query_params["token"], token) and not path.startswith("/api/"):
             response: Response = RedirectResponse(path, status_code=303)
@@ -174,10 +178,10 @@ def create_app(settings: StudioSettings) -> FastAPI:
     def wants_html(request: Request) -> bool:
         return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
 
-    def error_response(request: Request, status: int, sentence: str) -> Response:
+    def error_response(request: Request, status: int, sentence: str, show_token: bool = True) -> Response:
         if wants_html(request):
-            return app.state.templates.TemplateResponse(request, "error.html", {"message": sentence},
-                                                        status_code=status)
+            context = {"message": sentence} if show_token else {"message": sentence, "token": ""}
+            return app.state.templates.TemplateResponse(request, "error.html", context, status_code=status)
         return _refuse(status, sentence)
 
     @app.exception_handler(UserError)
@@ -189,9 +193,19 @@ def create_app(settings: StudioSettings) -> FastAPI:
     async def bad_request(request: Request, exc: RequestValidationError):
         return error_response(request, 422, validation_sentence(exc))
 
+    @app.exception_handler(DataError)
+    async def unstorable(request: Request, exc: DataError):  # PostgreSQL refuses what SQLite stores (a NUL character)
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:200]
+        return error_response(request, 400, f"the database cannot store what this request holds ({reason}); "
+                                            "leave that out and try again.")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else "the request was refused"
+        if exc.status_code == 404 and detail == "Not Found":  # Starlette's words for a path no route serves
+            detail = f"there is nothing at {request.url.path[:200]}; the studio's pages start at /."
+        elif exc.status_code == 405 and detail == "Method Not Allowed":
+            detail = f"{request.method} is not allowed on {request.url.path[:200]}."
         return error_response(request, exc.status_code, detail)
 
     @app.exception_handler(Exception)

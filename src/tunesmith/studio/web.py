@@ -15,6 +15,7 @@ from tunesmith.errors import UserError
 from tunesmith.studio.db import Base
 
 T = TypeVar("T", bound=Base)
+MAX_ID = 2**31 - 1  # the largest id an id column holds (INTEGER: 4 bytes in PostgreSQL); a larger one names no row
 
 
 class NotFound(UserError):
@@ -31,7 +32,7 @@ DB = Annotated[Session, Depends(session)]  # a handler's parameter `s: DB` is it
 
 
 def get_or_404(s: Session, model: type[T], row_id: int, what: str | None = None) -> T:
-    row = s.get(model, row_id)
+    row = s.get(model, row_id) if -MAX_ID - 1 <= row_id <= MAX_ID else None  # the driver cannot send a larger one
     if row is None:
         raise NotFound(f"there is no {what or model.__tablename__.rstrip('s')} {row_id}.")
     return row
