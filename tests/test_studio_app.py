@@ -137,7 +137,7 @@ def tiny_project(client: TestClient, tmp_path: Path, steps: int, extra: str = ""
     config = save_tiny_run_config(tmp_path, extra)
     project = client.post("/api/projects", json={"name": f"tiny-{time.time_ns()}",
                                                  "base_model": str(tmp_path / "tiny-llama")}).json()
-    text = config.read_text().replace("epochs: 100", f"epochs: 100, max_steps: {steps}")
+    text = config.read_text().replace("epochs: 100", f"epochs: 100, max_steps: {steps}, num_threads: 1")
     return project["id"], text
 
 

@@ -24,7 +24,7 @@ from studio_fixtures import (  # noqa: F401
 )
 
 pytestmark = pytest.mark.slow
-STEPS = 120
+STEPS = 200
 
 
 def slow_tiny_model(root: Path) -> Path:
@@ -118,6 +118,7 @@ def test_the_whole_workflow_in_a_browser(tmp_path, page):
         page.fill('[name="data.validation_split"]', "0.2")
         page.fill('[name="training.max_steps"]', str(STEPS))
         page.fill('[name="training.epochs"]', "100")
+        page.fill('[name="training.num_threads"]', "1")
         page.fill('[name="training.learning_rate"]', "0.003")
         page.fill('[name="training.save_steps"]', "10")
         page.fill('[name="training.eval_steps"]', "20")
