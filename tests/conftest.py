@@ -262,3 +262,16 @@ def time_limit(seconds: float = 10):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# The studio's fixtures (tests/studio_fixtures.py) are registered here, once for the whole run.  A session fixture
+# imported into several test modules would be made once per module, and two Playwright sync sessions cannot share
+# a thread (the second finds the first's event loop running); one PostgreSQL cluster serves every module.
+from studio_fixtures import (  # noqa: E402,F401  (fixtures: pytest finds them by name)
+    blocked_requests,
+    chromium_browser,
+    page,
+    postgres_cluster,
+    postgres_url,
+    studio_server,
+)

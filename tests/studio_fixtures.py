@@ -1,9 +1,10 @@
 """Helpers and pytest fixtures for the studio's tests: a started `tunesmith studio`, Debian's chromium driven by
 Playwright, and a throwaway PostgreSQL cluster.
 
-Test modules import what they use (pytest finds a fixture by its name in the module's namespace):
+Test modules import the helpers they use; the fixtures (chromium_browser, page, blocked_requests, postgres_cluster,
+postgres_url, studio_server) are registered once for the whole run in conftest.py:
 
-    from studio_fixtures import StudioProcess, blocked_requests, chromium_browser, page, screenshot
+    from studio_fixtures import StudioProcess, screenshot
 
 The browser and the cluster come from apt (scripts/setup.sh installs `chromium` and `postgresql` as root).
 Without them the tests that need them are skipped, except under CI (the CI environment variable set), where a

@@ -531,7 +531,7 @@ def test_schemathesis_follows_the_links_with_valid_and_invalid_requests(server):
             case.validate_response(response, excluded_checks=[positive_data_acceptance],
                                    additional_checks=[_valid_requests_accepted], transport_kwargs=kwargs)
 
-    Scenarios.run(settings=settings(max_examples=15, stateful_step_count=4, deadline=None, database=None,
+    Scenarios.run(settings=settings(max_examples=30, stateful_step_count=4, deadline=None, database=None,
                                     suppress_health_check=list(HealthCheck)))
     assert ("GET /v1/models/{model}", 200) in seen  # reached through the link: its id came from the listing
     assert ("POST /v1/chat/completions", 200) in seen and ("POST /v1/chat/completions", 400) in seen

@@ -141,18 +141,24 @@ def tiny_project(client: TestClient, tmp_path: Path, steps: int, extra: str = ""
     return project["id"], text
 
 
+def run_over_sse(client: TestClient, project: int, text: str, steps: int) -> tuple[dict, list]:
+    """Launch a run of `text` and follow its events to the end: every step once, the loss falling, finished."""
+    run = client.post(f"/api/projects/{project}/runs", json={"name": "first", "config_yaml": text}).json()
+    assert run["state"] in ("queued", "running")
+    events = sse(client, f"/api/runs/{run['id']}/events")
+    metrics = [data for _, kind, data in events if kind == "metric" and data["type"] == "train"]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert [data["state"] for _, kind, data in events if kind == "status"][-1] == "finished"
+    return run, events
+
+
 def test_a_run_trains_streams_its_points_and_continues_after_a_reconnect(tmp_path):
     with studio(tmp_path / "home") as client:
         project, text = tiny_project(client, tmp_path, steps=6)
         bad = client.post(f"/api/projects/{project}/runs", json={"name": "x", "config_yaml": "training: {epochs: -1}"})
         assert bad.status_code == 400 and "training.epochs" in bad.json()["error"]
-        run = client.post(f"/api/projects/{project}/runs", json={"name": "first", "config_yaml": text}).json()
-        assert run["state"] in ("queued", "running")
-        events = sse(client, f"/api/runs/{run['id']}/events")
-        metrics = [data for _, kind, data in events if kind == "metric" and data["type"] == "train"]
-        assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
-        assert metrics[-1]["loss"] < metrics[0]["loss"]
-        assert [data["state"] for _, kind, data in events if kind == "status"][-1] == "finished"
+        run, events = run_over_sse(client, project, text, steps=6)
         # a browser that reconnects sends the last id it saw and gets only the rest
         ids = [int(i) for i, kind, _ in events if kind == "metric"]
         rest = sse(client, f"/api/runs/{run['id']}/events", headers={"Last-Event-ID": str(ids[2])})

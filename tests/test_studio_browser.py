@@ -15,13 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPEAT_ROWS, build_tiny_tokenizer
-from studio_fixtures import (  # noqa: F401
-    StudioProcess,
-    blocked_requests,
-    chromium_browser,
-    page,
-    screenshot,
-)
+from studio_fixtures import StudioProcess, screenshot
 
 pytestmark = pytest.mark.slow
 STEPS = 200

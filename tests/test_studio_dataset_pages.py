@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import save_tiny_model_folder, write_rows
 from fastapi.testclient import TestClient
+from test_studio_app import studio
 
 from tunesmith.studio import store
-from tunesmith.studio.app import StudioSettings, create_app
 from tunesmith.studio.pages import datasets as dataset_pages
 from tunesmith.studio.pages.datasets import dataset_blockers
 
@@ -42,9 +42,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def client(tmp_path):
-    app = create_app(StudioSettings(home=tmp_path / "home", poll_s=0.2))
-    with TestClient(app, base_url="http://127.0.0.1:7860") as c:
-        c.headers["X-Tunesmith-Token"] = app.state.token
+    with studio(tmp_path / "home") as c:
         yield c
 
 

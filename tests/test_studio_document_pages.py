@@ -17,11 +17,10 @@ import pytest
 import yaml
 from conftest import REPEAT_ROWS, save_tiny_model_folder
 from fastapi.testclient import TestClient
-from test_studio_app import wait_for
+from test_studio_app import studio, wait_for
 from test_studio_documents import POLICY, make_pdf
 
 from tunesmith.studio import documents
-from tunesmith.studio.app import StudioSettings, create_app
 from tunesmith.studio.db import QAPair
 from tunesmith.studio.pages import documents as document_pages
 
@@ -34,9 +33,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def client(tmp_path):
-    app = create_app(StudioSettings(home=tmp_path / "home", poll_s=0.2))
-    with TestClient(app, base_url="http://127.0.0.1:7860") as c:
-        c.headers["X-Tunesmith-Token"] = app.state.token
+    with studio(tmp_path / "home") as c:
         yield c
 
 

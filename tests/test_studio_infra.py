@@ -16,18 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from studio_fixtures import (  # noqa: F401
-    PostgresCluster,
-    StudioProcess,
-    blocked_requests,
-    chromium_browser,
-    find_postgres_bin,
-    free_port,
-    page,
-    postgres_cluster,
-    postgres_url,
-    screenshot,
-)
+from studio_fixtures import PostgresCluster, StudioProcess, find_postgres_bin, free_port, screenshot
 
 TESTS = Path(__file__).resolve().parent
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -14,8 +14,8 @@ import httpx
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conftest import REPEAT_ROWS, save_tiny_run_config
-from studio_fixtures import StudioProcess, postgres_cluster, postgres_url  # noqa: F401
-from test_studio_app import sse, studio, tiny_project, wait_for
+from studio_fixtures import StudioProcess
+from test_studio_app import run_over_sse, studio, tiny_project, wait_for
 
 from tunesmith import api
 from tunesmith.studio import db
@@ -61,13 +61,7 @@ def test_projects_on_postgres(postgres_url, tmp_path):  # noqa: F811
 def test_a_run_trains_over_sse_and_a_cli_folder_is_added_on_postgres(postgres_url, tmp_path):  # noqa: F811
     with studio(tmp_path / "home", db=postgres_url) as client:
         project, text = tiny_project(client, tmp_path, steps=6)
-        run = client.post(f"/api/projects/{project}/runs", json={"name": "first", "config_yaml": text}).json()
-        assert run["state"] in ("queued", "running")
-        events = sse(client, f"/api/runs/{run['id']}/events")
-        metrics = [data for _, kind, data in events if kind == "metric" and data["type"] == "train"]
-        assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
-        assert metrics[-1]["loss"] < metrics[0]["loss"]
-        assert [data["state"] for _, kind, data in events if kind == "status"][-1] == "finished"
+        run, _events = run_over_sse(client, project, text, steps=6)
         assert client.get(f"/api/runs/{run['id']}").json()["summary"]["train"]["steps"] == 6
 
         cli_dir = tmp_path / "cli-run"

@@ -56,7 +56,6 @@ def test_a_run_keeps_training_through_a_studio_kill9_and_the_restarted_studio_fo
     with StudioProcess(tmp_path / "studio") as studio:
         with client_for(studio) as client:
             project, text = tiny_project(client, tmp_path, steps=STEPS)
-            text = text.replace(f"max_steps: {STEPS}", f"max_steps: {STEPS}, num_threads: 1")
             launched = client.post(f"/api/projects/{project}/runs", json={"name": "through a crash",
                                                                           "config_yaml": text})
             assert launched.status_code == 201, launched.text
@@ -96,7 +95,7 @@ def test_a_run_killed_with_the_studio_is_interrupted_and_resumes_to_the_uninterr
         with client_for(studio) as client:
             project, text = tiny_project(client, tmp_path, steps=RESUMED_STEPS)
             text = text.replace(f"max_steps: {RESUMED_STEPS}",
-                                f"max_steps: {RESUMED_STEPS}, save_steps: 2, num_threads: 1")
+                                f"max_steps: {RESUMED_STEPS}, save_steps: 2")
             run = client.post(f"/api/projects/{project}/runs", json={"name": "both die",
                                                                      "config_yaml": text}).json()
             run_dir = Path(run["run_dir"])

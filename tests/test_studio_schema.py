@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import Failure
-from studio_fixtures import StudioProcess, free_port, postgres_cluster, postgres_url  # noqa: F401
+from studio_fixtures import StudioProcess, free_port
 from test_studio_app import studio
 
 from tunesmith import api
