@@ -172,7 +172,7 @@ def test_a_run_trains_streams_its_points_and_continues_after_a_reconnect(tmp_pat
 def test_stop_saves_a_checkpoint_resume_finishes_and_a_second_studio_reattaches(tmp_path):
     home = tmp_path / "home"
     with studio(home) as client:
-        project, text = tiny_project(client, tmp_path, steps=400)
+        project, text = tiny_project(client, tmp_path, steps=5000)
         run = client.post(f"/api/projects/{project}/runs", json={"name": "long", "config_yaml": text}).json()
         deadline = time.monotonic() + 120
         while client.get(f"/api/runs/{run['id']}").json()["steps"] < 3:
@@ -192,7 +192,8 @@ def test_stop_saves_a_checkpoint_resume_finishes_and_a_second_studio_reattaches(
         assert resumed["state"] in ("queued", "running")
         client.post(f"/api/runs/{run['id']}/stop")  # and once more, then let the test end quickly
         ended = wait_for(client, run["id"], ("interrupted", "failed", "finished"))
-        assert ended["state"] == "interrupted" and ended["steps"] >= steps_then
+        # it went on from the checkpoint (on a fast machine it may even finish before the second stop lands)
+        assert ended["state"] in ("interrupted", "finished") and ended["steps"] >= steps_then
 
 
 def test_a_run_whose_process_is_gone_is_marked_from_its_folder(tmp_path):
