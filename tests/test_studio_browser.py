@@ -18,7 +18,7 @@ from conftest import REPEAT_ROWS, build_tiny_tokenizer
 from studio_fixtures import StudioProcess, screenshot
 
 pytestmark = pytest.mark.slow
-STEPS = 200
+STEPS = 400
 
 
 def slow_tiny_model(root: Path) -> Path:
