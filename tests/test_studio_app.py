@@ -131,6 +131,9 @@ def test_projects_and_the_form_yaml_round_trip(tmp_path):
         wrong = client.post("/api/config/form", json={"yaml": "training:\n  learning_rate: fast\n"})
         assert wrong.status_code == 400 and "training.learning_rate" in wrong.json()["error"]
         assert client.get("/projects/999").status_code == 404
+        wrong_method = client.delete("/api/projects")
+        assert wrong_method.status_code == 405 and "DELETE is not allowed" in wrong_method.json()["error"]
+        assert {"GET", "POST"} <= set(wrong_method.headers["allow"].replace(" ", "").split(","))
 
 
 def tiny_project(client: TestClient, tmp_path: Path, steps: int, extra: str = "") -> tuple[int, str]:

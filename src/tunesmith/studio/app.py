@@ -28,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from tunesmith.api import is_loopback
 from tunesmith.errors import UserError
@@ -206,7 +207,13 @@ def create_app(settings: StudioSettings) -> FastAPI:
             detail = f"there is nothing at {request.url.path[:200]}; the studio's pages start at /."
         elif exc.status_code == 405 and detail == "Method Not Allowed":
             detail = f"{request.method} is not allowed on {request.url.path[:200]}."
-        return error_response(request, exc.status_code, detail)
+        response = error_response(request, exc.status_code, detail)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Allow: every method the path takes (Starlette names only its first route's)
+            taken = {method for route in app.routes if isinstance(route, Route) and route.path_regex.match(
+                request.url.path) for method in (route.methods or ())}
+            response.headers["Allow"] = ", ".join(sorted(taken))
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
