@@ -3,6 +3,7 @@ folders.  Page modules take everything from `request.app.state` (set by tunesmit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -36,6 +37,15 @@ def get_or_404(s: Session, model: type[T], row_id: int, what: str | None = None)
     if row is None:
         raise NotFound(f"there is no {what or model.__tablename__.rstrip('s')} {row_id}.")
     return row
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON file's object (summary.json, eval/metrics.json), or None when it is missing, unreadable or not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def render(request: Request, template: str, **context) -> HTMLResponse:

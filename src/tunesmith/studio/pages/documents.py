@@ -199,8 +199,9 @@ def storable(text: str) -> str:
 
 
 def tokenizer_for(app: FastAPI, project: Project):
-    """The tokenizer of the project's base model, loaded once per model (the cache the dataset pages share)."""
-    tokenizers: Tokenizers = getattr(app.state, "dataset_tokenizers", None) or app.state.document_tokenizers
+    """The tokenizer of the project's base model, loaded once per model (the dataset pages' cache, which
+    create_app always registers)."""
+    tokenizers: Tokenizers = app.state.dataset_tokenizers
     model, _data = project_settings(project)
     tokenizer, why = tokenizers.get(model)
     if tokenizer is None:
@@ -317,7 +318,6 @@ def job_view(job: Job | None) -> dict | None:
 def register(app: FastAPI) -> None:
     generators = Generators()
     app.state.qa_generators = generators
-    app.state.document_tokenizers = Tokenizers()  # used when the dataset pages have not made the shared cache
     app.state.jobs.register(QA, lambda ctx: qa_job(ctx, generators))
 
     def document_counts(docs) -> dict[int, dict[str, int]]:

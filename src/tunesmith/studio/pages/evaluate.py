@@ -25,7 +25,8 @@ from tunesmith.evaluate import metrics
 from tunesmith.evaluate.suite import LOWER_IS_BETTER, NOT_SCORES
 from tunesmith.studio.db import Dataset, Job, Run
 from tunesmith.studio.jobs import JobContext
-from tunesmith.studio.web import DB, NotFound, files_dir, get_or_404, render
+from tunesmith.studio.pages.runs import read_summary
+from tunesmith.studio.web import DB, NotFound, files_dir, get_or_404, read_json_object, render
 
 log = logging.getLogger(__name__)
 EVAL = "eval"
@@ -145,20 +146,12 @@ def score_table(base: dict | None, tuned: dict | None) -> list[dict]:
     return rows
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def evaluation_tables(run: Run, summary: dict | None) -> dict:
     """The training's before/after table (summary.json) and, when a later `tunesmith eval` or studio job
     changed it, the newest table in RUN_DIR/eval/."""
     section = (summary or {}).get("eval") or {}
     training = score_table(section.get("base"), section.get("tuned")) if section else []
-    newest = _read_json(Path(run.run_dir) / "eval" / "metrics.json")
+    newest = read_json_object(Path(run.run_dir) / "eval" / "metrics.json")
     later = []
     if newest and finite(newest) != finite({"base": section.get("base"), "tuned": section.get("tuned")}):
         later = score_table(newest.get("base"), newest.get("tuned"))
@@ -338,7 +331,7 @@ def register(app: FastAPI) -> None:
     def evaluation(s: DB, run_id: int):
         """The run's base-vs-tuned tables: after training (summary.json) and the newest later one (eval/)."""
         run = get_or_404(s, Run, run_id, "run")
-        summary = _read_json(Path(run.run_dir) / "summary.json")
+        summary = read_summary(run.run_dir)
         return {"tables": evaluation_tables(run, summary),
                 "jobs": [eval_job_view(j) for j in run_jobs(s, run.id, EVAL)]}
 

@@ -18,7 +18,7 @@ from tunesmith.errors import UserError
 from tunesmith.studio import configs, datasets
 from tunesmith.studio.db import NAME, Dataset, Project, Run
 from tunesmith.studio.runner import resumable
-from tunesmith.studio.web import DB, files_dir, get_or_404, render
+from tunesmith.studio.web import DB, files_dir, get_or_404, read_json_object, render
 
 FINAL = ("finished", "failed", "interrupted")
 LOG_LINES = 200
@@ -71,10 +71,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def read_summary(run_dir: str | Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_object(Path(run_dir) / "summary.json")
 
 
 def run_out(run: Run) -> RunOut:
