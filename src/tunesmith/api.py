@@ -20,16 +20,12 @@ A run folder holds `status.json` once its training process ends: {"state": "fini
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith import config as _config
@@ -50,6 +46,7 @@ from tunesmith.ship.merge import merge_run
 from tunesmith.ship.serve import ModelServer, build_app, is_loopback, load_generator, make_server
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import list_checkpoints
+from tunesmith.train.child import RunEvent, RunProcess, follow, last_sentence, spawn, stop
 from tunesmith.train.folder_lock import (
     HELD_BY_LAUNCHER,
     disk_full_sentence,
@@ -61,7 +58,7 @@ from tunesmith.train.folder_lock import (
 )
 from tunesmith.train.loop import TrainingInterrupted, run_training
 from tunesmith.train.resumable import check_resumable
-from tunesmith.train.status import FINAL_STATES, STATUS_FILE, read_status, write_status
+from tunesmith.train.status import STATUS_FILE, read_status, write_status
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -316,42 +313,7 @@ def end_process(code: int) -> int:
     return code
 
 
-# --- a run in a child process, followed from its folder
-
-@dataclass
-class RunEvent:
-    """One thing that happened in a run: `kind` is "train" or "validation" (a metrics.jsonl line, in `data`),
-    or, last, "finished", "failed" or "interrupted" with the run's own sentence in `message`."""
-
-    kind: str
-    data: dict = field(default_factory=dict)
-    message: str | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.kind in FINAL_STATES
-
-
-@dataclass
-class RunProcess:
-    """A training run in a child process (`start_run`): follow it with `events()`, stop it with `stop()`."""
-
-    run_dir: Path
-    process: subprocess.Popen
-    log_file: Path  # the child's output (progress bars, and its last sentence if it failed before the run folder)
-    started: float = field(default_factory=time.time)
-
-    def events(self, poll_s: float = 0.2) -> Iterator[RunEvent]:
-        return follow(self.run_dir, process=self.process, log_file=self.log_file, since=self.started, poll_s=poll_s)
-
-    def stop(self) -> None:
-        """Ask the run to save a checkpoint and stop at the end of its step (SIGINT, as Ctrl-C does)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.process.wait(timeout)
-
+# --- a run in a child process, followed from its folder (tunesmith.train.child)
 
 def start_run(config_path: str | Path, overrides: Sequence[str] = (), output: str | Path | None = None,
               resume: bool = False, nproc: int = 1, log_file: str | Path | None = None,
@@ -365,88 +327,7 @@ def start_run(config_path: str | Path, overrides: Sequence[str] = (), output: st
     argv = [sys.executable, "-m", "tunesmith.cli", "train", str(config_path), "--output", str(run_dir),
             "--nproc", str(nproc)] + [x for item in overrides for x in ("--set", item)]
     argv += ["--resume"] if resume else []
-    started = time.time()
-    if log_file is None:
-        handle, log_name = tempfile.mkstemp(prefix="tunesmith-run-", suffix=".log")
-        log = os.fdopen(handle, "wb")
-    else:
-        log_name = str(log_file)
-        log = open(log_name, "ab")  # noqa: SIM115 - closed below, once the child holds its own copy
-    with log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=detach)
-    return RunProcess(run_dir, process, Path(log_name), started)
-
-
-def last_sentence(log_file: Path | None) -> str:
-    """The last line a training process said (`tunesmith ...`), else its last line, from its output file."""
-    if log_file is None or not log_file.is_file():
-        return ""
-    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-    said = [line for line in lines if line.startswith("tunesmith")]
-    return (said or lines or [""])[-1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _new_records(metrics: Path, seen: int) -> tuple[list[dict], int]:
-    """The complete metrics.jsonl lines after the first `seen`, and the new count."""
-    lines = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
-    if len(lines) < seen:  # a resumed run rewrote the file with the steps it kept
-        seen = 0
-    complete = [line for line in lines[seen:] if line.endswith("\n")]  # the last may still be being written
-    return [json.loads(line) for line in complete], seen + len(complete)
-
-
-def follow(run_dir: str | Path, process: subprocess.Popen | None = None, log_file: Path | None = None,
-           since: float = 0.0, poll_s: float = 0.2, timeout_s: float | None = None) -> Iterator[RunEvent]:
-    """The run's events as they happen: each metrics.jsonl line, then one final event from status.json (one
-    written at or after `since`, a time.time()).  With `process` (the child running it), a child that ends
-    without a status (it failed before the run folder was made, or was killed) ends the events with "failed"
-    and its last line; without one, `timeout_s` seconds with no new line and no status end them too."""
-    metrics = Path(run_dir) / "metrics.jsonl"
-    seen, quiet_since = 0, time.monotonic()
-    while True:
-        ended = process is not None and process.poll() is not None  # before reading: its last lines are in
-        records, seen = _new_records(metrics, seen)
-        for record in records:
-            quiet_since = time.monotonic()
-            yield RunEvent(record.get("type", "train"), record)
-        status = read_status(run_dir)
-        if status and status.get("state") in FINAL_STATES and status.get("time", 0.0) >= since:
-            if process is None or ended:
-                yield RunEvent(status["state"], status, status.get("message"))
-                return
-        elif ended:
-            why = last_sentence(log_file) or f"the training process ended with exit code {process.returncode}"
-            yield RunEvent("failed", {"exit_code": process.returncode}, why)
-            return
-        elif timeout_s is not None and time.monotonic() - quiet_since > timeout_s:
-            yield RunEvent("failed", {}, f"{run_dir}: no new step for {timeout_s:g} s and no status.json; "
-                                         "the run's process may have been killed")
-            return
-        time.sleep(poll_s)
-
-
-def stop(run: RunProcess | str | Path, pid: int | None = None) -> bool:
-    """Ask a running training to checkpoint and stop (SIGINT, as Ctrl-C does): a `RunProcess`, or a process id
-    of a run started elsewhere.  False when there was nothing running to stop."""
-    if isinstance(run, RunProcess):
-        alive = run.process.poll() is None
-        run.stop()
-        return alive
-    if pid is None or not _alive(pid):
-        return False
-    os.kill(pid, signal.SIGINT)
-    return True
+    return spawn(argv, run_dir, log_file, detach)
 
 
 # --- distil, evaluate, ship
