@@ -40,6 +40,11 @@ from tunesmith.hardware import detect_device
 from tunesmith.models import BUILTIN_MODELS, load_tokenizer, resolve_model_source
 from tunesmith.models.run_folder import open_run
 from tunesmith.models.validated import format_matrix, load_matrix
+from tunesmith.plan.estimate import Estimate, parse_size
+from tunesmith.plan.estimate import estimate as _estimate
+from tunesmith.plan.matrix import MatrixResult, agreement_sweep, estimate_matrix, matrix_json, matrix_report
+from tunesmith.plan.matrix import models_summary as estimated_matrix_summary
+from tunesmith.plan.sweep import SweepInterrupted, run_sweep
 from tunesmith.ship.chat import chat_repl, load_for_chat, stream_reply
 from tunesmith.ship.gguf_export import export_gguf
 from tunesmith.ship.merge import merge_run
@@ -63,11 +68,13 @@ from tunesmith.train.status import STATUS_FILE, read_status, write_status
 log = logging.getLogger(__name__)
 __all__ = [
     "Config", "Launch", "RunEvent", "RunProcess", "UserError", "BUILTIN_MODELS",
-    "load_config", "load_config_text", "new_run_dir", "train", "train_job", "start_run", "follow", "stop", "resume", "distill",
+    "load_config", "load_config_text", "estimate", "check_fit", "Estimate", "parse_size", "new_run_dir", "train", "train_job", "start_run", "follow", "stop", "resume", "distill",
     "evaluate", "merge", "export", "inspect_data", "format_inspection", "doctor", "format_doctor", "validated_matrix",
     "format_matrix", "read_status", "existing_run_dir", "JobResult", "load_chat", "reply", "chat_repl",
     "serving_app", "load_base_chat", "last_sentence", "make_server", "ModelServer", "is_loopback", "process_rank", "end_process",
     "TrainingInterrupted",
+    "sweep", "SweepInterrupted",
+    "estimate_matrix", "MatrixResult", "agreement_sweep", "matrix_report", "matrix_json", "estimated_matrix_summary",
 ]
 
 
@@ -116,12 +123,13 @@ def existing_run_dir(cfg: Config, output: str | Path | None = None, machine_rank
 
 # --- training
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, estimate: Estimate | None = None) -> dict:
     """Train in this process as `cfg` says into `run_dir` (continue from its newest checkpoint with `resume`),
     with the base-vs-tuned evaluation when `eval.enabled`; returns the summary written to summary.json.
     The run folder is locked while it trains (a second writer gets a sentence naming this process); a new run
     that fails before its first step leaves no folder behind.  status.json says how the run ended (finished,
-    interrupted or failed, with the sentence)."""
+    interrupted or failed, with the sentence).  `estimate` (from `api.estimate`) goes into summary.json and
+    report.md beside what the run measured."""
     run_dir = Path(run_dir)
     cfg.output.dir = str(run_dir)
     main = distributed.world_from_env().rank == 0
@@ -130,7 +138,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
             check_resumable(cfg, run_dir)
             (run_dir / STATUS_FILE).unlink(missing_ok=True)  # the stopped run's; this one writes its own
         try:
-            summary = run_training(cfg, run_dir, resume=resume, evaluation=BeforeAfter)
+            summary = run_training(cfg, run_dir, resume=resume, evaluation=BeforeAfter,
+                                   estimate=estimate.to_json() if estimate is not None else None)
         except TrainingInterrupted as exc:
             _final_status(main, run_dir, "interrupted", str(exc))
             raise
@@ -203,6 +212,8 @@ class Launch:
     machine_rank: int = 0
     main_process_ip: str | None = None
     main_process_port: int | None = None
+    memory_limit: int | None = None  # bytes the fit check assumes this machine has (default: what is free)
+    fit_check: bool = True  # estimate first and stop with the sentence when the run will not fit
 
 
 @dataclass
@@ -225,6 +236,9 @@ def train_job(config_path: str | Path | None, overrides: Sequence[str] = (), out
                         f"`tunesmith distill {config_path}` (or remove the teacher: section to fine-tune).")
     if launch.nproc < 1 or launch.num_machines < 1:
         raise UserError("--nproc and --num-machines count processes and machines: give 1 or more.")
+    checked = None
+    if not resume and distributed.world_from_env().size == 1 and (launch.fit_check or launch.memory_limit):
+        checked = check_fit(cfg, launch.memory_limit, launch.nproc, refuse=launch.fit_check)
     if launch.nproc > 1 or launch.num_machines > 1:
         run_dir = _job_run_dir(config_path, cfg, output, resume, launch.machine_rank)
         if launch.machine_rank:  # machine 0's launcher holds the run folder
@@ -259,8 +273,36 @@ def train_job(config_path: str | Path | None, overrides: Sequence[str] = (), out
             return JobResult(Path(), 2, None, main=False)
         run_dir = choice
     log.info(f"tunesmith: {'resuming' if resume else 'training into'} {run_dir}")
-    summary = train(cfg, run_dir, resume=resume)
+    summary = train(cfg, run_dir, resume=resume, estimate=checked)
     return JobResult(run_dir, 0, summary if world.main else None, main=world.main)
+
+
+def estimate(config_path: str | Path | None = None, overrides: Sequence[str] = (), memory_limit: int | str | None = None,
+             probe: bool = False, nproc: int = 1, cfg: Config | None = None) -> Estimate:
+    """Will the run fit, and how long will it take (see tunesmith.plan.estimate)?  `memory_limit` (bytes or a
+    size such as "8GiB") stands in for this machine's free memory; `probe` times a few real steps of the run."""
+    cfg = cfg if cfg is not None else load_config(config_path, overrides)
+    if isinstance(memory_limit, str):
+        memory_limit = parse_size(memory_limit)
+    return _estimate(cfg, memory_limit=memory_limit, run_probe=probe, nproc=nproc, config_path=config_path,
+                     overrides=overrides)
+
+
+def check_fit(cfg: Config, memory_limit: int | None = None, nproc: int = 1, refuse: bool = True) -> Estimate | None:
+    """What `tunesmith train` does first: the estimate, said in one line; a run that will not fit stops here,
+    before anything loads (unless `refuse` is off).  An estimate that cannot be made is a notice, not a stop:
+    the run itself says what is wrong, if anything is."""
+    try:
+        est = _estimate(cfg, memory_limit=memory_limit, nproc=nproc)
+    except UserError:
+        raise
+    except Exception as exc:  # the estimate must never stop a run that would have trained
+        log.info(f"tunesmith: no estimate for this run ({type(exc).__name__}: {exc}); training without one")
+        return None
+    log.info(f"tunesmith: estimate: {est.sentence()}")
+    if refuse and not est.fits:
+        raise UserError(f"{est.sentence()} Nothing was loaded. To try anyway: tunesmith train ... --no-fit-check.")
+    return est
 
 
 def _job_run_dir(config_path, cfg: Config, output, resume: bool, machine_rank: int) -> Path:
@@ -328,6 +370,19 @@ def start_run(config_path: str | Path, overrides: Sequence[str] = (), output: st
             "--nproc", str(nproc)] + [x for item in overrides for x in ("--set", item)]
     argv += ["--resume"] if resume else []
     return spawn(argv, run_dir, log_file, detach)
+
+
+# --- a search over settings (tunesmith.plan.sweep)
+
+def sweep(config_path: str | Path, space_path: str | Path, trials: int, output: str | Path | None = None,
+          overrides: Sequence[str] = (), nproc_per_trial: int = 1, storage: str | None = None,
+          memory_limit: int | None = None, eval_after: bool = False) -> dict:
+    """`tunesmith sweep`: Optuna searches the space in `space_path` over the config until `trials` trials have
+    finished, each a run folder under the sweep's folder (default runs/sweep-<config name>); the same call
+    continues a stopped sweep.  Returns the ranked trials, the best one and the files written (see
+    tunesmith.plan.sweep); Ctrl-C raises SweepInterrupted."""
+    return run_sweep(config_path, space_path, trials, output, overrides, nproc_per_trial, storage, memory_limit,
+                     eval_after)
 
 
 # --- distil, evaluate, ship

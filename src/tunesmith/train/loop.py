@@ -115,6 +115,7 @@ class Setup:
     total_steps: int = 1
     trainable: int = 0  # parameters
     total_params: int = 0
+    estimate: dict | None = None  # what tunesmith.plan.estimate said before the run (put beside what it measured)
 
 
 @dataclass
@@ -179,7 +180,8 @@ def plan_steps(n_train_rows: int, cfg: Config, window: int | None = None) -> tup
     return per_epoch, total
 
 
-def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=None, evaluation=None) -> dict:
+def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=None, evaluation=None,
+                 estimate: dict | None = None) -> dict:
     """Train as the config says and fill `run_dir`; returns the summary written to summary.json.
 
     `evaluation` (e.g. `tunesmith.evaluate.suite.BeforeAfter`), when given and `eval.enabled`, is called as
@@ -188,11 +190,13 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
 
     With `resume`, continue from the newest valid checkpoint in `run_dir/checkpoints`.  With `distiller`
     (a `tunesmith.distill.run.Distiller`, causal LMs only), each unit's loss is its distillation loss
-    instead of the cross-entropy; validation stays cross-entropy.
+    instead of the cross-entropy; validation stays cross-entropy.  `estimate` (tunesmith.plan's, as JSON) goes
+    into summary.json and report.md beside the peak memory and time the run measured.
     """
     started = time.time()
     seed_everything(cfg.training.seed)
     cfg, setup, parallel = _setup_processes(cfg)
+    setup.estimate = estimate
     checkpoint, saved = _setup_resume(run_dir, resume)
     setup.window = _setup_window(cfg, parallel.world, saved)
     _setup_data(cfg, run_dir, setup, parallel, distiller)
@@ -301,7 +305,9 @@ def _setup_data(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, di
 
 
 def _setup_model(cfg: Config, setup: Setup, device: torch.device) -> torch.nn.Module:
+    started = time.perf_counter()
     model = load_model(setup.source, cfg, setup.dtype, setup.task)
+    log.info(f"model loaded in {time.perf_counter() - started:.1f} s")
     release_free_memory()  # what loading (quantising above all) freed but the C heap still holds
     model.to(device)
     model.config.use_cache = False
@@ -711,6 +717,20 @@ def _finish(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, model,
     return summary
 
 
+def estimate_vs_measured(estimate: dict, peak_bytes: int, wall_s: float) -> dict:
+    """The estimate's peak memory and time beside what the run measured (measured / estimated as `*_ratio`).
+    On a CPU the peak is the process's resident high-water mark, loading included, as the estimate's is."""
+    memory, timing = estimate.get("memory", {}), estimate.get("time", {})
+    peak, total = memory.get("peak_bytes"), timing.get("total_s")
+    return {
+        "peak_bytes": peak, "measured_peak_bytes": peak_bytes,
+        "peak_ratio": round(peak_bytes / peak, 3) if peak else None,
+        "time_s": total, "measured_s": round(wall_s, 1),
+        "time_ratio": round(wall_s / total, 3) if total else None, "time_source": timing.get("source"),
+        "fits": memory.get("fits"), "available_bytes": memory.get("available_bytes"),
+    }
+
+
 def _summary(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, train_stats: dict, val_records: list,
              train_records: list, started: float) -> dict:
     """summary.json's content: what ran where, how training went, and what to run next."""
@@ -733,6 +753,8 @@ def _summary(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, train
                    **{k: v for k, v in memory_snapshot(setup.device).items() if k != "rss_bytes"}},
         "health": health_check(train_records),
         "wall_s": time.time() - started,
+        **({"estimate": estimate_vs_measured(setup.estimate, peak_rss_bytes(), time.time() - started)}
+           if setup.estimate else {}),
         **({"distributed": {"processes": world.size, "strategy": cfg.distributed.strategy,
                             **({"zero_stage": cfg.distributed.zero_stage} if cfg.distributed.strategy == "deepspeed" else {}),
                             "global_batch_rows": t.batch_size * setup.window, "micro_batches_per_step": setup.window}}

@@ -108,6 +108,15 @@ def render_report(summary: dict, samples: list[dict]) -> str:
         f"{train['trained_tokens_per_s']:.1f} trained tokens/s; peak memory "
         f"{summary['memory']['peak_rss_bytes'] / 2**30:.2f} GiB resident.",
     ]
+    est = summary.get("estimate")
+    if est and est.get("peak_bytes"):
+        lines += ["", "## Estimate vs measured", "", "| | estimated before the run | measured | measured / estimated |",
+                  "| --- | --- | --- | --- |",
+                  f"| peak memory | {est['peak_bytes'] / 2**30:.2f} GiB | {est['measured_peak_bytes'] / 2**30:.2f} GiB | "
+                  f"{est['peak_ratio']:.2f} |"]
+        if est.get("time_s"):
+            lines.append(f"| time | {est['time_s']:.0f} s ({est.get('time_source') or 'model'}) | "
+                         f"{est['measured_s']:.0f} s | {est['time_ratio']:.2f} |")
     if summary.get("validation"):
         val = summary["validation"]
         lines += ["", f"Final validation loss {val['loss']:.4f} (perplexity {val['perplexity']:.2f})."]

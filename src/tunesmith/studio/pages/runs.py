@@ -161,6 +161,13 @@ def register(app: FastAPI) -> None:
         """The form's values for a YAML config (checked: a bad key is a sentence)."""
         return {"values": configs.form_values(api.load_config_text(body.yaml, source="the YAML view"))}
 
+    @app.post("/api/config/estimate")
+    def estimate(body: YamlIn):
+        """Will the run fit on this machine, and how long will it take (`tunesmith estimate` without --probe):
+        the estimate as JSON, with its sentence."""
+        est = api.estimate(cfg=api.load_config_text(body.yaml, source="the YAML view"))
+        return {**est.to_json(), "sentence": est.sentence()}
+
     @app.get("/api/config/schema")
     def schema():
         return {"sections": configs.form_sections()}

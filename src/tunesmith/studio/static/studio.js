@@ -75,12 +75,25 @@ const studio = {
       studio.showView("form");
     } catch (e) { studio.notice(e.message); }
   },
+  async currentYaml() {
+    if (!document.getElementById("yaml-view").hidden) return document.getElementById("yaml-text").value;
+    return (await studio.api("POST", "/api/config/yaml", {values: studio.formValues()})).yaml;
+  },
+  async estimate() {
+    studio.notice("");
+    const out = document.getElementById("estimate");
+    out.textContent = "estimating...";
+    out.className = "verdict";
+    try {
+      const est = await studio.api("POST", "/api/config/estimate", {yaml: await studio.currentYaml()});
+      out.textContent = est.sentence;
+      out.className = "verdict " + (est.memory.fits ? "good" : "bad");
+    } catch (e) { out.textContent = ""; studio.notice(e.message); }
+  },
   async launch(form, projectId, parentId) {
     studio.notice("");
     try {
-      let yaml;
-      if (!document.getElementById("yaml-view").hidden) yaml = document.getElementById("yaml-text").value;
-      else yaml = (await studio.api("POST", "/api/config/yaml", {values: studio.formValues()})).yaml;
+      const yaml = await studio.currentYaml();
       const run = await studio.api("POST", `/api/projects/${projectId}/runs`,
         {name: form.run_name.value || "run", config_yaml: yaml, parent_id: parentId});
       location.href = "/runs/" + run.id;
