@@ -223,10 +223,10 @@ def fake_training(tiny, monkeypatch):
     root, _, _ = tiny
     script = root / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-    started: list[Path] = []
+    started: list[tuple[Path, int | None]] = []  # each trial's folder and the --memory-limit it was given
 
-    def command(config_path, run_dir, overrides, nproc):
-        started.append(run_dir)
+    def command(config_path, run_dir, overrides, nproc, memory_limit=None):
+        started.append((run_dir, memory_limit))
         return [sys.executable, str(script), "--output", str(run_dir)]
 
     monkeypatch.setattr(sweep_module, "trial_command", command)
@@ -315,7 +315,8 @@ def test_a_trial_that_will_not_fit_is_skipped_with_the_estimates_reason(tiny, fa
             assert not folder.exists()
         else:
             assert row["state"] == "complete" and (folder / "status.json").is_file()
-    assert len(started) == sum(row["state"] == "complete" for row in rows)
+    assert sorted(started) == sorted((sweep_dir / f"trial-{int(row['trial']):04d}", 2 * 2**30)
+                                     for row in rows if row["state"] == "complete")
     assert "skipped: rank 64 needs more" in out
 
     # the same command again: the sweep has its 4 trials, and none runs

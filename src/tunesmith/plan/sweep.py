@@ -96,6 +96,7 @@ IMPORTANCE_MIN_TRIALS = 3
 # The words the table uses for a trial's state (a failed trial is "lost" when the sweep, not its training,
 # ended it).
 COMPLETE, PRUNED, SKIPPED, FAILED, LOST, RUNNING = "complete", "pruned", "skipped", "failed", "lost", "running"
+STOPPED = "stopped"  # read_sweep: running in the table, and no sweep process holds the folder (it was killed)
 
 
 class SweepInterrupted(UserError):
@@ -111,10 +112,14 @@ def default_sweep_dir(config_path: str | Path) -> Path:
     return Path("runs") / f"sweep-{Path(config_path).stem}"
 
 
-def trial_command(config_path: str | Path, run_dir: Path, overrides: Sequence[str], nproc: int) -> list[str]:
-    """The trial's training command: `tunesmith train` into `run_dir`, as `api.start_run` starts one."""
-    return [sys.executable, "-m", "tunesmith.cli", "train", str(config_path), "--output", str(run_dir),
-            "--nproc", str(nproc)] + [x for item in overrides for x in ("--set", item)]
+def trial_command(config_path: str | Path, run_dir: Path, overrides: Sequence[str], nproc: int,
+                  memory_limit: int | None = None) -> list[str]:
+    """The trial's training command: `tunesmith train` into `run_dir`, as `api.start_run` starts one, without
+    the fit check (the sweep made it: the same config and `memory_limit`, which the trial still records)."""
+    return ([sys.executable, "-m", "tunesmith.cli", "train", str(config_path), "--output", str(run_dir),
+             "--nproc", str(nproc), "--no-fit-check"]
+            + (["--memory-limit", str(memory_limit)] if memory_limit is not None else [])
+            + [x for item in overrides for x in ("--set", item)])
 
 
 def run_sweep(config_path: str | Path, space_path: str | Path, trials: int, output: str | Path | None = None,
@@ -310,31 +315,43 @@ def _run_trial(study: optuna.Study, space: Sequence[Param], config_path, overrid
     trial.set_user_attr("run_dir", str(run_dir))
     try:
         params = {p.key: p.suggest(trial) for p in space}
+        write_table(study, space, sweep_dir)  # the table shows the trial running
         lines = [*overrides, *(set_line(key, value) for key, value in params.items())]
         shown = ", ".join(f"{key}={_value_text(value)}" for key, value in params.items())
         log.info(f"tunesmith sweep: trial {trial.number}: {shown} -> {run_dir}")
         try:
-            trial_cfg = load_config(config_path, lines)
-            fit = estimate(trial_cfg, memory_limit=memory_limit, nproc=nproc)
+            fit = _estimate(load_config(config_path, lines), memory_limit, nproc)
         except UserError as exc:
             _fail(study, trial, str(exc))
             return
-        if not fit.fits:
+        if fit is not None and not fit.fits:
             trial.set_user_attr("skipped", fit.sentence())
             study.tell(trial, state=TrialState.PRUNED)
             log.info(f"tunesmith sweep: trial {trial.number} skipped: {fit.sentence()}")
             return
         refuse_if_used(run_dir)
         log_file = sweep_dir / "logs" / f"{run_dir.name}.log"
-        run = _start(trial_command(config_path, run_dir, lines, nproc), run_dir, log_file)
+        run = _start(trial_command(config_path, run_dir, lines, nproc, memory_limit), run_dir, log_file)
         _follow_trial(study, trial, run, best_at_end)
     except KeyboardInterrupt:
         _lose(study, trial)
         done = _counted(study.get_trials(deepcopy=False))
         raise SweepInterrupted(f"the sweep in {sweep_dir} was stopped during trial {trial.number} (its folder "
                                f"{run_dir} is left as it is, with a checkpoint if it reached one); the study keeps "
-                               f"the {done} finished trials. Run the same command again to continue: trial "
+                               f"its finished trials ({done}). Run the same command again to continue: trial "
                                f"{trial.number}'s values run again as a new trial.", sweep_dir) from None
+
+
+def _estimate(cfg: Config, memory_limit: int | None, nproc: int):
+    """The trial's estimate, or None when it cannot be made for a reason that is not the user's (as `tunesmith
+    train` does: the estimate never stops a run that would have trained; the run says what is wrong, if anything)."""
+    try:
+        return estimate(cfg, memory_limit=memory_limit, nproc=nproc)
+    except UserError:
+        raise
+    except Exception as exc:
+        log.info(f"tunesmith sweep: no estimate for this trial ({type(exc).__name__}: {exc}); running it anyway")
+        return None
 
 
 def _follow_trial(study: optuna.Study, trial: optuna.Trial, run: RunProcess, best_at_end: bool) -> None:
@@ -493,6 +510,58 @@ def write_table(study: optuna.Study, space: Sequence[Param], sweep_dir: Path) ->
     path = sweep_dir / TABLE_FILE
     atomic_write_text(path, text.getvalue())
     return path
+
+
+def read_sweep(sweep_dir: str | Path) -> dict:
+    """A sweep's folder as it stands, read from its files only (no database: a study kept elsewhere may need a
+    password): {"sweep_dir", "record": sweep.json, "trials": trials.csv's ranked rows (each trial's `run_dir`
+    its folder inside this one), "best_config": best.yaml's text or None, "plots": the PNG names present,
+    "running": whether a sweep process holds the folder now}.  A folder without sweep.json is a UserError."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        raise UserError(f"{visible(str(sweep_dir), 300)} is not a tunesmith sweep folder (it has no {SWEEP_FILE}); "
+                        "give the folder `tunesmith sweep` wrote into (its --output, default runs/sweep-<config name>).")
+    record = _read_record(sweep_dir)
+    rows = []
+    try:
+        with open(sweep_dir / TABLE_FILE, newline="", encoding="utf-8") as handle:
+            for line in csv.DictReader(handle):
+                extra = set(line) - {"rank", "trial", "state", "validation_loss", "run_dir", "note"}
+                rows.append({
+                    "rank": int(line["rank"]) if line.get("rank") else None, "trial": int(line["trial"]),
+                    "state": line["state"], "value": float(line["validation_loss"]) if line.get("validation_loss") else None,
+                    "params": {key: _csv_value(line[key]) for key in record["space"] if key in extra and line[key] != ""},
+                    "note": line.get("note") or "",
+                    "run_dir": str(sweep_dir / Path(line["run_dir"]).name) if line.get("run_dir") else "",
+                })
+    except FileNotFoundError:
+        pass  # no trial has ended yet
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{sweep_dir / TABLE_FILE} cannot be read ({visible(str(exc), 200)}).") from None
+    best = sweep_dir / BEST_FILE
+    try:
+        refuse_if_in_use(sweep_dir)
+        running = False
+    except UserError:
+        running = True
+    for row in rows:
+        if row["state"] == RUNNING and not running:  # the sweep's process ended during it (kill -9)
+            row["state"] = STOPPED
+            row["note"] = "the sweep stopped during it; the same command runs its values again as a new trial"
+    return {"sweep_dir": str(sweep_dir), "record": record, "trials": rows,
+            "best_config": best.read_text(errors="replace") if best.is_file() else None,
+            "plots": [name for name in (HISTORY_FILE, IMPORTANCE_FILE) if (sweep_dir / name).is_file()],
+            "running": running}
+
+
+def _csv_value(text: str):
+    """A value trials.csv holds as text, back as the number it was (a choice that is text stays text)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def sweep_result(study: optuna.Study, space: Sequence[Param], sweep_dir: Path, config_path,
