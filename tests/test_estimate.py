@@ -123,7 +123,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_the_sentence_and_what_t
     assert code == 2, said
     assert "Traceback" not in said and "the model was loaded" not in said
     assert "does NOT fit" in said and "(--memory-limit)" in said
-    assert "To fit:" in said and "--set method=lora" in said and "--no-fit-check" in said
+    assert "What to change" in said and "(--set method=lora): about" in said and "--no-fit-check" in said
     assert not out.exists()  # stopped before anything was made
 
 

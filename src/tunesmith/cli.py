@@ -151,8 +151,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if est.time_s is not None:
         print(f"time ({'measured by --probe' if est.time_source == 'probe' else 'rough, from the matmul speed'}): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in est.time_parts.items() if v >= 0.5))
+    if est.advice:
+        print("what to change (the peak each change alone gives):")
     for tip in est.advice:
-        print(f"  to fit: {tip}")
+        print(f"  {tip}")
     return 0 if est.fits else 1
 
 

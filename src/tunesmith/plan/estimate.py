@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -105,7 +106,7 @@ class Estimate:
             how = "measured by --probe" if self.time_source == "probe" else "a rough figure from this device's matmul speed; --probe measures it"
             text += f" Time: about {_duration(self.time_s)} for {self.steps} steps ({how})."
         if not self.fits and self.advice:
-            text += " To fit: " + "; ".join(self.advice) + "."
+            text += " What to change, with the peak each change alone gives: " + "; ".join(self.advice) + "."
         return text
 
     def to_json(self) -> dict:
@@ -181,6 +182,7 @@ def estimate(cfg: Config, memory_limit: int | None = None, run_probe: bool = Fal
         pass_tokens=biggest_pass, longest_row=longest, checkpointing=checkpointing,
         fused=t.fast_kernels == "auto" and device == "cpu" and half is None and dtype == torch.float32,
         chunked_loss=task == "causal_lm", four_bit=four_bit, processes=processes, sharded=sharded,
+        checkpoint_bytes=sum(f.stat().st_size for f in Path(source).glob("*.safetensors")) or None,
     )
     parts = memory_parts(shape, work)
     available, where = _available(device, memory_limit)
@@ -326,28 +328,51 @@ def matmul_flops(device: str, element_bytes: int = 4) -> float:
 
 
 def advice(result: Estimate, cfg: Config, shape: ModelShape, work: Workload) -> list[str]:
-    """What would make a run that does not fit fit, each with its --set line, biggest saving first."""
+    """What would make a run that does not fit fit: each change with its --set line and the peak it would give
+    (the same memory model, that one setting changed), lowest peak first; if no single change is enough, all of
+    them together as well."""
     if result.fits:
         return []
     t = cfg.training
-    tips = []
+    options: list[tuple[str, str, Workload]] = []
     if not work.checkpointing:
-        tips.append("gradient checkpointing keeps one activation per layer instead of all of them "
-                    "(--set training.gradient_checkpointing=true)")
-    if t.batch_size > 1:
-        tips.append(f"a smaller micro-batch with more accumulation keeps the same step "
-                    f"(--set training.batch_size={max(1, t.batch_size // 2)} "
-                    f"--set training.gradient_accumulation={t.gradient_accumulation * 2})")
-    if work.pass_tokens > cfg.data.max_length and result.settings.get("packing"):
-        tips.append(f"fewer tokens per pass (--set training.pass_tokens={cfg.data.max_length})")
-    if cfg.method not in ("qlora",) and shape.total_params > 50_000_000:
-        tips.append("a 4-bit base with method qlora (--set method=qlora)")
-    if cfg.method == "full":
-        tips.append("train an adapter instead of every weight (--set method=lora)")
+        options.append(("gradient checkpointing", "--set training.gradient_checkpointing=true",
+                        replace(work, checkpointing=True)))
+    if t.batch_size > 1 and work.pass_tokens > work.longest_row:
+        options.append(("half the micro-batch, twice the accumulation (the same step)",
+                        f"--set training.batch_size={t.batch_size // 2} "
+                        f"--set training.gradient_accumulation={t.gradient_accumulation * 2}",
+                        replace(work, pass_tokens=max(work.longest_row, work.pass_tokens // 2))))
+    if result.settings.get("packing") and work.pass_tokens > work.longest_row:
+        options.append(("fewer tokens per pass (the same step, in more passes)",
+                        f"--set training.pass_tokens={work.longest_row}", replace(work, pass_tokens=work.longest_row)))
+    if work.method in ("lora", "dora", "rslora", "adalora") and four_bit_status()[0]:
+        options.append(("a 4-bit base (QLoRA)", "--set method=qlora", replace(work, method="qlora", four_bit=True)))
+    if work.method == "full":
+        lora_cfg = cfg.model_copy(update={"method": "lora"})
+        adapter = replace(work, method="lora", trainable=lora_trainable(shape, lora_cfg),
+                          adapter_targets=len(targeted_names(shape, lora_cfg)))
+        options.append(("an adapter instead of every weight", "--set method=lora", adapter))
+        if four_bit_status()[0]:
+            options.append(("an adapter on a 4-bit base (QLoRA)", "--set method=qlora",
+                            replace(adapter, method="qlora", four_bit=True)))
         if t.optimizer == "adamw":
-            tips.append("8-bit AdamW state (--set training.optimizer=adamw_8bit)")
-        tips.append("several processes sharding weights, gradients and AdamW state (--nproc 2 --set "
-                    "distributed.strategy=fsdp; on one machine this helps only on several GPUs)")
-    if cfg.data.max_length > 256:
-        tips.append(f"shorter rows (--set data.max_length={cfg.data.max_length // 2})")
+            options.append(("8-bit AdamW state", "--set training.optimizer=adamw_8bit",
+                            replace(work, optimizer="adamw_8bit")))
+    if cfg.data.max_length > 256 and work.longest_row > cfg.data.max_length // 2:
+        shorter = cfg.data.max_length // 2
+        options.append(("shorter rows (longer ones are cut)", f"--set data.max_length={shorter}",
+                        replace(work, longest_row=shorter, pass_tokens=max(shorter, work.pass_tokens // 2))))
+    available = result.available_bytes or 0
+    scale = result.processes if result.device == "cpu" else 1
+    scored = sorted(((memory_parts(shape, w)["peak"] * scale, what, line) for what, line, w in options))
+    tips = [f"{what} ({line}): about {peak / GIB:.2f} GiB{', fits' if peak <= available else ''}"
+            for peak, what, line in scored]
+    if scored and scored[0][0] > available and len(options) > 1:
+        together = work
+        for _, _, changed in options:  # every change at once
+            together = replace(together, **{k: v for k, v in vars(changed).items() if v != getattr(work, k)})
+        peak = memory_parts(shape, together)["peak"] * scale
+        tips.append(f"all of these together: about {peak / GIB:.2f} GiB"
+                    + (", fits" if peak <= available else f", still more than the {available / GIB:.2f} GiB free"))
     return tips

@@ -236,11 +236,8 @@ def stack_extras(shape: ModelShape, work: Workload, a: Assumptions) -> dict[str,
     """Bytes the stack holds that memory.py's parts leave out (each explained in the module docstring)."""
     extras: dict[str, float] = {}
     slack = GPU_ALLOCATOR_SLACK
-    unquantized = shape.total_params - shape.linear_params
     if work.method == "qlora":
-        # prepare_model_for_kbit_training (PEFT) keeps every tensor that is not 4-bit in fp32, both in the kit
-        # and in tunesmith (models/adapters.py); memory.py counts them at weight_bytes
-        extras["fp32_unquantized"] = unquantized * (4 - work.weight_bytes)
+        # (memory.py counts what prepare_model_for_kbit_training keeps in fp32: embeddings, output layer, norms)
         if a.profile == "kit":  # one GPU: bnb_4bit_use_double_quant=False, an fp32 absmax per 64-weight block
             extras["nf4_scales"] = shape.linear_params * (0.5 + 4 / 64 - NF4_BYTES_PER_WEIGHT)
     if a.profile == "kit" and work.method == "lora":
@@ -251,18 +248,18 @@ def stack_extras(shape: ModelShape, work: Workload, a: Assumptions) -> dict[str,
         kept = 1 if work.checkpointing else shape.layers
         extras["eager_attention"] = scores * (6 * kept + 10) * slack
     if work.sharded and work.processes > 1:
-        # FSDP gathers each decoder layer's weights in bf16 as it runs (this one and the prefetched next), and
-        # the root unit (embeddings, output layer, final norm) stays gathered for the step
+        # FSDP gathers each decoder layer's weights in bf16 as it runs (memory.py counts that one; add the
+        # prefetched next), and the root unit (embeddings, output layer, final norm) stays gathered for the step
         layer = shape.linear_params / max(shape.layers, 1)
-        extras["fsdp_gathered"] = (2 * layer + shape.embedding_params) * 2
+        extras["fsdp_gathered"] = (layer + shape.embedding_params) * 2
     return {name: int(value) for name, value in extras.items()}
 
 
 def gpu_peak(parts: dict[str, int], extras: dict[str, int]) -> int:
-    """The training peak on a GPU: memory.py's parts plus the extras.  memory.py's `load_peak` is left out on
-    purpose: it models a CPU load (bf16 copy of every weight beside the 4-bit ones), while on a GPU
-    bitsandbytes quantises each tensor as it arrives."""
-    names = ("framework", "weights", "adapter", "gradients", "optimizer", "activations", "loss", "dequantized")
+    """The training peak on a GPU: memory.py's parts plus the extras (memory.py's GPU `load_peak` is never the
+    larger: bitsandbytes quantises each tensor as it arrives)."""
+    names = ("framework", "weights", "adapter", "gradients", "optimizer", "gathered", "activations", "loss",
+             "dequantized")
     return sum(parts[n] for n in names) + sum(extras.values())
 
 
@@ -331,7 +328,8 @@ def here_matrix(seq_len: int = DEFAULT_SEQ_LEN, rank: int = DEFAULT_RANK, micro_
         for method in ("lora", "qlora"):
             work = gpu_workload(shape, method, "single", a, device, checkpointing=False)
             work = replace(work, weight_bytes=weight_bytes, activation_bytes=weight_bytes, four_bit=four_bit,
-                           fused=device == "cpu" and weight_bytes == 4, chunked_loss=True)
+                           fused=device == "cpu" and weight_bytes == 4, chunked_loss=True,
+                           checkpoint_bytes=2 * shape.total_params)  # the models publish bf16 safetensors
             bare = memory_parts(shape, work)
             if method == "qlora" or (available is not None and bare["activations"] > available / 2):
                 work = replace(work, checkpointing=True)

@@ -73,6 +73,7 @@ class Workload:
     four_bit: bool = True  # qlora's 4-bit can run here (else it trains as lora)
     processes: int = 1
     sharded: bool = False  # FSDP / ZeRO-3: weights, gradients and optimiser state split over the processes
+    checkpoint_bytes: int | None = None  # the model's weight files on disk (default: every weight in weight_bytes)
 
 
 def saved_per_token_layer(shape: ModelShape, work: Workload) -> float:
@@ -104,9 +105,12 @@ def saved_per_token_layer(shape: ModelShape, work: Workload) -> float:
 def memory_parts(shape: ModelShape, work: Workload) -> dict[str, int]:
     """Bytes per part of the run's peak (see the module docstring); `peak` is their sum as the run holds them."""
     quantized = work.method == "qlora" and work.four_bit
+    cpu = work.device == "cpu"
     linear = shape.linear_params
     if quantized:
-        weights = linear * NF4_BYTES_PER_WEIGHT + (shape.total_params - linear) * work.weight_bytes
+        # PEFT's prepare_model_for_kbit_training (models/adapters.py) upcasts what stays unquantised (embeddings,
+        # output layer, norms) to fp32
+        weights = linear * NF4_BYTES_PER_WEIGHT + (shape.total_params - linear) * 4
     else:
         weights = shape.total_params * work.weight_bytes
     full = work.method == "full"
@@ -115,16 +119,25 @@ def memory_parts(shape: ModelShape, work: Workload) -> dict[str, int]:
     adapter = 0 if full else work.trainable * 4
     gradients = work.trainable * trained_bytes
     optimizer = 2 * work.trainable * moment_bytes
+    gathered = 0
     if work.sharded and work.processes > 1:
-        weights, gradients, optimizer = (x / work.processes for x in (weights, gradients, optimizer))
+        # FSDP / ZeRO-3 split what trains and the unquantised weights (QLoRA's 4-bit weights stay whole: config.py,
+        # distributed.strategy), and gather one layer's weights at a time to compute with them
+        n = work.processes
+        adapter, gradients, optimizer = adapter / n, gradients / n, optimizer / n
+        if not quantized:
+            gathered = weights / max(shape.layers, 1)
+            weights = weights / n
 
     a = work.activation_bytes
     tokens = work.pass_tokens
     per_layer = saved_per_token_layer(shape, work)
     if work.checkpointing:
-        # every layer's input, and one layer recomputed during the backward pass: its activations and their
-        # gradients at once
-        saved = tokens * (shape.layers * shape.hidden + 2 * per_layer) * a
+        # every layer's input, and one layer recomputed during the backward pass; on a CPU its activations and
+        # their gradients are both counted (glibc keeps the first block's pages while the second is taken: measured
+        # with bench/estimate_accuracy.py), on a GPU the caching allocator reuses the freed block
+        recomputed = 2 if cpu else 1
+        saved = tokens * (shape.layers * shape.hidden + recomputed * per_layer) * a
     else:
         saved = tokens * shape.layers * per_layer * a
     saved += tokens * 2 * shape.hidden * a  # embeddings' output and the final norm's
@@ -142,21 +155,23 @@ def memory_parts(shape: ModelShape, work: Workload) -> dict[str, int]:
         if work.device == "cpu":
             dequantized += CPU_DEQUANTIZED_RETAINED * sum(b for b in sizes if b < MMAP_THRESHOLD_MAX) / CPU_HEAP_SLACK
 
-    cpu = work.device == "cpu"
     transient = saved + loss + dequantized
     slack = CPU_HEAP_SLACK if cpu else GPU_ALLOCATOR_SLACK
     framework = CPU_FRAMEWORK_BYTES if cpu else GPU_CONTEXT_BYTES
-    resident = weights + adapter + gradients + optimizer
+    resident = weights + adapter + gradients + optimizer + gathered
     train_peak = framework + resident + transient * slack
-    # Loading for QLoRA reads every weight in the compute precision before quantising it (on a CPU the file's
-    # pages are resident meanwhile): the load, not training, can set the peak.
-    load_peak = framework + (shape.total_params * work.weight_bytes + weights if quantized else weights)
+    # Loading for QLoRA on a CPU reads every weight in the compute precision before quantising it, and the
+    # file's pages stay resident meanwhile: the load, not training, can set the peak.  On a GPU bitsandbytes
+    # quantises each tensor as it arrives, so the card never holds both.
+    read = work.checkpoint_bytes if work.checkpoint_bytes else shape.total_params * work.weight_bytes
+    load_peak = framework + (read + weights if quantized and cpu else weights)
     parts = {
         "framework": framework,
         "weights": weights,
         "adapter": adapter,
         "gradients": gradients,
         "optimizer": optimizer,
+        "gathered": gathered,
         "activations": saved * slack,
         "loss": loss * slack,
         "dequantized": dequantized * slack,
