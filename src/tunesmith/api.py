@@ -44,7 +44,7 @@ from tunesmith.plan.estimate import Estimate, parse_size
 from tunesmith.plan.estimate import estimate as _estimate
 from tunesmith.plan.matrix import MatrixResult, agreement_sweep, estimate_matrix, matrix_json, matrix_report
 from tunesmith.plan.matrix import models_summary as estimated_matrix_summary
-from tunesmith.plan.sweep import SweepInterrupted, run_sweep
+from tunesmith.plan.sweep import SweepInterrupted, read_sweep, run_sweep
 from tunesmith.ship.chat import chat_repl, load_for_chat, stream_reply
 from tunesmith.ship.gguf_export import export_gguf
 from tunesmith.ship.merge import merge_run
@@ -73,7 +73,7 @@ __all__ = [
     "format_matrix", "read_status", "existing_run_dir", "JobResult", "load_chat", "reply", "chat_repl",
     "serving_app", "load_base_chat", "last_sentence", "make_server", "ModelServer", "is_loopback", "process_rank", "end_process",
     "TrainingInterrupted",
-    "sweep", "SweepInterrupted",
+    "sweep", "SweepInterrupted", "read_sweep",
     "estimate_matrix", "MatrixResult", "agreement_sweep", "matrix_report", "matrix_json", "estimated_matrix_summary",
 ]
 

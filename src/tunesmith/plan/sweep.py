@@ -312,10 +312,8 @@ def _run_trial(study: optuna.Study, space: Sequence[Param], config_path, overrid
     queued again) and SweepInterrupted is raised."""
     trial = study.ask()
     run_dir = sweep_dir / f"trial-{trial.number:04d}"
-    trial.set_user_attr("run_dir", str(run_dir))
     try:
         params = {p.key: p.suggest(trial) for p in space}
-        write_table(study, space, sweep_dir)  # the table shows the trial running
         lines = [*overrides, *(set_line(key, value) for key, value in params.items())]
         shown = ", ".join(f"{key}={_value_text(value)}" for key, value in params.items())
         log.info(f"tunesmith sweep: trial {trial.number}: {shown} -> {run_dir}")
@@ -330,15 +328,18 @@ def _run_trial(study: optuna.Study, space: Sequence[Param], config_path, overrid
             log.info(f"tunesmith sweep: trial {trial.number} skipped: {fit.sentence()}")
             return
         refuse_if_used(run_dir)
+        trial.set_user_attr("run_dir", str(run_dir))  # a trial that gets this far has a run folder
+        write_table(study, space, sweep_dir)  # the table shows it running
         log_file = sweep_dir / "logs" / f"{run_dir.name}.log"
         run = _start(trial_command(config_path, run_dir, lines, nproc, memory_limit), run_dir, log_file)
         _follow_trial(study, trial, run, best_at_end)
     except KeyboardInterrupt:
         _lose(study, trial)
         done = _counted(study.get_trials(deepcopy=False))
-        raise SweepInterrupted(f"the sweep in {sweep_dir} was stopped during trial {trial.number} (its folder "
-                               f"{run_dir} is left as it is, with a checkpoint if it reached one); the study keeps "
-                               f"its finished trials ({done}). Run the same command again to continue: trial "
+        kept = (f" (its folder {run_dir} is left as it is, with a checkpoint if it reached one)"
+                if run_dir.exists() else "")
+        raise SweepInterrupted(f"the sweep in {sweep_dir} was stopped during trial {trial.number}{kept}; the study "
+                               f"keeps its finished trials ({done}). Run the same command again to continue: trial "
                                f"{trial.number}'s values run again as a new trial.", sweep_dir) from None
 
 
@@ -518,7 +519,12 @@ def read_sweep(sweep_dir: str | Path) -> dict:
     its folder inside this one), "best_config": best.yaml's text or None, "plots": the PNG names present,
     "running": whether a sweep process holds the folder now}.  A folder without sweep.json is a UserError."""
     sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / SWEEP_FILE).is_file():
+    try:
+        is_sweep = (sweep_dir / SWEEP_FILE).is_file()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL character
+        raise UserError(f"{visible(str(sweep_dir), 300)}: cannot look at this path ({visible(str(exc), 200)}); give "
+                        "the folder `tunesmith sweep` wrote into.") from None
+    if not is_sweep:
         raise UserError(f"{visible(str(sweep_dir), 300)} is not a tunesmith sweep folder (it has no {SWEEP_FILE}); "
                         "give the folder `tunesmith sweep` wrote into (its --output, default runs/sweep-<config name>).")
     record = _read_record(sweep_dir)

@@ -35,7 +35,7 @@ from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_text
 from tunesmith.studio import db
 from tunesmith.studio.jobs import JobRunner
-from tunesmith.studio.pages import chat, datasets, documents, evaluate, export, projects, runs
+from tunesmith.studio.pages import chat, datasets, documents, evaluate, export, projects, runs, sweeps
 from tunesmith.studio.runner import RunManager
 from tunesmith.studio.store import TooLarge
 from tunesmith.studio.web import NotFound
@@ -225,7 +225,7 @@ def create_app(settings: StudioSettings) -> FastAPI:
     async def healthz():
         return {"ok": True}
 
-    for part in (projects, datasets, documents, runs, evaluate, chat, export):  # one module per part of the work
+    for part in (projects, datasets, documents, runs, evaluate, chat, export, sweeps):  # one module per part of the work
         part.register(app)
 
     @app.get("/favicon.ico", include_in_schema=False)
