@@ -259,6 +259,23 @@ def test_the_median_pruner_stops_a_trial_worse_than_the_earlier_ones(tiny, fake_
     assert result["best"]["trial"] == 3
 
 
+def test_a_sweep_kept_in_postgresql_continues_from_there(tiny, fake_training, tmp_path, postgres_url):
+    root, config, space = tiny
+    fake_training({"default": [1.0, 0.9]})
+    sweep_dir = tmp_path / "in-postgres"
+    first = api.sweep(config, space, 2, output=sweep_dir, storage=postgres_url)
+    assert first["finished"] == 2 and not (sweep_dir / "study.db").exists()
+    assert json.loads((sweep_dir / "sweep.json").read_text())["storage"] == postgres_url  # no password to hide
+    again = api.sweep(config, space, 3, output=sweep_dir)  # the same folder: the study it names, one trial more
+    assert again["finished"] == 3 and sorted(p.name for p in sweep_dir.glob("trial-*")) == [
+        "trial-0000", "trial-0001", "trial-0002"]
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    stored = optuna.load_study(study_name=record["study"], storage=postgres_url.replace("://", "+psycopg://", 1))
+    assert len(stored.get_trials()) == 3
+    with pytest.raises(api.UserError, match="this sweep's study is kept in postgresql://"):
+        api.sweep(config, space, 3, output=sweep_dir, storage=f"sqlite:///{tmp_path / 'other.db'}")
+
+
 BAD_SPACES = [
     ("lora.rank: [4, 8]\n", "lora.rank", "unknown config key"),
     ("lora.r: []\n", "lora.r", "the list of choices is empty"),

@@ -230,6 +230,15 @@ def _shown_url(url: str) -> str:
                         "sqlite:///sweep.db or postgresql://user@host:5432/name.") from None
 
 
+def _with_driver(url: str) -> str:
+    """A postgresql:// URL with the PostgreSQL driver tunesmith depends on (psycopg 3, as the studio uses it);
+    SQLAlchemy's default for the bare scheme is psycopg2, which is not installed."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
 def _open_study(record: dict, sweep_dir: Path, storage: str | None, seed: int, trials: int) -> optuna.Study:
     """The sweep's study, made or loaded: TPE seeded with the config's training.seed (plus the trials already
     in it, so a continued sweep does not draw its first values again) and the median pruner."""
@@ -242,7 +251,7 @@ def _open_study(record: dict, sweep_dir: Path, storage: str | None, seed: int, t
     url = storage or f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
     try:
         study = optuna.create_study(
-            storage=url, study_name=record["study"], direction="minimize", load_if_exists=True,
+            storage=_with_driver(url), study_name=record["study"], direction="minimize", load_if_exists=True,
             pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0),
         )
         before = len(study.get_trials(deepcopy=False))
