@@ -230,7 +230,7 @@ def fake_training(tiny, monkeypatch):
         return [sys.executable, str(script), "--output", str(run_dir)]
 
     monkeypatch.setattr(sweep_module, "trial_command", command)
-    monkeypatch.setattr(sweep_module, "estimate", lambda cfg, **kw: _Fits(True))
+    monkeypatch.setattr(sweep_module, "estimate_if_possible", lambda cfg, *args, **kw: _Fits(True))
 
     def set_losses(table: dict) -> list[Path]:
         monkeypatch.setenv("FAKE_LOSSES", json.dumps(table))
@@ -313,7 +313,7 @@ def test_a_trial_that_will_not_fit_is_skipped_with_the_estimates_reason(tiny, fa
         asked.append(memory_limit)
         return _Fits(cfg.lora.r == 2, f"rank {cfg.lora.r} needs more than the {memory_limit} bytes given")
 
-    monkeypatch.setattr(sweep_module, "estimate", estimate)
+    monkeypatch.setattr(sweep_module, "estimate_if_possible", estimate)
     space = tmp_path / "ranks.yaml"
     space.write_text("lora.r: [2, 64]\n")
     sweep_dir = tmp_path / "skips"

@@ -40,7 +40,7 @@ from tunesmith.hardware import detect_device
 from tunesmith.models import BUILTIN_MODELS, load_tokenizer, resolve_model_source
 from tunesmith.models.run_folder import open_run
 from tunesmith.models.validated import format_matrix, load_matrix
-from tunesmith.plan.estimate import Estimate, parse_size
+from tunesmith.plan.estimate import Estimate, estimate_if_possible, parse_size
 from tunesmith.plan.estimate import estimate as _estimate
 from tunesmith.plan.matrix import MatrixResult, agreement_sweep, estimate_matrix, matrix_json, matrix_report
 from tunesmith.plan.matrix import models_summary as estimated_matrix_summary
@@ -292,12 +292,8 @@ def check_fit(cfg: Config, memory_limit: int | None = None, nproc: int = 1, refu
     """What `tunesmith train` does first: the estimate, said in one line; a run that will not fit stops here,
     before anything loads (unless `refuse` is off).  An estimate that cannot be made is a notice, not a stop:
     the run itself says what is wrong, if anything is."""
-    try:
-        est = _estimate(cfg, memory_limit=memory_limit, nproc=nproc)
-    except UserError:
-        raise
-    except Exception as exc:  # the estimate must never stop a run that would have trained
-        log.info(f"tunesmith: no estimate for this run ({type(exc).__name__}: {exc}); training without one")
+    est = estimate_if_possible(cfg, memory_limit, nproc)
+    if est is None:
         return None
     log.info(f"tunesmith: estimate: {est.sentence()}")
     if refuse and not est.fits:

@@ -768,8 +768,10 @@ def _read_config_file(path: Path) -> str:
     return _config_text(data, name)
 
 
-def _read_yaml(text: str, name: str) -> Any:
-    """What the config file `name` holds, or a UserError that names the file and the line."""
+def read_yaml_text(text: str, name: str) -> Any:
+    """What the YAML file `name` (a config, or another file a user writes like one: a sweep's space) holds, read
+    as a config is (YAML 1.2 floats; a key given twice, a tag and an alias bomb refused), or a UserError that
+    names the file and the line."""
     try:
         return _yaml_data(text)
     except _Refused as exc:
@@ -856,7 +858,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = "defaults"
     if path is not None:
         source = visible(str(path), 300)
-        raw = _read_yaml(_read_config_file(Path(path)), source)
+        raw = read_yaml_text(_read_config_file(Path(path)), source)
     raw = apply_overrides(raw, overrides or [], source)
     return config_from_dict(raw, source)
 
@@ -865,7 +867,7 @@ def load_config_text(text: str, overrides: list[str] | None = None, source: str 
     """`load_config` for a config held as text (the studio's YAML view), read with the same checks as a file."""
     if len(text.encode()) > MAX_CONFIG_BYTES:
         raise UserError(f"{source}: the config is {len(text.encode()):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}.")
-    raw = _read_yaml(text, source) if text.strip() else {}
+    raw = read_yaml_text(text, source) if text.strip() else {}
     return config_from_dict(apply_overrides(raw, overrides or [], source), source)
 
 

@@ -20,6 +20,7 @@ measured on the built-in model (bench/estimate_accuracy.py): a rough answer, sai
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,8 @@ from tunesmith.plan.shapes import ModelShape, lora_trainable, shape_from_folder,
 from tunesmith.train.compute import autocast_dtype, want_gradient_checkpointing
 from tunesmith.train.loop import plan_steps
 from tunesmith.train.packing import plan_passes, resolve_pass_tokens, want_packing
+
+log = logging.getLogger(__name__)
 
 # Without --probe only (rough): the share of the measured matmul speed a training step reaches, a CPU pass's
 # fixed cost (every pass reads all frozen weights twice: train/packing.py), starting up, loading and decoding
@@ -200,6 +203,19 @@ def estimate(cfg: Config, memory_limit: int | None = None, run_probe: bool = Fal
     return result
 
 
+def estimate_if_possible(cfg: Config, memory_limit: int | None = None, nproc: int = 1, who: str = "this run") -> Estimate | None:
+    """The estimate, or None (with a notice) when it cannot be made for a reason that is not the user's: the
+    estimate must never stop a run that would have trained; the run itself says what is wrong, if anything.
+    A UserError (the config's or the data's fault) is raised as the run would raise it."""
+    try:
+        return estimate(cfg, memory_limit=memory_limit, nproc=nproc)
+    except UserError:
+        raise
+    except Exception as exc:
+        log.info(f"tunesmith: no estimate for {who} ({type(exc).__name__}: {exc}); training without one")
+        return None
+
+
 def _token_rows(cfg: Config, source: str, task: str) -> list:
     """The training rows tokenised as the run will (cached), or stand-ins of max_length where the file is missing."""
     try:
@@ -263,7 +279,16 @@ def _estimate_time(result: Estimate, cfg: Config, shape: ModelShape, work: Workl
     result.trained_tokens = int(total * rows_per_step * trained_per_row)
     step_tokens = rows_per_step * tokens_per_row  # processed (prompt and answer) per optimiser step
     if measured is not None:
-        step_s, first_extra = measured["step_s"], max(measured["first_step_s"] - measured["step_s"], 0.0)
+        # seconds per processed token from the probe's steps after the first, times the tokens of every step of
+        # the run (the batches are the run's own: same seed, same order); the first step's one-off costs on top
+        per_step = _step_tokens(rows, cfg, window, total) if rows else []
+        timed = measured["steps_s"][1:]
+        if len(per_step) > len(timed) and timed and sum(per_step[1:len(timed) + 1]) > 0:
+            rate = sum(timed) / sum(per_step[1:len(timed) + 1])
+            step_s = rate * sum(per_step) / total
+        else:
+            step_s = measured["step_s"]
+        first_extra = max(measured["first_step_s"] - measured["step_s"], 0.0)
         parts = {"startup": measured["startup_s"], "loading": measured["load_s"],
                  "evaluation before": measured["before_eval_s"]}
         result.time_source = "probe"
@@ -291,6 +316,19 @@ def _estimate_time(result: Estimate, cfg: Config, shape: ModelShape, work: Workl
     result.step_s = step_s
     result.time_parts = {k: round(v, 2) for k, v in parts.items()}
     result.time_s = sum(parts.values())
+
+
+def _step_tokens(rows: list, cfg: Config, window: int, total: int) -> list[int]:
+    """Tokens (prompt and answer) each optimiser step of the run processes, in the run's own batch order."""
+    t = cfg.training
+    tokens: list[int] = []
+    epoch = 0
+    while len(tokens) < total and epoch < 1000:
+        sizes = [sum(len(r.input_ids) for r in batch)
+                 for batch in iter_batches(rows, t.batch_size, epoch_order(len(rows), t.seed, epoch))]
+        tokens += [sum(sizes[i:i + window]) for i in range(0, len(sizes), window)]
+        epoch += 1
+    return tokens[:total]
 
 
 def _generation_s(cfg: Config, shape: ModelShape, work: Workload, device: str) -> float:

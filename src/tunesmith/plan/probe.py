@@ -30,7 +30,8 @@ PROBE_TIMEOUT_S = 1800
 def probe(config_path: str | Path, overrides: Sequence[str] = (), steps: int = PROBE_STEPS,
           nproc: int = 1) -> dict:
     """Seconds for each phase of the run's start and for its steps, measured on a few real steps:
-    {"startup_s", "load_s", "before_eval_s", "first_step_s", "step_s", "step_trained_tokens", "steps"}."""
+    {"startup_s", "load_s", "before_eval_s", "first_step_s", "step_s" (the median after the first), "steps_s"
+    (each step's), "steps"}."""
     folder = Path(tempfile.mkdtemp(prefix="tunesmith-probe-"))
     run_dir = folder / "run"
     argv = [sys.executable, "-m", "tunesmith.cli", "train", str(config_path), "--output", str(run_dir),
@@ -59,7 +60,7 @@ def probe(config_path: str | Path, overrides: Sequence[str] = (), steps: int = P
         "before_eval_s": max(levers_at - loaded_at, 0.0),
         "first_step_s": times[0],
         "step_s": statistics.median(rest),
-        "step_trained_tokens": statistics.median(r.get("trained_tokens", 0) for r in records[1:] or records),
+        "steps_s": times,
         "steps": len(records),
     }
 

@@ -16,48 +16,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tunesmith.config import load_config
+from tunesmith.config import load_config, read_yaml_text
 from tunesmith.errors import UserError, visible
 
 # A space names a few keys (the example has five lines); 64 KiB is room for thousands of them.
 MAX_SPACE_BYTES = 64 * 1024
 RANGE_KEYS = ("low", "high", "log", "step")
-
-# YAML 1.2's floats (1e-5 is a number, not text), as the config reader takes them (tunesmith/config.py's
-# _FLOAT_12), so a space file is written like a config file.
-_FLOAT_12 = re.compile(r"^[-+]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)$")
-
-
-class _SpaceLoader(yaml.SafeLoader):
-    """Safe YAML with YAML 1.2's floats; a key given twice is refused rather than the first one dropped."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str) and key in seen:
-                raise _Twice(key, key_node.start_mark.line + 1)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-_SpaceLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
-
-
-class _Twice(Exception):
-    def __init__(self, key: str, line: int):
-        super().__init__(key)
-        self.key, self.line = key, line
-
 
 @dataclass(frozen=True)
 class Param:
@@ -134,15 +104,7 @@ def _load_yaml(path: Path, name: str) -> Any:
         raise UserError(f"{name}: cannot be read ({exc.strerror or exc}).") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{name}: byte {exc.start} is not UTF-8; save the file as UTF-8 text.") from None
-    try:
-        return yaml.load(text, Loader=_SpaceLoader)  # noqa: S506 - a SafeLoader subclass
-    except _Twice as exc:
-        raise UserError(f"{name}, line {exc.line}: the key `{visible(exc.key, 100)}` is given twice; keep one.") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"{name}{where}: not valid YAML ({visible(problem, 200)}).") from None
+    return read_yaml_text(text, name)  # read as a config file is (YAML 1.2 floats, keys given twice refused)
 
 
 def _is_number(value: Any) -> bool:

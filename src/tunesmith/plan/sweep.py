@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import hashlib
 import io
 import json
@@ -60,9 +59,9 @@ from optuna.trial import FrozenTrial, TrialState
 from tunesmith.config import Config, load_config, resolved_yaml
 from tunesmith.errors import UserError, visible
 from tunesmith.fileio import atomic_write_file, atomic_write_json, atomic_write_text
-from tunesmith.plan.estimate import estimate
+from tunesmith.plan.estimate import estimate_if_possible
 from tunesmith.plan.space import Param, check_space, read_space, set_line
-from tunesmith.train.child import RunProcess
+from tunesmith.train.child import RunProcess, spawn
 from tunesmith.train.folder_lock import LOCK_FILE, hold_run_folder, refuse_if_in_use, refuse_if_used
 
 log = logging.getLogger(__name__)
@@ -327,7 +326,7 @@ def _run_trial(study: optuna.Study, space: Sequence[Param], config_path, overrid
         shown = ", ".join(f"{key}={_value_text(value)}" for key, value in params.items())
         log.info(f"tunesmith sweep: trial {trial.number}: {shown} -> {run_dir}")
         try:
-            fit = _estimate(load_config(config_path, lines), memory_limit, nproc)
+            fit = estimate_if_possible(load_config(config_path, lines), memory_limit, nproc, who="this trial")
         except UserError as exc:
             _fail(study, trial, str(exc))
             return
@@ -350,18 +349,6 @@ def _run_trial(study: optuna.Study, space: Sequence[Param], config_path, overrid
         raise SweepInterrupted(f"the sweep in {sweep_dir} was stopped during trial {trial.number}{kept}; the study "
                                f"keeps its finished trials ({done}). Run the same command again to continue: trial "
                                f"{trial.number}'s values run again as a new trial.", sweep_dir) from None
-
-
-def _estimate(cfg: Config, memory_limit: int | None, nproc: int):
-    """The trial's estimate, or None when it cannot be made for a reason that is not the user's (as `tunesmith
-    train` does: the estimate never stops a run that would have trained; the run says what is wrong, if anything)."""
-    try:
-        return estimate(cfg, memory_limit=memory_limit, nproc=nproc)
-    except UserError:
-        raise
-    except Exception as exc:
-        log.info(f"tunesmith sweep: no estimate for this trial ({type(exc).__name__}: {exc}); running it anyway")
-        return None
 
 
 def _follow_trial(study: optuna.Study, trial: optuna.Trial, run: RunProcess, best_at_end: bool) -> None:
@@ -414,24 +401,11 @@ def _lose(study: optuna.Study, trial: optuna.Trial) -> None:
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
-def _die_with_sweep() -> None:
-    """In the trial's process, before exec: Linux kills it (SIGKILL) when the sweep's process dies, however
-    that dies, so no trial outlives its sweep.  Elsewhere there is no such call and nothing happens."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG (prctl(2))
-    except (OSError, AttributeError):
-        pass
-
-
 def _start(argv: list[str], run_dir: Path, log_file: Path) -> RunProcess:
     """Start a trial's training: in a session of its own, so a Ctrl-C at the terminal reaches the sweep only
     (which stops the trial with one SIGINT: a second would skip its checkpoint), and killed with the sweep."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    with open(log_file, "ab") as output:
-        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, preexec_fn=_die_with_sweep)
-    return RunProcess(run_dir, process, log_file, started)
+    return spawn(argv, run_dir, log_file, detach=True, die_with_starter=True)
 
 
 def _end_process(run: RunProcess) -> None:

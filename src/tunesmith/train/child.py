@@ -4,6 +4,7 @@ events are the lines of the folder's metrics.jsonl, then its status.json (tunesm
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -52,9 +53,20 @@ class RunProcess:
         return self.process.wait(timeout)
 
 
-def spawn(argv: list[str], run_dir: Path, log_file: str | Path | None = None, detach: bool = False) -> RunProcess:
+def die_with_parent() -> None:
+    """In a child, before exec: ask Linux to SIGKILL it when the process that started it dies, however that
+    dies, so no child outlives its starter.  Elsewhere there is no such call and nothing happens."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG (prctl(2))
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn(argv: list[str], run_dir: Path, log_file: str | Path | None = None, detach: bool = False,
+          die_with_starter: bool = False) -> RunProcess:
     """Start `argv` (a `tunesmith train` command line) with its output appended to `log_file` (default a new
-    temporary file); with `detach` in a session of its own, so it outlives its starter however that ends."""
+    temporary file); with `detach` in a session of its own (a Ctrl-C at the terminal does not reach it), so it
+    outlives its starter however that ends, unless `die_with_starter` (Linux) kills it when the starter dies."""
     started = time.time()
     if log_file is None:
         handle, log_name = tempfile.mkstemp(prefix="tunesmith-run-", suffix=".log")
@@ -64,7 +76,7 @@ def spawn(argv: list[str], run_dir: Path, log_file: str | Path | None = None, de
         log = open(log_name, "ab")  # noqa: SIM115 - closed below, once the child holds its own copy
     with log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=detach)
+                                   start_new_session=detach, preexec_fn=die_with_parent if die_with_starter else None)
     return RunProcess(Path(run_dir), process, Path(log_name), started)
 
 

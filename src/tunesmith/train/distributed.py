@@ -14,7 +14,6 @@ MASTER_PORT, and accelerate's `PartialState` opens the process group from those 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import logging
 import os
@@ -30,6 +29,7 @@ import torch
 
 from tunesmith.errors import UserError
 from tunesmith.hardware import cpu_threads
+from tunesmith.train.child import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -266,14 +266,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL it when the launcher dies, so no rank outlives the job."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _exit_words(code: int) -> str:
     if code < 0:
         try:
@@ -306,7 +298,7 @@ def launch(argv: list[str], nproc: int, num_machines: int = 1, machine_rank: int
                    PYTHONUNBUFFERED="1")
         env.setdefault("OMP_NUM_THREADS", threads)  # the cores are shared out, not oversubscribed
         children.append(subprocess.Popen([sys.executable, "-m", "tunesmith.cli", *argv], env=env,
-                                         start_new_session=True, preexec_fn=_die_with_parent))
+                                         start_new_session=True, preexec_fn=die_with_parent))
 
     def forward(signum, frame):  # Ctrl-C reaches only us (the children have their own session): pass it on
         for child in children:
