@@ -19,6 +19,7 @@ from conftest import save_tiny_model_folder
 from safetensors.torch import load_file
 
 from tunesmith import api
+from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.train import distributed
 
@@ -60,9 +61,9 @@ def _adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def _launch(root, run_dir, overrides):
+def _launch(root, run_dir, overrides, extra=()):
     return subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(root / "cfg.yaml"), "--nproc", "2",
-                             "--output", str(run_dir), *_set(overrides)],
+                             "--output", str(run_dir), *_set(overrides), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -375,9 +376,16 @@ def test_a_hung_process_is_given_up_after_the_timeout(two_process_run, tmp_path)
     assert not ranks[1].is_running() or ranks[1].status() == psutil.STATUS_ZOMBIE
 
 
-def test_bad_input_stops_every_process_with_one_sentence(two_process_run, tmp_path):
+def test_bad_input_stops_every_process_with_one_sentence(two_process_run, tmp_path, capsys):
     root, model_dir, data, _, _ = two_process_run
-    launcher = _launch(root, tmp_path / "bad", _overrides(model_dir, tmp_path / "missing.jsonl"))
+    missing = _overrides(model_dir, tmp_path / "missing.jsonl")
+    # the launcher's fit check reads the data first: the sentence, and no process is started
+    assert main(["train", str(root / "cfg.yaml"), "--nproc", "2", "--output", str(tmp_path / "early"),
+                 *_set(missing)]) == 2
+    said = capsys.readouterr().err
+    assert f"tunesmith: data.path: {tmp_path / 'missing.jsonl'} does not exist" in said and "process 0" not in said
+    # without it, each process finds the bad input and they all stop with one sentence
+    launcher = _launch(root, tmp_path / "bad", missing, extra=["--no-fit-check"])
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 2
     assert f"tunesmith: data.path: {tmp_path / 'missing.jsonl'} does not exist" in err

@@ -63,7 +63,7 @@ def swept(tmp_path_factory) -> Path:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sweep_module, "trial_command", command)
-        patch.setattr(sweep_module, "estimate", lambda cfg, **kw: _Fits(cfg.lora.r != 64))
+        patch.setattr(sweep_module, "estimate_if_possible", lambda cfg, *args, **kw: _Fits(cfg.lora.r != 64))
         result = api.sweep(config, space, 4, output=root / "sweep-run")
     assert {row["state"] for row in result["trials"]} >= {"complete"}
     return root / "sweep-run"

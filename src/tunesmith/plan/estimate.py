@@ -160,7 +160,7 @@ def estimate(cfg: Config, memory_limit: int | None = None, run_probe: bool = Fal
     source = resolve_model_source(cfg.model.name)
     task = model_task(source, cfg)
     shape = shape_from_folder(source, task, cfg.model.trust_remote_code)
-    meta = shape._meta_model
+    meta = shape.meta_model
     dtype = resolve_dtype(cfg.model.dtype, device)
     half = autocast_dtype(cfg.training.autocast, device, dtype)
     four_bit = four_bit_status()[0] if cfg.method == "qlora" else False
@@ -381,9 +381,10 @@ def advice(result: Estimate, cfg: Config, shape: ModelShape, work: Workload) -> 
                         f"--set training.batch_size={t.batch_size // 2} "
                         f"--set training.gradient_accumulation={t.gradient_accumulation * 2}",
                         replace(work, pass_tokens=max(work.longest_row, work.pass_tokens // 2))))
-    if result.settings.get("packing") and work.pass_tokens > work.longest_row:
+    fewest = max(work.longest_row, 8)  # training.pass_tokens is at least 8
+    if result.settings.get("packing") and work.pass_tokens > fewest:
         options.append(("fewer tokens per pass (the same step, in more passes)",
-                        f"--set training.pass_tokens={work.longest_row}", replace(work, pass_tokens=work.longest_row)))
+                        f"--set training.pass_tokens={fewest}", replace(work, pass_tokens=fewest)))
     if work.method in ("lora", "dora", "rslora", "adalora") and four_bit_status()[0]:
         options.append(("a 4-bit base (QLoRA)", "--set method=qlora", replace(work, method="qlora", four_bit=True)))
     if work.method == "full":

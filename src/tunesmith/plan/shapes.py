@@ -36,6 +36,7 @@ class ModelShape:
     total_params: int
     embedding_params: int  # input embeddings, and the output layer when it is not tied to them
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # dotted name -> (in, out), output excluded
+    meta_model: object = field(default=None, repr=False, compare=False)  # the model on the meta device
 
     @property
     def linear_params(self) -> int:
@@ -89,8 +90,8 @@ def shape_from_config(config, task: str = "causal_lm") -> ModelShape:
         total_params=total,
         embedding_params=embedding,
         linear_shapes=linears,
+        meta_model=model,
     )
-    shape._meta_model = model  # for target-module matching; not part of the record
     return shape
 
 
@@ -128,5 +129,5 @@ def lora_trainable(shape: ModelShape, cfg: Config) -> int:
 
 def targeted_names(shape: ModelShape, cfg: Config) -> list[str]:
     """The dotted names of the linear layers the adapter attaches to."""
-    model = getattr(shape, "_meta_model", None)
+    model = shape.meta_model
     return targeted_layers(model, cfg.lora.target_modules) if model is not None else list(shape.linear_shapes)
