@@ -7,7 +7,9 @@ checkpointing; no autocast on a CPU.
 
 - `baseline`: transformers.Trainer + PEFT, the ordinary way: each batch padded to its longest row,
   labels -100 on prompt and padding, the model's own loss.  It trains on the rows tunesmith
-  tokenised, in tunesmith's first-epoch order, so both see the same batches.
+  tokenised, in tunesmith's first-epoch order, so both see the same batches.  On a CPU with AMX-BF16 or
+  AVX512-BF16 it also runs with `bf16=True` (`baseline_bf16`; `baseline_fp32` beside it), and the faster of
+  the two is the baseline every ratio is taken against: the peer at its fastest precision on the machine.
 - `tunesmith`: `tunesmith.train.loop.run_training` on the same config, i.e. exactly what
   `tunesmith train` runs; its numbers are the ones its summary.json reports.
 - `tunesmith_padded` (skipped by --no-padded): tunesmith with `training.packing=false`, to show that
@@ -91,12 +93,18 @@ def child_tunesmith(raw: dict, run_dir: Path) -> dict:
         "packing": summary["hardware"].get("packing"),
         "pass_tokens": summary["hardware"].get("pass_tokens"),
         "threads": summary["hardware"]["threads"],
+        "dtype": summary["hardware"]["dtype"], "autocast": summary["hardware"]["autocast"],
+        "gpu_peak_bytes": summary["memory"].get("peak_allocated_bytes"),
         "summary_json": str(run_dir / "summary.json"),
     }
 
 
 def child_baseline(raw: dict, run_dir: Path) -> dict:
-    """transformers.Trainer + PEFT LoRA on tunesmith's tokenised rows, in tunesmith's first-epoch order."""
+    """transformers.Trainer + PEFT LoRA on tunesmith's tokenised rows, in tunesmith's first-epoch order.
+
+    `raw["peer"]` (taken out before the rest is read as a tunesmith config) sets the peer's precision as its
+    users set it: {"dtype": "float32"|"bfloat16", "bf16": bool}: the weights' dtype in from_pretrained and
+    TrainingArguments(bf16=...) (autocast); without it, fp32 weights and no autocast."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
@@ -105,13 +113,15 @@ def child_baseline(raw: dict, run_dir: Path) -> dict:
     from tunesmith.config import config_from_dict
     from tunesmith.data.batching import collate
 
+    peer = {"dtype": "float32", "bf16": False, **raw.pop("peer", {})}
     cfg = config_from_dict(raw, "bench workload")
     t = cfg.training
     source, tokenizer, rows = baseline_inputs(cfg)
     trained = [sum(1 for x in r.labels[1:] if x != -100) for r in rows]  # next-token targets per row
     lengths = [len(r.input_ids) for r in rows]
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    on_gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, peer["dtype"]))
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -138,7 +148,7 @@ def child_baseline(raw: dict, run_dir: Path) -> dict:
         output_dir=str(run_dir), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim="adamw_torch", seed=t.seed,
-        use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", eval_strategy="no",
+        use_cpu=not on_gpu, bf16=peer["bf16"], logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to=[], remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
     )
     clock = Clock()
@@ -159,6 +169,8 @@ def child_baseline(raw: dict, run_dir: Path) -> dict:
         "losses": clock.losses,
         "step_s": clock.step_s,
         "threads": torch.get_num_threads(),
+        "dtype": peer["dtype"], "autocast": "bfloat16" if peer["bf16"] else None,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
     }
 
 
@@ -284,6 +296,10 @@ def main() -> None:
     log_dir = out.parent / "logs" / out.stem
     log_dir.mkdir(parents=True, exist_ok=True)
 
+    from tunesmith.hardware import CPU_BF16_FEATURES, cpu_features
+
+    # Issue 24: the peer runs at its fastest precision on the machine, and the ratio is taken against the faster.
+    peer_bf16 = any(f in cpu_features() for f in CPU_BF16_FEATURES)
     peak = matmul_peak_flops()
     shape = model_shape(workload(args.steps, data, extra))
     runs = {}
@@ -292,8 +308,14 @@ def main() -> None:
         pairs = []
         for i in range(max(1, args.repeats)):
             tag = "" if i == 0 else f"_{i + 1}"
-            pairs.append((measure("baseline" + tag, workload(args.steps, data, {}), work, log_dir),
-                          measure("tunesmith" + tag, workload(args.steps, data, extra), work, log_dir)))
+            peer = measure("baseline" + tag, workload(args.steps, data, {}), work, log_dir)
+            if peer_bf16:  # the peer at its fastest setting: bf16=True where the CPU has bf16 matmuls
+                with_bf16 = measure("baseline_bf16" + tag, {**workload(args.steps, data, {}), "peer": {"bf16": True}},
+                                    work, log_dir)
+                runs.setdefault("baseline_fp32", peer)
+                runs.setdefault("baseline_bf16", with_bf16)
+                peer = max(peer, with_bf16, key=lambda r: r["trained_tokens_per_s"])
+            pairs.append((peer, measure("tunesmith" + tag, workload(args.steps, data, extra), work, log_dir)))
         runs["baseline"], runs["tunesmith"] = pairs[0]
         if not args.no_padded:
             runs["tunesmith_padded"] = measure("tunesmith_padded", workload(args.steps, data, {**extra, "packing": False}),

@@ -225,8 +225,8 @@ class TrainingConfig(_Section):
         "auto",
         description="Padding-free micro-batches: the rows of a micro-batch run end to end as one sequence, each row "
         "attending only to itself (position ids restart per row), so no compute goes to padding. The same rows "
-        "and loss as padded batches. auto: on for causal LMs whose attention tunesmith has checked (Llama, "
-        "Mistral, Qwen2/3, Gemma, Phi-3).",
+        "and loss as padded batches. auto: on CPUs, for causal LMs whose attention tunesmith has checked (Llama, "
+        "Mistral, Qwen2/3, Gemma, Phi-3); on a GPU padded batches measured faster, so auto pads there.",
     )
     pass_tokens: Annotated[int, Field(ge=8, le=INT64_MAX)] | Literal["auto"] = Field(
         "auto",
@@ -237,7 +237,8 @@ class TrainingConfig(_Section):
     fast_kernels: Literal["auto", "off"] = Field(
         "auto",
         description="Patches that train faster in less memory (src/tunesmith/models/fast). auto: tunesmith's fused "
-        "LoRA-dropout, RMSNorm and rotary paths where they apply; off: the stock PEFT/transformers modules.",
+        "LoRA-dropout, RMSNorm and rotary paths where they apply, on CPUs (on a GPU the stock modules measured faster); "
+        "off: the stock PEFT/transformers modules.",
     )
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW's decay rate of its running mean of gradients.")
     adam_beta2: float = Field(

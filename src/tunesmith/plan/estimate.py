@@ -171,7 +171,7 @@ def estimate(cfg: Config, memory_limit: int | None = None, run_probe: bool = Fal
     targets = 0 if full else len(targeted_names(shape, cfg))
 
     rows = _token_rows(cfg, source, task)
-    packing = want_packing(t.packing, meta, task, cfg.data.max_length)[0]
+    packing = want_packing(t.packing, meta, task, cfg.data.max_length, device)[0]
     pass_tokens = resolve_pass_tokens(t.pass_tokens, device, t.batch_size, cfg.data.max_length) if packing else None
     biggest_pass, longest = _biggest_pass(rows, cfg, pass_tokens)
     checkpointing = want_gradient_checkpointing(cfg, meta, device, half or dtype, pass_tokens)[0]

@@ -65,7 +65,7 @@ from tunesmith.hardware import (
 )
 from tunesmith.models import check_max_length, load_model, load_tokenizer, resolve_model_source, tunesmith_home
 from tunesmith.models.adapters import after_optimizer_step, count_parameters, extra_loss, prepare_trainable
-from tunesmith.models.fast import dropout_rows, fast_kernels, forget_shared_mask, new_mask_seed
+from tunesmith.models.fast import dropout_rows, fast_kernels, forget_shared_mask, kernel_mode, new_mask_seed
 from tunesmith.models.loader import model_task
 from tunesmith.models.tasks import MASKED_LM, SEQ2SEQ
 from tunesmith.train import distributed
@@ -329,7 +329,7 @@ def _setup_evaluation(evaluation, cfg: Config, setup: Setup, parallel: Parallel,
 def _setup_levers(cfg: Config, setup: Setup, model) -> None:
     """How batches run: padding-free passes (packing) and gradient checkpointing, each with a sentence why."""
     t = cfg.training
-    setup.packing, why = want_packing(t.packing, model, setup.task, cfg.data.max_length)
+    setup.packing, why = want_packing(t.packing, model, setup.task, cfg.data.max_length, setup.device)
     if setup.packing:
         setup.pass_tokens = resolve_pass_tokens(t.pass_tokens, setup.device, t.batch_size, cfg.data.max_length)
     log.info(why + (f"; up to {setup.pass_tokens} tokens per pass" if setup.packing else ""))
@@ -394,7 +394,8 @@ def _train(training: Training, progress: Progress) -> None:
     """The loop, inside what it runs in: stop signals caught, the fast kernels and packed attention on."""
     cfg, model = training.cfg, training.model
     try:
-        with stop_on_signals() as stop_requested, fast_kernels(model, cfg.training.fast_kernels), \
+        with stop_on_signals() as stop_requested, fast_kernels(model, kernel_mode(cfg.training.fast_kernels,
+                                                                         training.setup.device)), \
                 (packed_attention(model) if training.setup.packing else contextlib.nullcontext()):
             training.stop_requested = stop_requested
             try:

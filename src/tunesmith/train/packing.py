@@ -206,10 +206,18 @@ def packing_unsupported(model: torch.nn.Module, max_length: int) -> str | None:
     return None
 
 
-def want_packing(setting: bool | str, model: torch.nn.Module, task: str, max_length: int) -> tuple[bool, str]:
-    """Whether to train padding-free, and a sentence why (printed at the start of the run)."""
+def want_packing(setting: bool | str, model: torch.nn.Module, task: str, max_length: int,
+                 device: str = "cpu") -> tuple[bool, str]:
+    """Whether to train padding-free, and a sentence why (printed at the start of the run).
+
+    `auto` packs on CPUs only: there a pass costs about the same whatever it holds, so padding is pure loss; on a
+    GPU the row-by-row attention of a packed pass measured 13% slower than padded batches (an H200, bench/RESULTS.md,
+    "GPU check"), so auto pads there, and `training.packing: true` still packs."""
     if setting is False:
         return False, "packing: off (training.packing: false)"
+    if setting == "auto" and device != "cpu":
+        return False, (f"packing: off (auto: on {device} padded batches measured faster than tunesmith's row-by-row "
+                       "packed attention; training.packing: true packs)")
     reason = f"a {task} model trains on padded batches" if task != "causal_lm" else packing_unsupported(model, max_length)
     if reason is None:
         return True, "packing: on (rows end to end, each attending only to itself; no padding computed)"

@@ -24,6 +24,9 @@ Norms and rotary embeddings (`norm_rope.py`, `fast_norm_rope`): fewer [tokens x 
   Both apply only while training in fp32 without autocast (a CPU's default; GPUs train under autocast and
   fall through to transformers' code); anything else runs transformers' own code.
 
+On a GPU `auto` means off: these paths are written for CPUs (dropout masks drawn row by row, fp32 fusions that
+step aside under autocast), and on an H200 the stock modules trained 37% faster (bench/RESULTS.md, "GPU check").
+
 Switching off: `training.fast_kernels: off` (or `--set training.fast_kernels=off`) trains on the stock
 PEFT/transformers modules.  With `lora.dropout: 0` the per-step losses are the same as with `auto` to float
 rounding (tests/test_fast_kernels.py checks it); with dropout the masks are drawn another way (numpy's SFC64
@@ -39,9 +42,15 @@ import torch
 from tunesmith.models.fast.lora import dropout_rows, fast_lora, forget_shared_mask, new_mask_seed
 from tunesmith.models.fast.norm_rope import fast_norm_rope
 
-__all__ = ["dropout_rows", "fast_kernels", "fast_lora", "fast_norm_rope", "forget_shared_mask", "new_mask_seed"]
+__all__ = ["dropout_rows", "fast_kernels", "fast_lora", "fast_norm_rope", "forget_shared_mask", "kernel_mode",
+           "new_mask_seed"]
 
 FAST_KERNEL_MODES = ("auto", "off")
+
+
+def kernel_mode(setting: str, device: str) -> str:
+    """The mode `training.fast_kernels` means on `device`: auto patches on CPUs only (see above)."""
+    return setting if device == "cpu" else "off"
 
 
 @contextlib.contextmanager
