@@ -66,42 +66,6 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_four_trial_sweep_ranks_its_trials_and_writes_the_best_config(tiny, capsys):
-    root, config, space = tiny
-    sweep_dir = root / "four"
-    code = cli.main(["sweep", str(config), "--space", str(space), "--trials", "4", "--output", str(sweep_dir),
-                     *TRIAL_SETS])
-    out = capsys.readouterr().out
-    assert code == 0, out
-
-    trials = _study(sweep_dir).get_trials()
-    assert len(trials) == 4
-    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
-    assert sorted(p.name for p in sweep_dir.glob("trial-*")) == [f"trial-{n:04d}" for n in range(4)]
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert complete
-    for t in complete:  # the objective is the trial's last validation loss, from its own metrics.jsonl
-        folder = sweep_dir / f"trial-{t.number:04d}"
-        losses = [json.loads(line)["val_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-                  if json.loads(line)["type"] == "validation"]
-        assert len(losses) >= 2 and t.value == losses[-1]
-        assert json.loads((folder / "summary.json").read_text())["validation"]["loss"] == t.value
-
-    best = min(complete, key=lambda t: t.value)
-    cfg = api.load_config(sweep_dir / "best.yaml")
-    assert cfg.training.learning_rate == best.params["training.learning_rate"]
-    assert cfg.lora.r == best.params["lora.r"]
-    assert cfg.training.max_steps == 8 and cfg.output.dir is None  # the --set lines are in it, no folder
-    assert (sweep_dir / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    printed = _printed_table(out)
-    assert [row[1] for row in printed[:len(complete)]] == [str(t.number) for t in sorted(complete, key=lambda t: t.value)]
-    values = [float(row[3]) for row in printed if row[2] == "complete"]
-    assert values == sorted(values) and len(printed) == 4
-    assert f"best: trial {best.number}" in out
-    assert [row["trial"] for row in _table(sweep_dir)] == [row[1] for row in printed]
-
-
 def _children(pid: int) -> list[int]:
     """The processes whose parent is `pid` (from /proc)."""
     found = []
@@ -178,6 +142,31 @@ def test_a_sweep_killed_during_trial_3_continues_without_running_trials_1_and_2_
     study_trials = {t.number: t for t in _study(sweep_dir).get_trials()}
     assert study_trials[3].params == study_trials[2].params  # the lost trial's values ran again
     assert study_trials[3].user_attrs["retry_of"] == 2
+
+    # What the finished sweep leaves.  Each complete trial's value is its last validation loss, from its own
+    # metrics.jsonl and summary.json; best.yaml is the best trial's config; the printed table, trials.csv and
+    # "best: trial N" rank the complete trials by value, lowest first.
+    complete = [t for t in study_trials.values() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        folder = sweep_dir / f"trial-{t.number:04d}"
+        losses = [json.loads(line)["val_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["type"] == "validation"]
+        assert len(losses) >= 2 and t.value == losses[-1]
+        assert json.loads((folder / "summary.json").read_text())["validation"]["loss"] == t.value
+    best = min(complete, key=lambda t: t.value)
+    cfg = api.load_config(sweep_dir / "best.yaml")
+    assert cfg.training.learning_rate == best.params["training.learning_rate"]
+    assert cfg.lora.r == best.params["lora.r"]
+    assert cfg.training.max_steps == 8 and cfg.output.dir is None  # the --set lines are in it, no folder
+    assert (sweep_dir / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = _printed_table(again.stdout)
+    ranked = sorted(complete, key=lambda t: t.value)
+    assert [row[1] for row in printed[:len(complete)]] == [str(t.number) for t in ranked]
+    values = [float(row[3]) for row in printed if row[2] == "complete"]
+    assert values == sorted(values) and len(printed) == 5  # four trials and the lost one
+    assert f"best: trial {best.number}" in again.stdout
+    assert [row["trial"] for row in _table(sweep_dir)] == [row[1] for row in printed]
 
 
 # A stand-in for `tunesmith train`: writes the validation losses FAKE_LOSSES gives its folder (or "default"), one
