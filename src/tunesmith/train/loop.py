@@ -333,6 +333,9 @@ def _setup_levers(cfg: Config, setup: Setup, model) -> None:
     if setup.packing:
         setup.pass_tokens = resolve_pass_tokens(t.pass_tokens, setup.device, t.batch_size, cfg.data.max_length)
     log.info(why + (f"; up to {setup.pass_tokens} tokens per pass" if setup.packing else ""))
+    if kernel_mode(t.fast_kernels, setup.device) != t.fast_kernels:
+        log.info(f"fast kernels: off (auto: tunesmith's fused paths are for CPUs; on {setup.device} the stock "
+                 "PEFT/transformers modules measured faster)")
     setup.checkpointing, why = want_gradient_checkpointing(cfg, model, setup.device, setup.dtype, setup.pass_tokens)
     log.info(why)
     if setup.checkpointing:
