@@ -213,6 +213,19 @@ def test_want_packing_says_why_not_and_refuses_an_explicit_true():
     assert resolve_pass_tokens(300, "cpu", 4, 512) == 300
 
 
+def test_auto_packs_and_patches_on_cpus_only():
+    """On a GPU padded batches and the stock modules measured faster (bench/RESULTS.md, "GPU check"): auto
+    follows the device, and an explicit setting is kept."""
+    from tunesmith.models.fast import kernel_mode
+
+    llama = tiny_model("llama")
+    assert want_packing("auto", llama, "causal_lm", 64)[0] is True  # device defaults to cpu
+    on, why = want_packing("auto", llama, "causal_lm", 64, device="cuda")
+    assert not on and why.startswith("packing: off (auto: on cuda padded batches measured faster")
+    assert want_packing(True, llama, "causal_lm", 64, device="cuda")[0] is True
+    assert [kernel_mode(m, d) for m in ("auto", "off") for d in ("cpu", "cuda")] == ["auto", "off", "off", "off"]
+
+
 def test_gradient_checkpointing_recomputes_a_packed_pass_the_same_way():
     """The loop keeps packed attention on for the whole run, so the backward recomputation attends row by row too."""
     from tunesmith.train.compute import enable_gradient_checkpointing
