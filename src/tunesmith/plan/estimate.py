@@ -35,6 +35,7 @@ from tunesmith.data.tokens import IGNORE_INDEX
 from tunesmith.errors import UserError
 from tunesmith.hardware import detect_device, four_bit_status, memory_info, resolve_dtype
 from tunesmith.models import resolve_model_source, tunesmith_home
+from tunesmith.models.fast import kernel_mode
 from tunesmith.models.loader import load_tokenizer, model_task
 from tunesmith.plan.memory import GIB, Workload, memory_parts
 from tunesmith.plan.probe import probe
@@ -183,7 +184,7 @@ def estimate(cfg: Config, memory_limit: int | None = None, run_probe: bool = Fal
         activation_bytes=torch.empty((), dtype=half).element_size() if half is not None else weight_bytes,
         trainable=trainable, adapter_targets=targets, rank=cfg.lora.r, optimizer=t.optimizer,
         pass_tokens=biggest_pass, longest_row=longest, checkpointing=checkpointing,
-        fused=t.fast_kernels == "auto" and device == "cpu" and half is None and dtype == torch.float32,
+        fused=kernel_mode(t.fast_kernels, device) == "auto" and half is None and dtype == torch.float32,
         chunked_loss=task == "causal_lm", four_bit=four_bit, processes=processes, sharded=sharded,
         checkpoint_bytes=sum(f.stat().st_size for f in Path(source).glob("*.safetensors")) or None,
     )

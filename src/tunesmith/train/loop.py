@@ -111,6 +111,7 @@ class Setup:
     packing: bool = False
     pass_tokens: int | None = None  # with packing: the most tokens in one pass
     checkpointing: bool = False  # gradient checkpointing
+    kernels: str = "off"  # training.fast_kernels as it applies on this device (models.fast.kernel_mode)
     per_epoch: int = 1  # optimiser steps
     total_steps: int = 1
     trainable: int = 0  # parameters
@@ -333,7 +334,8 @@ def _setup_levers(cfg: Config, setup: Setup, model) -> None:
     if setup.packing:
         setup.pass_tokens = resolve_pass_tokens(t.pass_tokens, setup.device, t.batch_size, cfg.data.max_length)
     log.info(why + (f"; up to {setup.pass_tokens} tokens per pass" if setup.packing else ""))
-    if kernel_mode(t.fast_kernels, setup.device) != t.fast_kernels:
+    setup.kernels = kernel_mode(t.fast_kernels, setup.device)
+    if setup.kernels != t.fast_kernels:
         log.info(f"fast kernels: off (auto: tunesmith's fused paths are for CPUs; on {setup.device} the stock "
                  "PEFT/transformers modules measured faster)")
     setup.checkpointing, why = want_gradient_checkpointing(cfg, model, setup.device, setup.dtype, setup.pass_tokens)
@@ -395,10 +397,9 @@ def _loss_sum(model, unit, *, objective: Objective, distiller) -> torch.Tensor:
 
 def _train(training: Training, progress: Progress) -> None:
     """The loop, inside what it runs in: stop signals caught, the fast kernels and packed attention on."""
-    cfg, model = training.cfg, training.model
+    model = training.model
     try:
-        with stop_on_signals() as stop_requested, fast_kernels(model, kernel_mode(cfg.training.fast_kernels,
-                                                                         training.setup.device)), \
+        with stop_on_signals() as stop_requested, fast_kernels(model, training.setup.kernels), \
                 (packed_attention(model) if training.setup.packing else contextlib.nullcontext()):
             training.stop_requested = stop_requested
             try:
