@@ -45,6 +45,7 @@ from tunesmith.plan.estimate import estimate as _estimate
 from tunesmith.plan.matrix import MatrixResult, agreement_sweep, estimate_matrix, matrix_json, matrix_report
 from tunesmith.plan.matrix import models_summary as estimated_matrix_summary
 from tunesmith.plan.sweep import SweepInterrupted, read_sweep, run_sweep
+from tunesmith.prefer import make_recipe
 from tunesmith.ship.chat import chat_repl, load_for_chat, stream_reply
 from tunesmith.ship.gguf_export import export_gguf
 from tunesmith.ship.merge import merge_run
@@ -138,8 +139,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, estimate: Esti
             check_resumable(cfg, run_dir)
             (run_dir / STATUS_FILE).unlink(missing_ok=True)  # the stopped run's; this one writes its own
         try:
-            summary = run_training(cfg, run_dir, resume=resume, evaluation=BeforeAfter,
-                                   estimate=estimate.to_json() if estimate is not None else None)
+            recipe, evaluation = make_recipe(cfg)  # objective dpo, kto, grpo ...: the loop's hooks; sft: None
+            summary = run_training(cfg, run_dir, resume=resume, evaluation=evaluation or BeforeAfter,
+                                   estimate=estimate.to_json() if estimate is not None else None, recipe=recipe)
         except TrainingInterrupted as exc:
             _final_status(main, run_dir, "interrupted", str(exc))
             raise
@@ -387,6 +389,10 @@ def distill(cfg: Config, run_dir: str | Path, cache_teacher: bool = False) -> di
     """A teacher teaches a student as `cfg` says (see tunesmith.distill.run), with the before/after evaluation."""
     if distributed.world_from_env().size > 1:
         raise UserError("tunesmith distill runs as one process; start it without torchrun or accelerate launch.")
+    if cfg.objective.type != "sft":
+        raise UserError(f"objective.type: {cfg.objective.type}: tunesmith distill trains a student on its teacher's "
+                        "outputs (objective sft); tune the distilled run with `tunesmith train` and that objective "
+                        "afterwards, or remove objective from this config.")
     run_dir = Path(run_dir)
     cfg.output.dir = str(run_dir)
     with _writing(run_dir, "distilling", resume=False):

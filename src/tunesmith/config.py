@@ -68,6 +68,8 @@ MAX_DEPTH = 32
 # An error names at most this many problems (then "and N more"), each value cut short, so a config of a
 # million wrong keys is still a message of a few lines.
 MAX_PROBLEMS = 10
+# Sections a single word may stand for, and the key it sets: `objective: dpo` is `objective: {type: dpo}`.
+SHORT_FORMS = {"objective": "type"}
 MAX_MESSAGE = 3000
 
 
@@ -361,6 +363,70 @@ class DistillConfig(_Section):
         8, ge=1, le=MAX_BATCH, description="Prompts the teacher answers at once (sequence level).")
 
 
+
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo")
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")  # paired: prompt, chosen, rejected
+# beta when `objective.beta` is left null, per objective (the papers' or TRL's defaults; prefer/losses.py cites each)
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1, "grpo": 0.04}
+
+
+class RewardConfig(_Section):
+    type: Literal["exact_match", "number", "regex", "length", "python"] = Field(
+        description="exact_match (the answer after eval.answer_regex equals the reference), number (the last number "
+        "in the answer within `tolerance` of the reference's), regex (the completion matches `pattern`), length "
+        "(1 at `target` characters, falling linearly to 0 at 0 and 2x target), python (`function`, module:function)."
+    )
+    weight: float = Field(1.0, description="The reward's weight in the sum of rewards.")
+    tolerance: float = Field(1e-6, ge=0.0, description="number: the largest absolute difference that still scores 1.")
+    pattern: str | None = Field(None, description="regex: the pattern a completion must match (re.search).")
+    target: int = Field(200, ge=1, le=MAX_TOKENS, description="length: the completion length in characters scoring 1.")
+    function: str | None = Field(
+        None, description="python: `module:function` called as function(prompts, completions, references) -> list of "
+        "floats; the module is imported only because the config names it (it runs your code).")
+
+
+class ObjectiveConfig(_Section):
+    type: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo"] = Field(
+        "sft", description="What training optimises: sft (next-token cross-entropy on the answers), dpo, ipo, orpo, "
+        "simpo (preference pairs: prompt, chosen, rejected), kto (unpaired answers labelled good or bad) or grpo "
+        "(answers sampled per prompt and scored by reward functions). `objective: dpo` is the short form."
+    )
+    beta: float | None = Field(
+        None, gt=0, description="The objective's beta: DPO/IPO/KTO's strength of the pull to the reference (0.1), "
+        "ORPO's weight of the odds-ratio term (0.1), SimPO's reward scale (2.0), GRPO's KL coefficient (0.04); "
+        "null takes the default in brackets.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="DPO: the share of pairs assumed mislabelled (conservative DPO); 0 is plain DPO.")
+    reference_free: bool = Field(
+        False, description="DPO/IPO: compare against a uniform reference instead of the base model (no reference pass).")
+    precompute_reference: bool | Literal["auto"] = Field(
+        "auto", description="Compute the reference model's log-probs of every pair once before training and keep "
+        "them in the run folder (no reference pass per step); auto: for method full (no second copy of the "
+        "weights), while adapters take the base with the adapter switched off.")
+    simpo_gamma: float = Field(1.0, ge=0.0, description="SimPO: the target reward margin gamma.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: the weight of answers labelled good.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: the weight of answers labelled bad.")
+    group_size: int = Field(8, ge=2, le=MAX_BATCH, description="GRPO: answers sampled per prompt (one group).")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS, description="GRPO: the longest sampled answer, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="GRPO: the sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1.0, description="GRPO: nucleus sampling's probability mass.")
+    clip_epsilon: float = Field(0.2, gt=0, lt=1.0, description="GRPO: the policy ratio is clipped to 1 +- this.")
+    rewards: list[RewardConfig] = Field(
+        default_factory=lambda: [RewardConfig(type="exact_match")],
+        description="GRPO: the reward functions, summed with their weights; a name alone (`[exact_match]`) is the "
+        "short form.")
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _reward_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"type": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.type, 0.1)
+
+
 class DistributedConfig(_Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="With several processes: `ddp` keeps the whole model in every process and sums the "
@@ -409,6 +475,9 @@ class Config(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher of tunesmith distill.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student of tunesmith distill.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="How tunesmith distill mixes its losses.")
+    objective: ObjectiveConfig = Field(
+        default_factory=ObjectiveConfig, description="What training optimises: sft, or preference and reward "
+        "tuning (dpo, ipo, orpo, simpo, kto, grpo); `objective: dpo` is the short form.")
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="How several training processes share the work.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run is written.")
@@ -417,6 +486,11 @@ class Config(_Section):
     @classmethod
     def _lower_method(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_short_form(cls, value: Any) -> Any:
+        return {"type": value.lower()} if isinstance(value, str) else value
 
 
 def _allowed(err: dict) -> str:
@@ -818,6 +892,9 @@ def apply_overrides(raw: Any, overrides: list[str], source: str = "config") -> d
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
+            dotted = ".".join(parts[: i + 1])
+            if isinstance(child, str) and dotted in SHORT_FORMS:  # `objective: dpo` in the file, a key of it set
+                child = {SHORT_FORMS[dotted]: child}
             if child is None:
                 child = {}
             elif isinstance(child, dict):
@@ -829,6 +906,11 @@ def apply_overrides(raw: Any, overrides: list[str], source: str = "config") -> d
             node = child
         parsed = parse_value(value, key)
         section = _section_model(parts)
+        short = SHORT_FORMS.get(".".join(parts))
+        if short is not None and isinstance(parsed, str):  # `--set objective=dpo` is `--set objective.type=dpo`
+            node[parts[-1]] = {**(node.get(parts[-1]) or {}), short: parsed} if isinstance(node.get(parts[-1]), dict) \
+                else {short: parsed}
+            continue
         if section is not None and parsed is not None and not isinstance(parsed, dict):
             raise UserError(f"--set {visible(key, 100)}: `{visible(key, 100)}` is a section, not a value; set one of its keys, "
                             f"e.g. --set {visible(key, 100)}.{next(iter(section.model_fields))}=...")

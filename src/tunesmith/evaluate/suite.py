@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 
 from tunesmith.config import EvalConfig
@@ -17,6 +18,7 @@ from tunesmith.data.heldout import EvalInputs, build_inputs
 from tunesmith.evaluate import metrics as m
 from tunesmith.fileio import atomic_write_json, atomic_write_text
 from tunesmith.models.generate import generate_answers
+from tunesmith.prefer.rewards import make_rewards
 from tunesmith.train.validation import heldout_loss
 
 log = logging.getLogger(__name__)
@@ -179,10 +181,15 @@ class BeforeAfter:
         self.inputs = build_inputs(bundle.test_samples, bundle.test, tokenizer, cfg.data.max_length, task,
                                    bundle.format == "text", cfg.eval.limit)
         self.scorer = Scorer(cfg.eval, device=str(device))
+        self.rewards = make_rewards(cfg.objective, cfg.eval.answer_regex) if cfg.objective.type == "grpo" else None
 
     def _score(self, model, label: str) -> tuple[dict, list[str]]:
-        return evaluate_model(model, self.tokenizer, self.inputs, self.cfg.eval, self.device, label, self.objective,
-                              self.scorer, self.cfg.training.eval_batch_size)
+        metrics, answers = evaluate_model(model, self.tokenizer, self.inputs, self.cfg.eval, self.device, label,
+                                          self.objective, self.scorer, self.cfg.training.eval_batch_size)
+        if self.rewards is not None and answers:  # GRPO: the reward functions it trained on, on the greedy answers
+            inputs = self.inputs
+            metrics["mean_reward"] = statistics.fmean(self.rewards(inputs.prompt_texts, answers, inputs.references)[0])
+        return metrics, answers
 
     def before(self, model) -> dict:
         rows = max(len(self.inputs.rows), len(self.inputs.prompts))

@@ -117,6 +117,7 @@ class Setup:
     trainable: int = 0  # parameters
     total_params: int = 0
     estimate: dict | None = None  # what tunesmith.plan.estimate said before the run (put beside what it measured)
+    recipe: object = None  # a preference/reward objective's hooks (tunesmith.prefer), or None for SFT
 
 
 @dataclass
@@ -147,6 +148,7 @@ class Step:
     lr: float
     trained_tokens: int
     stop: bool  # a stop requested of any process, as `reduce` agreed it (see Parallel.stop_now)
+    extra: dict = None  # the recipe's own numbers for the log (rewards, accuracy, ...), this process's share
 
 
 def seed_everything(seed: int) -> None:
@@ -182,7 +184,7 @@ def plan_steps(n_train_rows: int, cfg: Config, window: int | None = None) -> tup
 
 
 def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=None, evaluation=None,
-                 estimate: dict | None = None) -> dict:
+                 estimate: dict | None = None, recipe=None) -> dict:
     """Train as the config says and fill `run_dir`; returns the summary written to summary.json.
 
     `evaluation` (e.g. `tunesmith.evaluate.suite.BeforeAfter`), when given and `eval.enabled`, is called as
@@ -193,11 +195,17 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     (a `tunesmith.distill.run.Distiller`, causal LMs only), each unit's loss is its distillation loss
     instead of the cross-entropy; validation stays cross-entropy.  `estimate` (tunesmith.plan's, as JSON) goes
     into summary.json and report.md beside the peak memory and time the run measured.
+
+    `recipe` (tunesmith.prefer's, for `objective` dpo, ipo, orpo, simpo, kto, grpo) changes what the data is, what a
+    micro-batch runs as and what its loss is, through the hooks `build_data`, `start`, `units`, `counts`,
+    `begin_step`, `loss_sum`, `step_metrics`, `heldout` and `summary` (see tunesmith/prefer/recipe.py); the step
+    then averages the loss over the recipe's examples (pairs, answers, groups) instead of over tokens.
     """
     started = time.time()
     seed_everything(cfg.training.seed)
     cfg, setup, parallel = _setup_processes(cfg)
     setup.estimate = estimate
+    setup.recipe = recipe
     checkpoint, saved = _setup_resume(run_dir, resume)
     setup.window = _setup_window(cfg, parallel.world, saved)
     _setup_data(cfg, run_dir, setup, parallel, distiller)
@@ -206,6 +214,9 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     _setup_levers(cfg, setup, model)
     model = _setup_trainable(cfg, setup, parallel, model)
     training, progress = _setup_training(cfg, run_dir, setup, parallel, model, checkpoint, distiller)
+    if recipe is not None:
+        recipe.start(parallel.unwrap(training.model), run_dir, parallel.world.main, setup.packing, parallel.device,
+                     cfg.training.eval_batch_size, setup.bundle, parallel)
     del model  # the loop's (in `training`) from here: a sharded run drops it before loading the base again
 
     _train(training, progress)
@@ -283,8 +294,15 @@ def _setup_data(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, di
             "words with; use the tokenizer the model was trained with, or set model.task to what the model is."
         )
     # Tokenised rows are cached by a hash of the data and every setting that changes tokens.
+    if setup.recipe is not None and parallel.world.size > 1 and cfg.distributed.strategy != "ddp":
+        raise UserError(f"objective.type: {cfg.objective.type} runs on several processes with distributed.strategy: "
+                        f"ddp only (not {cfg.distributed.strategy}: its reference and sampling passes need the whole "
+                        "model in each process); set distributed.strategy: ddp, or run one process.")
     with distributed.first_on_each_machine(parallel.world, "waiting for the first process to tokenise the data"):
-        bundle = build_datasets(cfg.data, setup.tokenizer, cache_dir=tunesmith_home() / "tokenized", task=setup.task)
+        if setup.recipe is not None:
+            bundle = setup.recipe.build_data(cfg, setup.tokenizer, setup.task)
+        else:
+            bundle = build_datasets(cfg.data, setup.tokenizer, cache_dir=tunesmith_home() / "tokenized", task=setup.task)
     if not bundle.train:
         raise UserError(f"data.path: {cfg.data.path} gave no trainable rows; `tunesmith data inspect` shows why.")
     if cfg.training.batch_size > len(bundle.train):
@@ -374,7 +392,8 @@ def _setup_training(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel
 
     model, optimizer, scheduler, progress = parallel.wrap(model, optimizer, scheduler, restore)
     progress.window = setup.window
-    loss_sum = functools.partial(_loss_sum, objective=setup.objective, distiller=distiller)
+    loss_sum = (setup.recipe.loss_sum if setup.recipe is not None
+                else functools.partial(_loss_sum, objective=setup.objective, distiller=distiller))
     half = setup.half
     autocast = torch.autocast(parallel.device.type, dtype=half) if half is not None else contextlib.nullcontext()
     metrics_log = MetricsLog(run_dir / "metrics.jsonl" if parallel.world.main else None)
@@ -451,12 +470,19 @@ def _train_step(run: Training, progress: Progress, units: list[tuple[int, tuple]
     """One optimiser step over the window's `units` ([(owning process, (unit, layout))]): token-weighted loss,
     backward, the loss and stop flag summed over the processes, clip, step.  None when nothing in the window
     trains (every label masked)."""
-    parallel = run.parallel
-    counts = [_unit_counts(run.setup.objective, unit) for _, (unit, _) in units]
-    window_tokens = sum(trained for trained, _ in counts)
-    if window_tokens == 0:
+    parallel, recipe = run.parallel, run.setup.recipe
+    if recipe is not None:  # the loss is a mean over the recipe's examples (pairs, answers, groups)
+        counts = [recipe.counts(unit) for _, (unit, _) in units]
+        window_examples = sum(examples for examples, _, _ in counts)
+        window_tokens = sum(trained for _, trained, _ in counts)
+        recipe.begin_step(units)
+    else:
+        counts = [(trained, trained, every) for trained, every in
+                  (_unit_counts(run.setup.objective, unit) for _, (unit, _) in units)]
+        window_examples = window_tokens = sum(trained for trained, _, _ in counts)
+    if window_examples == 0:
         return None
-    progress.all_tokens += sum(all_tokens for _, all_tokens in counts)
+    progress.all_tokens += sum(every for _, _, every in counts)
     passes = parallel.passes(units)
     step_nll = 0.0
     step_seed = new_mask_seed()  # with each row's key, fixes its LoRA dropout masks (dropout_rows)
@@ -468,7 +494,7 @@ def _train_step(run: Training, progress: Progress, units: list[tuple[int, tuple]
             with run.autocast:
                 nll = parallel.forward(run.loss_sum, _on_device(unit, parallel.device))
             forget_shared_mask()
-            parallel.backward(nll * (weight * parallel.loss_scale) / window_tokens)
+            parallel.backward(nll * (weight * parallel.loss_scale) / window_examples)
             forget_shared_mask()
         step_nll += weight * float(nll.detach())
     penalty = extra_loss(run.model)  # AdaLoRA's orthogonality term, once per optimiser step
@@ -476,7 +502,7 @@ def _train_step(run: Training, progress: Progress, units: list[tuple[int, tuple]
         parallel.backward(penalty / parallel.world.size)
     # One stop decision for all processes, or the rest would wait for the stopped one.
     step_nll, stop = parallel.reduce(step_nll, bool(run.stop_requested["signal"]))
-    loss = step_nll / window_tokens
+    loss = step_nll / window_examples
     if not math.isfinite(loss):
         raise _diverged(run, progress, loss)
     lr = run.scheduler.get_last_lr()[0]
@@ -485,17 +511,18 @@ def _train_step(run: Training, progress: Progress, units: list[tuple[int, tuple]
     after_optimizer_step(run.model, progress.step + 1)
     run.scheduler.step()
     parallel.zero_grad(run.optimizer)
-    return Step(loss, grad_norm, lr, window_tokens, stop)
+    return Step(loss, grad_norm, lr, window_tokens, stop, recipe.step_metrics() if recipe is not None else {})
 
 
 def _step_units(run: Training, batches: list, epoch: int, window_start: int, window: int) -> list[tuple[int, tuple]]:
     """The window's micro-batches as passes, each with the process that runs it.  Every process lays out the
     whole step (so all divide by the same token count) and runs micro-batches rank, rank + W, ... of it."""
     t, size = run.cfg.training, run.parallel.world.size
+    make = run.setup.recipe.units if run.setup.recipe is not None else functools.partial(_micro_units, run.setup.objective)
     return [
         (j % size, unit)
         for j, b in enumerate(batches[window_start : window_start + window])
-        for unit in _micro_units(run.setup.objective, b, run.setup.pass_tokens, key=(t.seed, epoch, window_start, j))
+        for unit in make(b, run.setup.pass_tokens, key=(t.seed, epoch, window_start, j))
     ]
 
 
@@ -549,6 +576,7 @@ def _log_step(run: Training, progress: Progress, step: Step, elapsed: float, epo
         "trained_tokens": step.trained_tokens,
         "tokens_per_s": step.trained_tokens / elapsed,
         "step_s": elapsed,
+        **(step.extra or {}),
         **memory_snapshot(run.setup.device),
     }
     run.metrics_log.write(record)
@@ -582,14 +610,22 @@ def _validate(run: Training, progress: Progress) -> bool:
     done = progress.val_records
     if not bundle.validation or (done and done[-1]["step"] == progress.step):
         return False
-    held = parallel.heldout(lambda m: heldout_loss(m, bundle.validation, t.eval_batch_size, parallel.device,
-                                               run.setup.objective))
+    recipe = run.setup.recipe
+    if recipe is not None:
+        held = parallel.heldout(lambda m: recipe.heldout(m, bundle.validation, t.eval_batch_size, parallel.device))
+    else:
+        held = parallel.heldout(lambda m: heldout_loss(m, bundle.validation, t.eval_batch_size, parallel.device,
+                                                   run.setup.objective))
     val = {"type": "validation", "step": progress.step, "epoch": progress.epoch,
-           "val_loss": held["loss"], "val_perplexity": held["perplexity"]}
+           "val_loss": held["loss"], "val_perplexity": held["perplexity"],
+           **{k: v for k, v in held.items() if k.startswith("val_")}}
     run.metrics_log.write(val)
     best = progress.best_val
     stop = progress.add_validation(val, t.early_stopping_threshold, t.early_stopping_patience)
-    _log_beside_bar(f"step {progress.step}: validation loss {held['loss']:.4f}, perplexity {held['perplexity']:.2f}")
+    _log_beside_bar(f"step {progress.step}: validation loss {held['loss']:.4f}"
+                    + (f", perplexity {held['perplexity']:.2f}" if held["perplexity"] is not None else "")
+                    + "".join(f", {k[4:].replace('_', ' ')} {v:.4g}" for k, v in held.items()
+                              if k.startswith("val_") and isinstance(v, float)))
     if stop:
         _log_beside_bar(f"early stopping: {progress.bad_validations} validations without improvement on the best "
                         f"validation loss {best:.4f} (step {progress.best_step}).")
@@ -753,7 +789,10 @@ def _summary(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, train
                      "pass_tokens": setup.pass_tokens},
         "data": setup.bundle.stats,
         "train": train_stats,
-        "validation": {"loss": val_final["val_loss"], "perplexity": val_final["val_perplexity"]} if val_final else None,
+        "validation": ({"loss": val_final["val_loss"], "perplexity": val_final["val_perplexity"],
+                        **{k[4:]: v for k, v in val_final.items() if k.startswith("val_") and k not in ("val_loss", "val_perplexity")}}
+                       if val_final else None),
+        **({"objective": setup.recipe.summary()} if setup.recipe is not None else {}),
         "memory": {"peak_rss_bytes": peak_rss_bytes(),
                    **{k: v for k, v in memory_snapshot(setup.device).items() if k != "rss_bytes"}},
         "health": health_check(train_records),

@@ -119,7 +119,10 @@ def render_report(summary: dict, samples: list[dict]) -> str:
                          f"{est['measured_s']:.0f} s | {est['time_ratio']:.2f} |")
     if summary.get("validation"):
         val = summary["validation"]
-        lines += ["", f"Final validation loss {val['loss']:.4f} (perplexity {val['perplexity']:.2f})."]
+        extra = ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in val.items() if k not in ("loss", "perplexity"))
+        lines += ["", f"Final validation loss {val['loss']:.4f}"
+                  + (f" (perplexity {val['perplexity']:.2f})" if val.get("perplexity") is not None else "")
+                  + (f"; {extra}" if extra else "") + "."]
     ev = summary.get("eval")
     if ev:
         names = [k for k in ev["base"] if k != "rows"]
