@@ -119,7 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, why in result["notes"].items():
         print(f"  {name}: skipped: {why}")
     eval_dir = Path(result["eval_dir"])
-    print(f"written: {eval_dir / 'metrics.json'}, {eval_dir / 'predictions.jsonl'}, {eval_dir / 'report.md'}")
+    files = result.get("files") or ["metrics.json", "predictions.jsonl", "report.md"]
+    print("written: " + ", ".join(str(eval_dir / name) for name in files))
     return 0
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import statistics
 from pathlib import Path
 
 import torch
 
+from tunesmith.config import PREFERENCE_OBJECTIVES
 from tunesmith.data import build_datasets
 from tunesmith.data.build import load_eval_rows
 from tunesmith.data.heldout import build_inputs
@@ -24,6 +26,9 @@ from tunesmith.models import tunesmith_home, without_bitsandbytes
 from tunesmith.models.loader import load_model, model_task
 from tunesmith.models.run_folder import load_base, load_tokenizer_for, open_run
 from tunesmith.models.tasks import MASKED_LM
+from tunesmith.prefer.evaluate import PreferenceEval
+from tunesmith.prefer.recipe import PreferenceRecipe
+from tunesmith.prefer.rewards import make_rewards
 from tunesmith.train.objective import Objective
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     tokenizer = load_tokenizer_for(handle)
     task = model_task(source, cfg)
 
+    if cfg.objective.type in PREFERENCE_OBJECTIVES or cfg.objective.type == "kto":
+        return _evaluate_preferences(handle, cfg, tokenizer, task, device, dtype, data, limit)
     if data:
         fmt, samples, rows = load_eval_rows(data, "--data", cfg.data, tokenizer, task)
         where = f"{data} ({len(samples)} rows)"
@@ -66,8 +73,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     scorer = Scorer(cfg.eval, device=device)
     loss_batch = cfg.training.eval_batch_size
 
+    rewards = make_rewards(cfg.objective, cfg.eval.answer_regex) if cfg.objective.type == "grpo" else None
+
     def run(model, label: str):
         result = evaluate_model(model, tokenizer, inputs, cfg.eval, device, label, objective, scorer, loss_batch)
+        if rewards is not None and result[1]:  # GRPO: the run's reward functions on the greedy answers
+            result[0]["mean_reward"] = statistics.fmean(rewards(inputs.prompt_texts, result[1], inputs.references)[0])
         log.info(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in result[0].items() if k not in ("rows", "loss_tokens")))
         return result
 
@@ -95,3 +106,39 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     eval_dir = run_dir / "eval"
     write_eval_folder(eval_dir, base, tuned, inputs, base_answers, tuned_answers, about, scorer.notes)
     return {"base": base, "tuned": tuned, "notes": dict(scorer.notes), "eval_dir": str(eval_dir)}
+
+
+def _evaluate_preferences(handle, cfg, tokenizer, task: str, device, dtype, data: str | None, limit: int | None) -> dict:
+    """A preference run (dpo, ipo, orpo, simpo, kto): base and tuned log-probs of the held-out pairs (or every row of
+    `data`), scored as the run's own evaluation scores them (prefer/evaluate.py); writes RUN_DIR/eval/preference.json."""
+    recipe = PreferenceRecipe(cfg)
+    if data:  # every row of the file, read with the run's data settings
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"path": data, "validation_split": 0.0, "validation_path": None, "test_path": None, "limit": None})})
+    bundle = recipe.build_data(cfg, tokenizer, task)
+    if data:
+        bundle.test = bundle.train
+    if limit is not None:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": limit})})
+    scoring = PreferenceEval(recipe, cfg, bundle, device)
+    if not scoring.rows:
+        raise UserError(f"nothing to evaluate: {data or 'the run'} gave no held-out preference rows; give --data FILE.")
+    log.info(f"eval: {cfg.model.name} ({handle.kind}: {handle.weights}), {cfg.objective.type}, on {len(scoring.rows)} "
+             f"held-out {'pairs' if recipe.paired else 'answers'}{f' of {data}' if data else ''}")
+    base_model = load_base(handle, dtype, task).to(device)
+    if handle.kind == "adapter":
+        with without_bitsandbytes():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base_model, str(handle.weights), is_trainable=False)
+        with model.disable_adapter():
+            base = scoring.before(model)
+        tuned_model = model
+    else:
+        base = scoring.before(base_model)
+        del base_model
+        gc.collect()
+        release_free_memory()
+        tuned_model = load_model(str(handle.weights), cfg, dtype, task, for_training=False).to(device)
+    section, _ = scoring.after(tuned_model, base, handle.path)
+    return {**section, "notes": {}, "eval_dir": str(handle.path / "eval"), "files": ["preference.json"]}

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import Config
+from tunesmith.config import PREFERENCE_OBJECTIVES, Config
 from tunesmith.data import build_datasets
 from tunesmith.data.batching import epoch_order, iter_batches
-from tunesmith.data.tokens import IGNORE_INDEX
+from tunesmith.data.preference import build_preference_data
+from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow
 from tunesmith.errors import UserError
 from tunesmith.hardware import detect_device, four_bit_status, memory_info, resolve_dtype
 from tunesmith.models import resolve_model_source, tunesmith_home
@@ -174,7 +175,8 @@ def estimate(cfg: Config, memory_limit: int | None = None, run_probe: bool = Fal
     rows = _token_rows(cfg, source, task)
     packing = want_packing(t.packing, meta, task, cfg.data.max_length, device)[0]
     pass_tokens = resolve_pass_tokens(t.pass_tokens, device, t.batch_size, cfg.data.max_length) if packing else None
-    biggest_pass, longest = _biggest_pass(rows, cfg, pass_tokens)
+    # a preference or reward objective's micro-batch is one pass whatever pass_tokens says (see _token_rows)
+    biggest_pass, longest = _biggest_pass(rows, cfg, pass_tokens if cfg.objective.type == "sft" else None)
     checkpointing = want_gradient_checkpointing(cfg, meta, device, half or dtype, pass_tokens)[0]
     weight_bytes = torch.empty((), dtype=dtype).element_size()
     processes, strategy = max(1, nproc), ("single" if nproc <= 1 else cfg.distributed.strategy)
@@ -218,15 +220,32 @@ def estimate_if_possible(cfg: Config, memory_limit: int | None = None, nproc: in
 
 
 def _token_rows(cfg: Config, source: str, task: str) -> list:
-    """The training rows tokenised as the run will (cached), or stand-ins of max_length where the file is missing."""
+    """The training rows tokenised as the run will (cached), or stand-ins of max_length where the file is missing.
+
+    With a preference or reward objective a micro-batch runs all its answers in one pass (prefer/recipe.py), so a
+    row here is a stand-in as long as everything one example adds to that pass: a pair's prompt twice with both
+    answers; KTO's prompt twice with the answer and its KL answer (taken as long as its own); GRPO's prompt with
+    `max_new_tokens` answer tokens, group_size times."""
     try:
         tokenizer = load_tokenizer(source, cfg.model)
+        kind = cfg.objective.type
+        if kind in PREFERENCE_OBJECTIVES or kind == "kto":
+            bundle = build_preference_data(cfg.data, tokenizer, "unpaired" if kind == "kto" else "paired")
+            return [_stand_in(2 * len(r.prompt_ids) + (len(r.chosen_ids) + len(r.rejected_ids) if kind != "kto"
+                                                        else 2 * len(r.completion_ids))) for r in bundle.train]
         bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized", task=task)
+        if kind == "grpo":
+            group = cfg.objective.group_size
+            return [_stand_in(group * (len(r.input_ids) + cfg.objective.max_new_tokens)) for r in bundle.train]
         return bundle.train
     except UserError:
         raise
     except Exception:  # the run will say what is wrong with the data; here assume full-length rows
         return []
+
+
+def _stand_in(length: int) -> TokenizedRow:
+    return TokenizedRow(input_ids=[0] * length, labels=[0] * length)
 
 
 def _biggest_pass(rows: list, cfg: Config, pass_tokens: int | None) -> tuple[int, int]:

@@ -123,7 +123,7 @@ class GrpoRecipe:
         sample_seed = (((seed * 1_000_003 + epoch) * 1_000_003 + window_start) * 1_000_003 + j) % SAMPLING_SEED_SPACE
         o = self.cfg.objective
         groups = sample_groups(self.model, self.tokenizer, [r.prompt_ids for r in rows], o.group_size, o.max_new_tokens,
-                               o.temperature, o.top_p, sample_seed, self.cfg.training.eval_batch_size)
+                               o.temperature, o.top_p, sample_seed, len(rows) * o.group_size)  # one generate call
         answers, prompts, completions, references = [], [], [], []
         for row, group in zip(rows, groups):
             for completion in group:

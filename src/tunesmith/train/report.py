@@ -56,6 +56,17 @@ def health_check(train_records: list[dict]) -> dict:
     return {"healthy": ok, "findings": findings}
 
 
+# The panels a preference or reward objective adds below the loss, learning rate and gradient norm: its title and
+# the metrics.jsonl keys drawn in it (each panel only when the run logged one of them).
+OBJECTIVE_PANELS = (
+    ("implicit rewards", ("reward_chosen", "reward_rejected", "reward_margin", "reward_desirable", "reward_undesirable")),
+    ("preference accuracy", ("reward_accuracy",)),
+    ("reward (mean and spread within groups)", ("reward_mean", "reward_spread")),
+    ("KL to the reference", ("kl",)),
+    ("answer length (tokens)", ("completion_length",)),
+)
+
+
 def plot_training(train_records: list[dict], val_records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -63,7 +74,10 @@ def plot_training(train_records: list[dict], val_records: list[dict], path: Path
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in train_records]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    extra = [(title, keys) for title, keys in OBJECTIVE_PANELS if any(k in r for r in train_records for k in keys)]
+    rows = 1 + (len(extra) + 2) // 3
+    fig, grid = plt.subplots(rows, 3, figsize=(14, 4 * rows), squeeze=False)
+    axes = grid[0]
     axes[0].plot(steps, [r["loss"] for r in train_records], label="train loss", linewidth=1)
     if val_records:
         axes[0].plot([r["step"] for r in val_records], [r["val_loss"] for r in val_records], "o-", label="validation loss")
@@ -76,6 +90,17 @@ def plot_training(train_records: list[dict], val_records: list[dict], path: Path
     axes[2].plot(steps, [r.get("grad_norm") or float("nan") for r in train_records], color="tab:red", linewidth=1)
     axes[2].set_xlabel("step")
     axes[2].set_title("gradient norm")
+    # a preference or reward objective's own numbers (prefer/): rewards, accuracy, KL, answer length
+    for ax, (title, keys) in zip(grid[1:].flat, extra):
+        for key in keys:
+            values = [r.get(key) for r in train_records]
+            if any(v is not None for v in values):
+                ax.plot(steps, [float("nan") if v is None else v for v in values], label=key.replace("_", " "), linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
+    for ax in list(grid[1:].flat)[len(extra):]:
+        ax.set_visible(False)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=90)
