@@ -203,3 +203,26 @@ def test_a_bad_preference_row_stops_the_cli_with_a_sentence(tmp_path, tiny, caps
     assert code != 0 and "Traceback" not in err
     assert "rows.jsonl" in err and "line 5" in err and "rejected" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_two_processes_take_the_dpo_steps_of_one(tmp_path, tiny):
+    """DDP: each process runs its micro-batches (reference passes included); the loss is the mean over the step's
+    pairs on every process, so two processes with micro-batch 2 step as one process accumulating two."""
+    overrides = tiny(PAIRS, "objective=dpo", "training.max_steps=4", "lora.dropout=0.1")
+    (tmp_path / "cfg.yaml").write_text("{}\n")
+    args = [sys.executable, "-m", "tunesmith.cli", "train", str(tmp_path / "cfg.yaml"), "--nproc", "2",
+            "--output", str(tmp_path / "two")]
+    for item in [*overrides, "training.gradient_accumulation=1"]:
+        args += ["--set", item]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    api.train(load_config(None, [*overrides, "training.gradient_accumulation=2"]), tmp_path / "one")
+    two, one = _train_records(tmp_path / "two"), _train_records(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+    assert one[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and one[-1]["loss"] < one[0]["loss"]
+    wa = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
