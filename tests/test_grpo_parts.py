@@ -57,18 +57,18 @@ ANSWER_TEXTS = ["Paris.", "  The  answer ", "A cat!", "an", "...", "", "2021-03-
 ANSWER_REGEXES = [None, "", r"#### (\S*)", r"\d+", r"answer: (.*)", r"(a)?nswer", r"(\d{4}-\d{2}-\d{2})"]
 
 
-def test_answer_helpers_agree_with_evaluate():
-    """rewards.py cannot import evaluate/ (the import layers); its copies must give the same answers."""
-    import re
-
-    from tunesmith.evaluate.metrics import extract_answer, normalize_answer
-    from tunesmith.prefer.rewards import _extract, _normalise
+def test_exact_match_reward_agrees_with_evaluations_exact_match():
+    """A GRPO reward and `tunesmith eval` must agree on what is right: both compare through data/answers.py."""
+    from tunesmith.config import ObjectiveConfig
+    from tunesmith.evaluate.metrics import exact_match
+    from tunesmith.prefer.rewards import make_rewards
 
     for regex in ANSWER_REGEXES:
-        compiled = re.compile(regex) if regex else None
-        for text in ANSWER_TEXTS:
-            assert _extract(text, compiled) == extract_answer(text, regex), (text, regex)
-            assert _normalise(text) == normalize_answer(text), text
+        rewards = make_rewards(ObjectiveConfig(type="grpo", rewards=[{"type": "exact_match"}]), regex or None)
+        for reference in ANSWER_TEXTS:
+            got = rewards([""] * len(ANSWER_TEXTS), ANSWER_TEXTS, [[reference]] * len(ANSWER_TEXTS))[0]
+            wanted = [1.0 if exact_match(text, [reference], regex or None) else 0.0 for text in ANSWER_TEXTS]
+            assert got == wanted, (regex, reference)
 
 
 def test_number_reward_within_tolerance_with_commas_and_signs():

@@ -18,12 +18,12 @@ a row scores against its best-matching reference.
 
 from __future__ import annotations
 
-import re
-import string
 from collections.abc import Sequence
 from pathlib import Path
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+from tunesmith.data.answers import extract_answer, normalize_answer
+
+__all__ = ["extract_answer", "normalize_answer"]  # the answer comparison lives in data/answers.py (GRPO's rewards use it too)
 
 References = Sequence[str] | str
 
@@ -31,27 +31,6 @@ References = Sequence[str] | str
 def as_references(reference: References) -> list[str]:
     """A row's references as a list (one string means one reference)."""
     return [reference] if isinstance(reference, str) else list(reference)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation at the edges and articles, collapse whitespace
-    (the SQuAD-style normalisation of Rajpurkar et al., 2016, minus removal of inner punctuation,
-    which would make '2021-03-04' equal '20210304')."""
-    text = text.strip().lower()
-    text = _ARTICLES.sub(" ", text)
-    text = " ".join(text.split())
-    return text.strip(string.punctuation + " ")
-
-
-def extract_answer(text: str, answer_regex: str | None) -> str:
-    """What `answer_regex` captures in `text` (its first group, else the whole match); '' when it does
-    not match; the whole text when there is no regex."""
-    if not answer_regex:
-        return text
-    found = re.search(answer_regex, text)
-    if not found:
-        return ""
-    return (found.group(1) or "") if found.groups() else found.group(0)  # an optional group may match nothing
 
 
 def exact_match(prediction: str, reference: References, answer_regex: str | None = None) -> bool:

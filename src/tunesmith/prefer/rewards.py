@@ -23,45 +23,15 @@ import math
 import numbers
 import os
 import re
-import string
 import sys
 from collections.abc import Callable
 
 from tunesmith.config import ObjectiveConfig, RewardConfig
+from tunesmith.data.answers import extract_answer, normalize_answer
 from tunesmith.errors import UserError, visible
 
 # (prompts, completions, references per completion) -> one float per completion
 RewardFn = Callable[[list[str], list[str], list[list[str]]], list[float]]
-
-# --- answers: the comparison of evaluate/metrics.py ---------------------------------------------------------
-# _normalise and _extract give the same results as tunesmith.evaluate.metrics.normalize_answer and
-# extract_answer, so a GRPO reward and `tunesmith evaluate` agree on what counts as the right answer.  prefer/ sits
-# below evaluate/ in the import layers (pyproject's [tool.importlinter]), so it cannot import them;
-# tests/test_grpo_parts.py checks the two pairs agree.
-
-_ARTICLE = re.compile(r"\b(?:a|an|the)\b")
-_EDGE = string.punctuation + " "
-
-
-def _normalise(text: str) -> str:
-    """Lower-case; articles (a, an, the) dropped; runs of whitespace made one space; punctuation and spaces
-    dropped from both ends (SQuAD-style, Rajpurkar et al. 2016, keeping punctuation inside: 2021-03-04 stays)."""
-    words = _ARTICLE.sub(" ", text.strip().lower()).split()
-    return " ".join(words).strip(_EDGE)
-
-
-def _extract(text: str, answer_regex: re.Pattern | None) -> str:
-    """What `answer_regex` finds in `text`: its first group if it has groups (an empty string when that group took
-    no part in the match), else the whole match; '' when it finds nothing; `text` itself without a regex."""
-    if answer_regex is None:
-        return text
-    found = answer_regex.search(text)
-    if found is None:
-        return ""
-    if answer_regex.groups:
-        return found.group(1) or ""
-    return found.group(0)
-
 
 # A number: an optional sign (not one joined to a word or number before it, so 2021-03-04 ends in 4, not -4),
 # then digits with commas between groups of three (1,234,567) or plain digits, then an optional decimal part;
@@ -79,24 +49,24 @@ def _last_number(text: str) -> float | None:
 # --- the built-ins ------------------------------------------------------------------------------------------
 
 
-def _exact_match(answer_regex: re.Pattern | None) -> RewardFn:
+def _exact_match(answer_regex: str | None) -> RewardFn:
     def exact_match(prompts: list[str], completions: list[str], references: list[list[str]]) -> list[float]:
         scores = []
         for completion, refs in zip(completions, references):
-            answer = _normalise(_extract(completion, answer_regex))
-            wanted = {_normalise(_extract(ref, answer_regex)) for ref in refs} - {""}  # an empty reference matches nothing
+            answer = normalize_answer(extract_answer(completion, answer_regex))
+            wanted = {normalize_answer(extract_answer(ref, answer_regex)) for ref in refs} - {""}  # an empty reference matches nothing
             scores.append(1.0 if answer in wanted else 0.0)
         return scores
 
     return exact_match
 
 
-def _number(answer_regex: re.Pattern | None, tolerance: float) -> RewardFn:
+def _number(answer_regex: str | None, tolerance: float) -> RewardFn:
     def number(prompts: list[str], completions: list[str], references: list[list[str]]) -> list[float]:
         scores = []
         for completion, refs in zip(completions, references):
-            got = _last_number(_extract(completion, answer_regex))
-            wanted = [n for n in (_last_number(_extract(ref, answer_regex)) for ref in refs) if n is not None]
+            got = _last_number(extract_answer(completion, answer_regex))
+            wanted = [n for n in (_last_number(extract_answer(ref, answer_regex)) for ref in refs) if n is not None]
             hit = got is not None and any(abs(got - n) <= tolerance for n in wanted)
             scores.append(1.0 if hit else 0.0)
         return scores
@@ -189,7 +159,7 @@ def _compile(pattern: str, key: str, what: str) -> re.Pattern:
         raise UserError(f"{key}: `{visible(pattern)}` is not a regular expression ({visible(exc)}); {what}.") from None
 
 
-def _reward_fn(reward: RewardConfig, key: str, answer_regex: re.Pattern | None) -> tuple[str, RewardFn]:
+def _reward_fn(reward: RewardConfig, key: str, answer_regex: str | None) -> tuple[str, RewardFn]:
     """(name, function) of one entry of objective.rewards."""
     if reward.type == "exact_match":
         return "exact_match", _exact_match(answer_regex)
@@ -234,15 +204,15 @@ def make_rewards(objective: ObjectiveConfig, answer_regex: str | None) -> Reward
     """The rewards `objective.rewards` names, checked now: patterns compile, python functions import and are
     callable.  `answer_regex` (eval.answer_regex) picks the answer out of a completion and a reference for
     exact_match and number."""
-    regex = _compile(answer_regex, "eval.answer_regex", "fix it, or leave it out to compare whole completions") \
-        if answer_regex else None
+    if answer_regex:  # checked now; the answer functions (data/answers.py) take it as text
+        _compile(answer_regex, "eval.answer_regex", "fix it, or leave it out to compare whole completions")
     if not objective.rewards:
         raise UserError("objective.rewards: GRPO needs at least one reward, e.g. rewards: [exact_match].")
     kinds: list[str] = []  # each reward's name before _2, _3...
     names: list[str] = []
     functions: list[RewardFn] = []
     for i, reward in enumerate(objective.rewards):
-        kind, fn = _reward_fn(reward, f"objective.rewards[{i}]", regex)
+        kind, fn = _reward_fn(reward, f"objective.rewards[{i}]", answer_regex or None)
         seen = kinds.count(kind)
         kinds.append(kind)
         names.append(f"{kind}_{seen + 1}" if seen else kind)
