@@ -226,3 +226,17 @@ def test_two_processes_take_the_dpo_steps_of_one(tmp_path, tiny):
     wb = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+
+
+def test_data_inspect_reads_preference_pairs_and_names_the_first_bad_row(tmp_path):
+    from tunesmith.data.inspection import format_inspection, inspect_file
+
+    good = tmp_path / "pairs.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    report = inspect_file(good)
+    assert report["format"] == "preference" and report["valid_rows"] == 10 and report["problems"] == []
+    assert "chosen: river river river" in format_inspection(report)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [*PAIRS[:2], {**PAIRS[2], "rejected": PAIRS[2]["chosen"]}]))
+    report = inspect_file(bad)
+    assert len(report["problems"]) == 1 and "line 3" in report["problems"][0] and "same answer" in report["problems"][0]

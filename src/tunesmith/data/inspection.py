@@ -21,6 +21,7 @@ from tunesmith.data.formats import (
     has_blank_answer,
     normalise_rows,
 )
+from tunesmith.data.preference import detect_preference_format, pair_samples
 from tunesmith.data.read import Records, _read, visible, visible_names
 from tunesmith.data.tokens import tokenize_sample
 from tunesmith.errors import UserError
@@ -62,6 +63,8 @@ def inspect_file(path: str | Path, tokenizer=None, cfg: DataConfig | None = None
         "example": None,
         "problems": [],
     }
+    if _preference_format(records, cfg) is not None:  # pairs or KTO rows (objective dpo, kto, ...)
+        return _inspect_preferences(report, records, cfg, path, row_problems)
     try:
         fmt, samples, kept = normalise_rows(records, cfg, path, problems=row_problems)
     except UserError as exc:  # no recognisable format, or data.columns names a missing column
@@ -105,6 +108,35 @@ def inspect_file(path: str | Path, tokenizer=None, cfg: DataConfig | None = None
             )
         _measure_tokens(report, problems, samples, places, tokenizer, cfg)
     report["problems"] = problems
+    return report
+
+
+def _preference_format(records, cfg: DataConfig) -> str | None:
+    """The preference format the rows are in (prompt/chosen/rejected, chosen/rejected conversations, or KTO's
+    prompt/completion/label), or None for everything else."""
+    try:
+        return detect_preference_format(records, cfg.columns)
+    except UserError:
+        return None
+
+
+def _inspect_preferences(report: dict, records, cfg: DataConfig, path: Path, problems: list[str]) -> dict:
+    """The report for preference data: what training with a preference objective reads, and the first bad row."""
+    report["preference"] = True
+    try:
+        fmt, samples, kept = pair_samples(records, cfg, path)
+    except UserError as exc:  # the first malformed row stops `tunesmith train`; say which
+        report.update(format=detect_preference_format(records, cfg.columns),
+                      problems=_capped(problems) + [str(exc)])
+        return report
+    report.update(format=fmt, valid_rows=len(samples), malformed_rows=len(problems),
+                  example=samples[0] if samples else None)
+    left = len(records) - len(samples)
+    notes = _capped(problems)
+    if left:
+        notes.append(f"{_rows(left)} would be left out (answers that are empty, or conversations that differ before "
+                     "their last reply); `tunesmith train` names them in a warning.")
+    report["problems"] = notes
     return report
 
 
@@ -258,6 +290,8 @@ def format_inspection(report: dict) -> str:
             f"  max_length {report['max_length']}: {_rows(report['truncated'])} would be truncated, "
             f"{report['untrainable']} would have nothing left to train on"
         )
+    elif report.get("preference"):
+        lines.append("  tokens:   not counted for preference data (`tunesmith train` logs the lengths and truncation)")
     else:
         lines.append("  tokens:   not counted (give a model to count tokens)")
     if report.get("example"):
@@ -273,6 +307,11 @@ def format_inspection(report: dict) -> str:
 
 
 def _describe_sample(sample: dict, width: int = 100) -> list[str]:
+    if "prompt" in sample:  # preference data: the prompt's messages, then each answer
+        lines = [f"{m['role']}: {visible(m['content'], width)}" for m in sample["prompt"][-_SHOWN_MESSAGES:]]
+        lines += [f"{key}: {visible(str(sample[key]), width)}" for key in ("chosen", "rejected", "completion", "label")
+                  if key in sample]
+        return lines
     if "text" in sample:
         return [f"text: {visible(sample['text'], width)}"]
     messages = sample["messages"]

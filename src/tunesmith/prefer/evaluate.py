@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _ties_half(wins: torch.Tensor, ties: torch.Tensor) -> float:
-    return float(wins.float().mean() + 0.5 * ties.float().mean()) if len(wins) else float("nan")
+    return round(float(wins.double().mean() + 0.5 * ties.double().mean()), 6) if len(wins) else float("nan")
 
 
 class PreferenceEval:

@@ -56,6 +56,10 @@ def _text(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, BaseModel):  # a list entry with keys of its own (objective.rewards): only what it sets
+        value = value.model_dump(mode="json", exclude_defaults=True)
+    if isinstance(value, list):
+        value = [v.model_dump(mode="json", exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value]
     if isinstance(value, (list, dict)):
         return yaml.safe_dump(value, default_flow_style=True).strip()
     return str(value)
