@@ -21,8 +21,8 @@ Each run is a child process, so each peak RSS (`ru_maxrss` from `os.wait4`) is t
 included.  Throughput is over the summed wall time of all optimiser steps, the first included: pairs/s, and
 trained tokens/s (answer tokens, chosen and rejected, the tokens whose log-probs the loss is made of).
 
-    .venv/bin/python bench/dpo_throughput.py                     # 12 steps each; a markdown table on stdout
-    .venv/bin/python bench/dpo_throughput.py --steps 20 --pairs 100 --json
+    .venv/bin/python bench/dpo_throughput.py                     # 8 steps each (~10 min on 2 cores); a table on stdout
+    .venv/bin/python bench/dpo_throughput.py --steps 10 --pairs 48        # the run in bench/RESULTS.md (12.5 min)
 
 Results also go to bench/results/dpo_throughput.json (written then renamed), logs beside it.
 """
@@ -214,8 +214,10 @@ def cpu_summary() -> dict:
         name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), None)
     except OSError:
         name = None
+    import trl
+
     return {"lscpu_model_name": name, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags}
+            "amx_bf16": "amx_bf16" in flags, "trl": trl.__version__}
 
 
 def table(report: dict) -> str:
@@ -244,9 +246,9 @@ def table(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per run (default 12)")
-    parser.add_argument("--pairs", type=int, default=64,
-                        help="read the first this many rows of the data (default 64; at least 4 x --steps must "
+    parser.add_argument("--steps", type=int, default=8, help="optimiser steps per run (default 8: about 10 minutes on 2 cores)")
+    parser.add_argument("--pairs", type=int, default=48,
+                        help="read the first this many rows of the data (default 48; at least 4 x --steps must "
                              "survive tunesmith's checks)")
     parser.add_argument("--lr", type=float, default=5e-5, help="learning rate (default 5e-5)")
     parser.add_argument("--no-bf16-peer", action="store_true", help="skip TRL's bf16=True run")

@@ -240,3 +240,24 @@ def test_data_inspect_reads_preference_pairs_and_names_the_first_bad_row(tmp_pat
     bad.write_text("".join(json.dumps(r) + "\n" for r in [*PAIRS[:2], {**PAIRS[2], "rejected": PAIRS[2]["chosen"]}]))
     report = inspect_file(bad)
     assert len(report["problems"]) == 1 and "line 3" in report["problems"][0] and "same answer" in report["problems"][0]
+
+
+def test_the_policy_and_reference_log_probs_agree_and_the_fused_gradient_is_autograds():
+    """The policy's answer log-probs (fused: gradient worked out in forward) and the reference's (no gradient) are
+    one formula, so a policy equal to its reference ties with it exactly (DPO starts at log 2 on a real vocabulary)."""
+    from tunesmith.prefer.sequences import token_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 16384, bias=False).requires_grad_(False)
+    hidden = torch.randn(300, 64) * 9  # wide logits, as a trained model's
+    targets = (hidden @ head.weight.t()).argmax(-1)
+    policy = token_logprobs(head, hidden.clone().requires_grad_(), targets)
+    with torch.no_grad():
+        reference = token_logprobs(head, hidden, targets)
+    assert torch.equal(policy.detach(), reference)
+    weights = torch.randn(300)
+    fused = hidden.clone().requires_grad_()
+    (token_logprobs(head, fused, targets) * weights).sum().backward()
+    plain = hidden.clone().requires_grad_()
+    (torch.log_softmax(plain @ head.weight.t(), -1).gather(1, targets[:, None]).squeeze(1) * weights).sum().backward()
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-4, atol=1e-5)

@@ -1,7 +1,8 @@
 """tunesmith's preference objectives against TRL's trainers: the same model, rows, beta and optimiser give the same
-per-step losses (DPO with DPOTrainer, ORPO with trl.experimental.orpo.ORPOTrainer, KTO with KTOTrainer).
+per-step losses (DPO and IPO with DPOTrainer, SimPO with trl.experimental.cpo.CPOTrainer, ORPO with
+trl.experimental.orpo.ORPOTrainer, KTO with KTOTrainer).
 
-Both sides train the random two-layer Llama of conftest.py (seed 0) in fp32 on the CPU for 5 optimiser steps:
+Both sides train the random two-layer Llama of conftest.py (seed 0) in fp32 on one CPU thread for 5 optimiser steps:
 every row in each step (so neither side's shuffle can matter), AdamW with the same settings, a constant learning
 rate without warmup, gradients clipped to norm 1.0 (the first steps' norms are above it), no dropout.  Full
 fine-tuning starts both sides from the same weights; the LoRA case gives TRL the adapter tunesmith started from.
@@ -46,6 +47,16 @@ LABELLED = [{"prompt": f"Repeat the word {w}.", "completion": f"{w} {w} {w}" if 
             for i, w in enumerate(WORDS)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Both sides on one thread (tunesmith: training.num_threads; TRL: torch's setting, which it leaves alone): a model
+    this small is no faster on two, and two threads slow down ten-fold while another process keeps the cores busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """The tiny model (tiny-llama/), the pairs (train.jsonl) and the labelled answers (kto.jsonl)."""
@@ -55,7 +66,7 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def tunesmith_config(folder: Path, objective: str, overrides=(), method: str = "full"):
+def tunesmith_config(folder: Path, objective: str, overrides=(), method: str = "full", beta: float = BETA):
     data = folder / ("kto.jsonl" if objective == "kto" else "train.jsonl")
     text = (
         f"model: {{name: {folder / 'tiny-llama'}, dtype: float32}}\n"
@@ -64,9 +75,10 @@ def tunesmith_config(folder: Path, objective: str, overrides=(), method: str = "
         f"data: {{path: {data}, validation_split: 0}}\n"
         f"training: {{epochs: {STEPS}, batch_size: {ROWS}, learning_rate: {LR}, lr_scheduler: constant, warmup_steps: 0,"
         " warmup_ratio: 0, weight_decay: 0, max_grad_norm: 1.0, adam_beta1: 0.9, adam_beta2: 0.999,"
-        " adam_epsilon: 1.0e-8, autocast: false, eval_each_epoch: false}\n"
+        " adam_epsilon: 1.0e-8, autocast: false, eval_each_epoch: false,"
+        " num_threads: 1}\n"
         "eval: {enabled: false}\n"
-        f"objective: {{type: {objective}, beta: {BETA}}}\n"
+        f"objective: {{type: {objective}, beta: {beta}}}\n"
     )
     return api.load_config_text(text, list(overrides))
 
@@ -89,11 +101,11 @@ def rendered_rows(cfg) -> tuple[object, list]:
     return tokenizer, build_preference_data(cfg.data, tokenizer, kind).train
 
 
-def trl_args(config_class, out: Path, **extra):
+def trl_args(config_class, out: Path, beta: float = BETA, **extra):
     return config_class(
         output_dir=str(out), per_device_train_batch_size=ROWS, num_train_epochs=STEPS, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-        adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch", beta=BETA, disable_dropout=True, seed=42,
+        adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch", beta=beta, disable_dropout=True, seed=42,
         use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, **extra)
 
@@ -123,13 +135,18 @@ def assert_close(ours: float, theirs: float, what: str) -> None:
 # --- DPO ----------------------------------------------------------------------------------------------------------
 
 
-def trl_dpo(folder: Path, out: Path, model, tokenizer, rows) -> list[dict]:
+def pair_texts(tokenizer, rows):
+    """Each pair as the text tunesmith's chat template renders: TRL tokenises it into tunesmith's ids."""
     from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": tokenizer.decode(r.prompt_ids), "chosen": tokenizer.decode(r.chosen_ids),
+                               "rejected": tokenizer.decode(r.rejected_ids)} for r in rows])
+
+
+def trl_dpo(out: Path, model, tokenizer, rows, **extra) -> list[dict]:
     from trl import DPOConfig, DPOTrainer
 
-    texts = [{"prompt": tokenizer.decode(r.prompt_ids), "chosen": tokenizer.decode(r.chosen_ids),
-              "rejected": tokenizer.decode(r.rejected_ids)} for r in rows]
-    trainer = DPOTrainer(model=model, args=trl_args(DPOConfig, out), train_dataset=Dataset.from_list(texts),
+    trainer = DPOTrainer(model=model, args=trl_args(DPOConfig, out, **extra), train_dataset=pair_texts(tokenizer, rows),
                          processing_class=tokenizer)
     theirs = trainer.train_dataset
     assert [(x["prompt_ids"], x["chosen_ids"], x["rejected_ids"]) for x in theirs] == [
@@ -141,7 +158,7 @@ def trl_dpo(folder: Path, out: Path, model, tokenizer, rows) -> list[dict]:
 def trl_dpo_full(folder, tmp_path_factory) -> list[dict]:
     """TRL's DPOTrainer on the pairs, full fine-tuning, the reference a frozen copy of the model."""
     tokenizer, rows = rendered_rows(tunesmith_config(folder, "dpo"))
-    return trl_dpo(folder, tmp_path_factory.mktemp("trl-dpo"), fp32_model(folder), tokenizer, rows)
+    return trl_dpo(tmp_path_factory.mktemp("trl-dpo"), fp32_model(folder), tokenizer, rows)
 
 
 def assert_same_dpo(ours: list[dict], theirs: list[dict]) -> None:
@@ -190,7 +207,38 @@ def test_dpo_with_lora_takes_trls_steps_from_the_same_adapter(folder, tmp_path, 
     peft = get_peft_model(fp32_model(folder), start["config"])
     set_peft_model_state_dict(peft, start["weights"])
     tokenizer, rows = rendered_rows(cfg)
-    assert_same_dpo(ours, trl_dpo(folder, tmp_path / "trl", peft, tokenizer, rows))
+    assert_same_dpo(ours, trl_dpo(tmp_path / "trl", peft, tokenizer, rows))
+
+
+def test_ipo_takes_trls_steps(folder, tmp_path):
+    """IPO: (z - 1 / (2 beta))^2 with z from log-probs averaged per answer token, as DPOTrainer's loss_type ipo."""
+    cfg = tunesmith_config(folder, "ipo")
+    ours = [s["loss"] for s in tunesmith_steps(cfg, tmp_path / "run")]
+    tokenizer, rows = rendered_rows(cfg)
+    theirs = [h["loss"] for h in trl_dpo(tmp_path / "trl", fp32_model(folder), tokenizer, rows, loss_type=["ipo"])]
+    assert ours[0] == pytest.approx((1 / (2 * BETA)) ** 2)  # z = 0 while the policy is the reference
+    assert_same_losses(ours, theirs)
+    assert ours[-1] < ours[0] - 0.5
+
+
+def test_simpo_takes_trls_cpo_steps(folder, tmp_path):
+    """SimPO: -log sigmoid(beta (mean log-prob of the chosen - of the rejected) - gamma), as TRL's CPOTrainer with
+    loss_type simpo and no cross-entropy term (cpo_alpha 0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "trl.experimental is experimental"
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    cfg = tunesmith_config(folder, "simpo", ["objective.simpo_gamma=1.0"], beta=2.0)
+    ours = [s["loss"] for s in tunesmith_steps(cfg, tmp_path / "run")]
+    tokenizer, rows = rendered_rows(cfg)
+    args = trl_args(CPOConfig, tmp_path / "trl", beta=2.0, loss_type="simpo", simpo_gamma=1.0, cpo_alpha=0.0,
+                    remove_unused_columns=False)
+    trainer = CPOTrainer(model=fp32_model(folder), args=args, train_dataset=pair_texts(tokenizer, rows),
+                         processing_class=tokenizer)
+    assert [(x["chosen_input_ids"], x["rejected_input_ids"]) for x in trainer.train_dataset] == [
+        (r.prompt_ids + r.chosen_ids, r.prompt_ids + r.rejected_ids) for r in rows]
+    assert_same_losses(ours, [h["loss"] for h in trl_logs(trainer)])
+    assert ours[-1] < ours[0] - 0.05
 
 
 # --- ORPO ---------------------------------------------------------------------------------------------------------
@@ -211,7 +259,7 @@ def orpo_trainers():
             targets = batch["chosen_labels"][:, 1:]  # -100 on the prompt and the padding
             targets = F.pad(targets, (0, chosen_logits.shape[1] - targets.shape[1]), value=-100)
             if model.training:
-                self.store_metrics({"prompt_and_answer_nll": float(out[4])})
+                self.store_metrics({"prompt_and_answer_nll": out[4].item()})
             out[4] = F.cross_entropy(chosen_logits.flatten(0, 1), targets.flatten().to(chosen_logits.device))
             return tuple(out)
 
@@ -219,13 +267,10 @@ def orpo_trainers():
 
 
 def test_orpo_takes_trls_steps_with_its_sft_term_over_the_answer_tokens(folder, tmp_path):
-    from datasets import Dataset
-
     cfg = tunesmith_config(folder, "orpo")
     ours = tunesmith_steps(cfg, tmp_path / "run")
     tokenizer, rows = rendered_rows(cfg)
-    texts = Dataset.from_list([{"prompt": tokenizer.decode(r.prompt_ids), "chosen": tokenizer.decode(r.chosen_ids),
-                                "rejected": tokenizer.decode(r.rejected_ids)} for r in rows])
+    texts = pair_texts(tokenizer, rows)
     config_class, stock, answer_only = orpo_trainers()
 
     trainer = answer_only(model=fp32_model(folder), args=trl_args(config_class, tmp_path / "trl", remove_unused_columns=False),

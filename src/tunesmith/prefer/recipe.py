@@ -176,8 +176,9 @@ class PreferenceRecipe:
         return len(unit.examples), unit.n_trained, unit.n_tokens
 
     def begin_step(self, units: list) -> None:
-        """ORPO's cross-entropy term is a mean over the step's chosen tokens (as TRL's ORPO takes it over the batch):
-        each unit's summed chosen NLL is scaled by pairs / chosen tokens of the whole step."""
+        """ORPO's cross-entropy term is a mean over the step's chosen answer tokens (TRL's ORPO takes its mean over
+        the batch's tokens too, but counts the prompt's: tests/test_preference_trl.py pins the difference), so each
+        unit's summed chosen NLL is scaled by pairs / chosen answer tokens of the whole step."""
         pairs = sum(len(u.examples) for _, (u, _) in units)
         chosen_tokens = sum(float(u.answer_lengths()[0::2].sum()) for _, (u, _) in units)
         self._step = {"pairs": pairs, "chosen_tokens": chosen_tokens}

@@ -17,6 +17,10 @@
             every eval_steps: validate (early stopping);  every save_steps: checkpoint
             SIGINT/SIGTERM: checkpoint and stop;  at each epoch's end: validate, checkpoint
 
+With `objective` other than sft a recipe (tunesmith/prefer/) makes the units (a micro-batch's chosen and rejected
+answers in one pass; GRPO: its sampled groups) and their summed loss, and the step divides by its examples (pairs,
+answers) instead of tokens; see `run_training`.
+
 Each step divides each pass's summed NLL by the step's count of trained (unmasked) tokens before `backward`,
 so every token weighs the same however the tokens fall across micro-batches, passes and processes
 (torchtune's recipes do the same; averaging per micro-batch would over-weight short ones).  What differs
@@ -148,7 +152,7 @@ class Step:
     lr: float
     trained_tokens: int
     stop: bool  # a stop requested of any process, as `reduce` agreed it (see Parallel.stop_now)
-    extra: dict = None  # the recipe's own numbers for the log (rewards, accuracy, ...), this process's share
+    extra: dict | None = None  # the recipe's own numbers for the log (rewards, accuracy, ...), this process's share
 
 
 def seed_everything(seed: int) -> None:
@@ -467,8 +471,8 @@ def _train_steps(run: Training, progress: Progress) -> None:
 
 
 def _train_step(run: Training, progress: Progress, units: list[tuple[int, tuple]]) -> Step | None:
-    """One optimiser step over the window's `units` ([(owning process, (unit, layout))]): token-weighted loss,
-    backward, the loss and stop flag summed over the processes, clip, step.  None when nothing in the window
+    """One optimiser step over the window's `units` ([(owning process, (unit, layout))]): token-weighted loss
+    (example-weighted with a recipe: pairs, answers), backward, the loss and stop flag summed over the processes, clip, step.  None when nothing in the window
     trains (every label masked)."""
     parallel, recipe = run.parallel, run.setup.recipe
     if recipe is not None:  # the loss is a mean over the recipe's examples (pairs, answers, groups)
