@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith.data.batching import collate
 from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow
