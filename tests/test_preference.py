@@ -148,11 +148,15 @@ def test_a_sigkilled_preference_run_resumes_to_the_same_steps(tmp_path, tiny, ob
     keys = ["loss", "reward_mean", "completion_length"] if objective == "grpo" else ["loss", "reward_margin"]
     for x, y in zip(a, b):
         for key in keys:
-            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
+            # GRPO's loss is near 0 (advantages average 0 in a group; what is left is the KL term), so its float
+            # rounding is compared absolutely; the sampled rewards and lengths must be the same
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (key, x["step"])
     wa = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     wb = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+        # AdamW divides by the root of the second moment: an element whose gradients are near 0 turns float rounding
+        # (another summation order after the restart) into a relatively larger step: seen 4e-6 on a 4e-3 element
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=2e-5)
 
 
 def test_grpo_samples_groups_scores_them_and_logs_what_it_did(tmp_path, tiny):
@@ -225,7 +229,9 @@ def test_two_processes_take_the_dpo_steps_of_one(tmp_path, tiny):
     wa = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     wb = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+        # the gradients are summed over the processes in another order; AdamW magnifies that rounding on elements
+        # whose gradients are near 0 (seen: 7.5e-6 on a 3.8e-3 element, one of 1024)
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=2e-5)
 
 
 def test_data_inspect_reads_preference_pairs_and_names_the_first_bad_row(tmp_path):
