@@ -76,14 +76,15 @@ def column_names(records) -> list[str]:
     return list(seen)
 
 
-def _check_columns(columns: dict[str, str], found: list[str], path) -> None:
-    unknown = [ours for ours in columns if ours not in MAPPABLE_FIELDS]
+def _check_columns(columns: dict[str, str], found: list[str], path, fields: tuple = MAPPABLE_FIELDS,
+                   what: str = "a field tunesmith reads", example: str = "{prompt: dialogue, completion: summary}") -> None:
+    """data.columns maps only our `fields`, and only to columns the file has (preference data passes its own)."""
+    unknown = [ours for ours in columns if ours not in fields]
     if unknown:
         quoted = ", ".join(f"'{visible(u, 60)}'" for u in unknown)
         raise UserError(
-            f"data.columns: {quoted} is not a field tunesmith reads; the keys of "
-            f"data.columns are our field names ({', '.join(MAPPABLE_FIELDS)}) and the values are your file's "
-            "column names, e.g. {prompt: dialogue, completion: summary}."
+            f"data.columns: {quoted} is not {what}; the keys of data.columns are our field names "
+            f"({', '.join(fields)}) and the values are your file's column names, e.g. {example}."
         )
     for ours, theirs in columns.items():
         if theirs not in found:

@@ -56,6 +56,7 @@ from tunesmith.data.build import (
 from tunesmith.data.formats import (
     CHAT_ROLES,
     RowError,
+    _check_columns,
     _check_text,
     _column,
     _label,
@@ -122,23 +123,6 @@ class PreferenceBundle:
 # --- columns and formats ----------------------------------------------------------------------
 
 
-def _check_columns(columns: dict[str, str], found: list[str], path) -> None:
-    unknown = [ours for ours in columns if ours not in PREFERENCE_FIELDS]
-    if unknown:
-        quoted = ", ".join(f"'{visible(u, 60)}'" for u in unknown)
-        raise UserError(
-            f"data.columns: {quoted} is not a field of preference data; the keys of data.columns are our field "
-            f"names ({', '.join(PREFERENCE_FIELDS)}) and the values are your file's column names, e.g. "
-            "{chosen: better, rejected: worse}."
-        )
-    for ours, theirs in columns.items():
-        if theirs not in found:
-            raise UserError(
-                f"data.columns maps {visible(ours, 60)} to the column '{visible(theirs, 60)}', but "
-                f"{visible(path or 'the data', None)} has no such column; its columns are: {visible_names(found)}."
-            )
-
-
 def _format_from_names(names) -> str | None:
     names = set(names)
     if {"prompt", "chosen", "rejected"} <= names:
@@ -155,7 +139,8 @@ def detect_preference_format(records, columns: dict[str, str] | None = None, pat
     columns = columns or {}
     path = path if path is not None else getattr(records, "path", None)
     found = column_names(records)
-    _check_columns(columns, found, path)
+    _check_columns(columns, found, path, PREFERENCE_FIELDS, "a field of preference data",
+                   "{chosen: better, rejected: worse}")
     fmt = _format_from_names(_mapped_names(found, columns))
     if fmt is not None:
         return fmt
