@@ -267,3 +267,17 @@ def test_the_policy_and_reference_log_probs_agree_and_the_fused_gradient_is_auto
     plain = hidden.clone().requires_grad_()
     (torch.log_softmax(plain @ head.weight.t(), -1).gather(1, targets[:, None]).squeeze(1) * weights).sum().backward()
     torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_precompute_reference_on_the_command_line_keeps_an_adapter_runs_reference_in_the_folder(tmp_path, tiny):
+    from tunesmith.cli import main
+
+    (tmp_path / "none.yaml").write_text("{}\n")
+    args = ["train", str(tmp_path / "none.yaml"), "--output", str(tmp_path / "run"), "--precompute-reference"]
+    for item in tiny(PAIRS, "objective=dpo", "training.max_steps=2"):
+        args += ["--set", item]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["objective"]["reference"] == "precomputed"
+    assert (tmp_path / "run" / "reference-logps.safetensors").exists()
+    assert _train_records(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -53,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     limit = api.parse_size(args.memory_limit) if args.memory_limit else None
     launch = api.Launch(args.nproc, args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port,
                         memory_limit=limit, fit_check=not args.no_fit_check)
-    job = api.train_job(args.config, args.set, args.output, args.resume, launch)
+    overrides = [*args.set, *(["objective.precompute_reference=true"] if args.precompute_reference else [])]
+    job = api.train_job(args.config, overrides, args.output, args.resume, launch)
     if job.summary is None:  # a launcher of several processes, or a process other than the first
         return job.exit_code
     summary, run_dir = job.summary, job.run_dir
@@ -554,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the memory the fit check assumes this machine has, e.g. 8GiB (default: what is free now)")
     train.add_argument("--no-fit-check", action="store_true",
                        help="train even when the estimate (printed first, as `tunesmith estimate` does) says it will not fit")
+    train.add_argument("--precompute-reference", action="store_true",
+                       help="objective dpo, ipo or kto: compute the reference model's log-probs of every pair once before "
+                       "training and keep them in the run folder (no reference pass per step); the same as --set "
+                       "objective.precompute_reference=true (method full does it by default)")
     scale = train.add_argument_group(
         "several processes (data parallel)",
         "Each process trains on its share of every optimiser step; the global batch is training.batch_size x "
