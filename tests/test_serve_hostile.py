@@ -164,8 +164,9 @@ def _tokens_until_idle(calls: list, quiet_s: float = 0.5, give_up_s: float = 5.0
 
 
 def _assert_served(server) -> None:
-    """The worker answers the next request in full."""
-    status, reply = _ask(server, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 3})
+    """The worker answers the next request in full (greedy: a sampled reply of the random model may end early,
+    which once made this check fail in a full run)."""
+    status, reply = _ask(server, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 3, "temperature": 0})
     assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
 
 
