@@ -218,3 +218,17 @@ def test_set_reads_values_as_a_config_file_does(tmp_path):
                                   "training.packing=yes", "data.columns.prompt=dialogue"])
     assert load_config(path) == from_set
     assert (from_set.training.fast_kernels, from_set.training.packing) == ("off", True)
+
+
+def test_a_name_or_a_path_alone_stands_for_its_section():
+    """`model: NAME`, `data: FILE` and `objective: dpo` are the sections they name; --set takes the same, and a key
+    set beside a short form in the file keeps both."""
+    from tunesmith.config import load_config_text
+
+    cfg = load_config_text("model: smollm2-135m-instruct\ndata: rows.jsonl\nobjective: dpo\n")
+    assert (cfg.model.name, cfg.data.path, cfg.objective.type) == ("smollm2-135m-instruct", "rows.jsonl", "dpo")
+    cfg = load_config_text("model: m1\ndata: a.jsonl\n", ["model.dtype=float32", "data.max_length=64", "objective=kto"])
+    assert (cfg.model.name, cfg.model.dtype, cfg.data.path, cfg.data.max_length) == ("m1", "float32", "a.jsonl", 64)
+    cfg = load_config_text("model: {name: m1, dtype: float32}\n", ["model=m2", "data=b.jsonl"])
+    assert (cfg.model.name, cfg.model.dtype, cfg.data.path) == ("m2", "float32", "b.jsonl")
+    assert cfg.data.validation_split == 0.1  # the rest of the section keeps its defaults

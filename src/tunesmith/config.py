@@ -69,7 +69,7 @@ MAX_DEPTH = 32
 # million wrong keys is still a message of a few lines.
 MAX_PROBLEMS = 10
 # Sections a single word may stand for, and the key it sets: `objective: dpo` is `objective: {type: dpo}`.
-SHORT_FORMS = {"objective": "type"}
+SHORT_FORMS = {"objective": "type", "model": "name", "data": "path"}
 MAX_MESSAGE = 3000
 
 
@@ -491,6 +491,13 @@ class Config(_Section):
     @classmethod
     def _objective_short_form(cls, value: Any) -> Any:
         return {"type": value.lower()} if isinstance(value, str) else value
+
+    @field_validator("model", "data", mode="before")
+    @classmethod
+    def _name_and_path_short_forms(cls, value: Any, info) -> Any:
+        """`model: NAME` is `model: {name: NAME}` and `data: FILE` is `data: {path: FILE}` (axolotl's and
+        LLaMA-Factory's users write them so)."""
+        return {SHORT_FORMS[info.field_name]: value} if isinstance(value, str) else value
 
 
 def _allowed(err: dict) -> str:
