@@ -50,6 +50,9 @@ class DataBundle:
     test: list[TokenizedRow]  # the same rows tokenised (rows with nothing to train on left out), for perplexity
     format: str
     stats: dict = field(default_factory=dict)
+    # the train and validation splits untokenised, in split order (GRPO samples answers to their prompts)
+    train_samples: list[dict] = field(default_factory=list)
+    validation_samples: list[dict] = field(default_factory=list)
 
 
 def resolve_data_path(value: str, key: str) -> Path:
@@ -238,7 +241,8 @@ def build_datasets(
         "trained_tokens": sum(sum(1 for label in r.labels if label != IGNORE_INDEX) for r in train),
         "cache": cache_state,
     }
-    return DataBundle(train=train, validation=validation, test_samples=test_samples, test=test, format=fmt, stats=stats)
+    return DataBundle(train=train, validation=validation, test_samples=test_samples, test=test, format=fmt, stats=stats,
+                      train_samples=train_samples, validation_samples=val_samples)
 
 
 # --- the tokenised-data cache ---------------------------------------------------------------

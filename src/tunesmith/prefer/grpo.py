@@ -28,8 +28,7 @@ import torch
 from tunesmith.config import Config
 from tunesmith.data import build_datasets
 from tunesmith.data.batching import iter_batches
-from tunesmith.data.build import _leave_out_blank_answers, _leave_out_control_tokens, _load_samples, split_indices
-from tunesmith.data.formats import control_tokens, prompt_and_references
+from tunesmith.data.formats import prompt_and_references
 from tunesmith.data.tokens import encode_prompt
 from tunesmith.errors import UserError
 from tunesmith.models import tunesmith_home
@@ -94,20 +93,8 @@ class GrpoRecipe:
         if bundle.format == "text":
             raise UserError(f"data.path: {cfg.data.path} holds plain text; objective grpo needs prompts with reference "
                             "answers (alpaca, messages, sharegpt or prompt_completion rows).")
-        # the same rows, in the same split, as build_datasets made (blank answers and control tokens left out first)
-        d = cfg.data
-        _, samples, places, _ = _load_samples(d.path, "data.path", d, d.limit)
-        samples, places, _ = _leave_out_blank_answers(samples, places, "data.path")
-        samples, places, _ = _leave_out_control_tokens(samples, places, "data.path", control_tokens(tokenizer))
-        if d.validation_path:
-            train_samples = samples
-            _, val_samples, vplaces, _ = _load_samples(d.validation_path, "data.validation_path", d)
-            val_samples, vplaces, _ = _leave_out_blank_answers(val_samples, vplaces, "data.validation_path")
-        else:
-            train_idx, val_idx = split_indices(len(samples), d.validation_split, d.seed)
-            train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
-        bundle.train = _group_rows(train_samples, tokenizer)
-        bundle.validation = _group_rows(val_samples[: self.cfg.eval.limit or None], tokenizer)
+        bundle.train = _group_rows(bundle.train_samples, tokenizer)
+        bundle.validation = _group_rows(bundle.validation_samples[: self.cfg.eval.limit or None], tokenizer)
         bundle.stats["prompts"] = len(bundle.train)
         return bundle
 
