@@ -161,17 +161,24 @@ def _column(name: str, columns: dict[str, str]) -> str:
     return columns.get(name, name)
 
 
+def _missing(row: dict, name: str, columns: dict[str, str], fix: str) -> RowError | None:
+    """The error for our field `name` when the row lacks it or holds null (`fix` says what to add), else None."""
+    if row.get(name) is not None:
+        return None
+    state = "is null" if name in row else "is missing"
+    return RowError(
+        f"{_label(name, columns)} {state}; {fix}, or map the column that holds it with data.columns "
+        f"(this row has: {visible_names(row) or 'no fields'}).",
+        _column(name, columns),
+    )
+
+
 def _text_field(row: dict, name: str, columns: dict[str, str], required: bool = True) -> str | None:
     value = row.get(name)
-    if name not in row or value is None:
+    if value is None:
         if not required:
             return None
-        state = "is null" if name in row else "is missing"
-        raise RowError(
-            f'{_label(name, columns)} {state}; add "{name}" (text) to this row, or map the column that holds it '
-            f"with data.columns (this row has: {visible_names(row) or 'no fields'}).",
-            _column(name, columns),
-        )
+        raise _missing(row, name, columns, f'add "{name}" (text) to this row')
     if not isinstance(value, str):
         if _kind(value) in ("a number", "true/false"):
             fix = f'write it as text, e.g. "{visible(value, 40)}"'

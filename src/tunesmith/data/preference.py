@@ -61,6 +61,7 @@ from tunesmith.data.formats import (
     _column,
     _label,
     _mapped_names,
+    _missing,
     _rename,
     _text_field,
     _with_system,
@@ -188,18 +189,6 @@ def _messages(value, label: str, column: str) -> list[dict]:
     return messages
 
 
-def _missing(row: dict, name: str, columns: dict[str, str], what: str) -> RowError | None:
-    """The error for a field that is absent or null, else None."""
-    if row.get(name) is not None:
-        return None
-    state = "is null" if name in row else "is missing"
-    return RowError(
-        f"{_label(name, columns)} {state}; give this row {what}, or map the column that holds it with data.columns "
-        f"(this row has: {visible_names(row) or 'no fields'}).",
-        _column(name, columns),
-    )
-
-
 def _has_user_text(messages: list[dict]) -> bool:
     return any(m["role"] == "user" and m["content"].strip() for m in messages)
 
@@ -207,7 +196,7 @@ def _has_user_text(messages: list[dict]) -> bool:
 def _prompt(row: dict, columns: dict[str, str]) -> list[dict]:
     """The `prompt` field as messages: text is one user message; a list must not end with the assistant."""
     label, column = _label("prompt", columns), _column("prompt", columns)
-    error = _missing(row, "prompt", columns, "the prompt (text, or a list of {role, content} messages)")
+    error = _missing(row, "prompt", columns, "give this row the prompt (text, or a list of {role, content} messages)")
     if error:
         raise error
     value = row["prompt"]
@@ -239,7 +228,7 @@ def _prompt(row: dict, columns: dict[str, str]) -> list[dict]:
 def _answer(row: dict, name: str, columns: dict[str, str]) -> str:
     """An answer field (chosen, rejected, completion): text, or a list of one assistant message."""
     label, column = _label(name, columns), _column(name, columns)
-    error = _missing(row, name, columns, "the assistant's answer as text")
+    error = _missing(row, name, columns, "give this row the assistant's answer as text")
     if error:
         raise error
     value = row[name]
@@ -290,7 +279,7 @@ def _hh_messages(text: str, label: str, column: str) -> list[dict]:
 def _whole_conversation(row: dict, name: str, columns: dict[str, str]) -> list[dict]:
     """A preference_conversation side (chosen or rejected) as messages ending with the assistant's reply."""
     label, column = _label(name, columns), _column(name, columns)
-    error = _missing(row, name, columns, "the whole conversation (a list of {role, content} messages or HH-RLHF text)")
+    error = _missing(row, name, columns, "give this row the whole conversation (a list of {role, content} messages or HH-RLHF text)")
     if error:
         raise error
     value = row[name]
@@ -341,7 +330,7 @@ def _row_to_sample(row: dict, fmt: str, cfg: DataConfig) -> dict:
                       "rejected": _answer(row, "rejected", columns)}
         else:
             completion = _answer(row, "completion", columns)
-            error = _missing(row, "label", columns, "a label: true for a good answer, false for a bad one")
+            error = _missing(row, "label", columns, "give this row a label: true for a good answer, false for a bad one")
             if error:
                 raise error
             label = row["label"]
