@@ -179,6 +179,34 @@ def builtin_tokenizer():
     return AutoTokenizer.from_pretrained(builtin_path("smollm2-135m-instruct"))
 
 
+def train_child_signalled(tmp_path: Path, overrides: list[str], run_dir: Path, kill_at_step: int, sig: str):
+    """`tunesmith train` (an empty config plus `overrides`) in a child process that sends itself `sig` ("SIGKILL",
+    "SIGTERM") right after optimiser step `kill_at_step`; the finished subprocess.run result."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        import tunesmith.train.loop as loop
+        from tunesmith.cli import main
+        original = loop.after_optimizer_step
+        def hook(model, step):
+            original(model, step)
+            if step == {kill_at_step}:
+                os.kill(os.getpid(), signal.{sig})
+        loop.after_optimizer_step = hook
+        cfg = {str(tmp_path / 'cfg.yaml')!r}
+        open(cfg, "w").write("{{}}\\n")
+        args = ["train", cfg, "--output", {str(run_dir)!r}]
+        for item in {overrides!r}:
+            args += ["--set", item]
+        sys.exit(main(args))
+    """))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     """Write rows as JSON, JSONL, CSV or Parquet, chosen by the file extension."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,10 @@ import json
 import math
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from conftest import train_child_signalled
 from safetensors.torch import load_file
 
 from tunesmith import api
@@ -106,29 +106,6 @@ def test_full_fine_tuning_dpo_computes_its_reference_once_and_keeps_it(tmp_path,
     assert bool((reference["train"] < 0).all())  # log-probs of whole answers
 
 
-def _killed_child(tmp_path, overrides, run_dir, kill_at_step):
-    """`tunesmith train` in a child process that SIGKILLs itself right after optimiser step `kill_at_step`."""
-    script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, signal, sys
-        import tunesmith.train.loop as loop
-        from tunesmith.cli import main
-        original = loop.after_optimizer_step
-        def hook(model, step):
-            original(model, step)
-            if step == {kill_at_step}:
-                os.kill(os.getpid(), signal.SIGKILL)
-        loop.after_optimizer_step = hook
-        cfg = {str(tmp_path / 'cfg.yaml')!r}
-        open(cfg, "w").write("{{}}\\n")
-        args = ["train", cfg, "--output", {str(run_dir)!r}]
-        for item in {overrides!r}:
-            args += ["--set", item]
-        sys.exit(main(args))
-    """))
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("objective", ["dpo", "grpo"])
 def test_a_sigkilled_preference_run_resumes_to_the_same_steps(tmp_path, tiny, objective):
     rows = SFT_ROWS if objective == "grpo" else PAIRS
@@ -137,7 +114,7 @@ def test_a_sigkilled_preference_run_resumes_to_the_same_steps(tmp_path, tiny, ob
                      "lora.dropout=0.1", *extra)  # dropout and sampling draw random numbers
     straight = api.train(load_config(None, overrides), tmp_path / "straight")
     run_dir = tmp_path / "killed"
-    result = _killed_child(tmp_path, overrides, run_dir, kill_at_step=7)
+    result = train_child_signalled(tmp_path, overrides, run_dir, kill_at_step=7, sig="SIGKILL")
     assert result.returncode == -9, result.stderr[-2000:]
     # 4 steps an epoch: the newest checkpoint (every 3 steps) is step 6, mid-epoch, and step 7 is redone
     assert [p.name for p in list_checkpoints(run_dir)][-1] == "step-00000006"

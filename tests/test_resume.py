@@ -1,12 +1,10 @@
 """Checkpoints, exact resume after SIGKILL, clean stop on SIGTERM, corrupt checkpoints, early stopping."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from conftest import train_child_signalled
 from safetensors.torch import load_file
 
 from tunesmith import api
@@ -35,35 +33,12 @@ def setup(tmp_path, tiny_llama, tiny_tokenizer):
     return tmp_path, overrides
 
 
-def _child(tmp_path, overrides, run_dir, kill_at_step, sig):
-    """Run training in a child process that sends itself `sig` right after optimiser step `kill_at_step`."""
-    script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, signal, sys
-        import tunesmith.train.loop as loop
-        from tunesmith.cli import main
-        original = loop.after_optimizer_step
-        def hook(model, step):
-            original(model, step)
-            if step == {kill_at_step}:
-                os.kill(os.getpid(), signal.{sig})
-        loop.after_optimizer_step = hook
-        args = ["train", "--output", {str(run_dir)!r}]
-        for item in {overrides!r}:
-            args += ["--set", item]
-        cfg = {str(tmp_path / 'cfg.yaml')!r}
-        open(cfg, "w").write("{{}}\\n")
-        sys.exit(main(["train", cfg] + args[1:]))
-    """))
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-
-
 def test_a_sigkilled_run_resumes_to_the_same_loss_and_weights(setup):
     tmp_path, overrides = setup
     straight = api.train(load_config(None, overrides), tmp_path / "straight")
 
     run_dir = tmp_path / "killed"
-    result = _child(tmp_path, overrides, run_dir, kill_at_step=8, sig="SIGKILL")
+    result = train_child_signalled(tmp_path, overrides, run_dir, kill_at_step=8, sig="SIGKILL")
     assert result.returncode == -9, result.stderr[-2000:]
     assert not (run_dir / "summary.json").exists()
     # 8 train rows in batches of 2 are 4 steps an epoch: the kill lands mid-epoch, and the newest
@@ -89,7 +64,7 @@ def test_a_sigkilled_run_resumes_to_the_same_loss_and_weights(setup):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(setup):
     tmp_path, overrides = setup
     run_dir = tmp_path / "term"
-    result = _child(tmp_path, overrides, run_dir, kill_at_step=5, sig="SIGTERM")
+    result = train_child_signalled(tmp_path, overrides, run_dir, kill_at_step=5, sig="SIGTERM")
     assert result.returncode == 130, result.stderr[-2000:]
     assert "SIGTERM" in result.stderr and "--resume" in result.stderr
     assert "Traceback" not in result.stderr
