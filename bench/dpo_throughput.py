@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qlora_memory import machine, shown  # noqa: E402  (the sibling benchmark's helpers)
+from qlora_memory import machine, run_workload_child, shown  # noqa: E402  (the sibling benchmark's helpers)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless.jsonl"
@@ -182,21 +182,7 @@ def child_trl(raw: dict, run_dir: Path) -> dict:
 
 
 def measure(name: str, raw: dict, work: Path, log_dir: Path) -> dict:
-    result_file, config_file = work / f"{name}.json", work / f"{name}.config.json"
-    config_file.write_text(json.dumps(raw))
-    log_file = log_dir / f"{name}.log"
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--config-json", str(config_file),
-               "--run-dir", str(work / f"run-{name}"), "--result", str(result_file)]
-    print(f"{name}: training {raw['training']['max_steps']} steps in a child process ...", file=sys.stderr, flush=True)
-    started = time.time()
-    with open(log_file, "w", encoding="utf-8") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        tail = log_file.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise SystemExit(f"{name}: the child failed; the end of {log_file}:\n{tail}")
-    result = json.loads(result_file.read_text())
-    result.update(peak_rss_bytes=usage.ru_maxrss * 1024, wall_s=time.time() - started, log=shown(log_file))
+    result = run_workload_child(__file__, name, raw, work, log_dir)
     result["pairs_per_s"] = result["pairs"] / result["train_s"]
     result["trained_tokens_per_s"] = result["trained_tokens"] / result["train_s"]
     print(f"{name}: {result['pairs_per_s']:.3f} pairs/s, {result['trained_tokens_per_s']:.1f} trained tokens/s, "

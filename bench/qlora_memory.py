@@ -245,19 +245,40 @@ def measure(method: str, steps: int, config: Path, extra: list[str], work: Path,
     command = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--steps", str(steps),
                "--config", str(config), "--run-dir", str(work / f"run-{method}"), "--result", str(result_file),
                *(f"--set={item}" for item in extra)]
+    result = run_measured(method, command, result_file, log_file, env)
+    result["method"] = method
+    result["median_step_s"] = statistics.median(result["step_s"]) if result["step_s"] else None
+    return result
+
+
+def run_measured(name: str, command: list[str], result_file: Path, log_file: Path, env: dict | None = None) -> dict:
+    """Run `command`, a child that writes its JSON result to `result_file`, with its output in `log_file`; returns
+    that result with the child's own peak RSS (its ru_maxrss, from wait4: loading included, no other process's),
+    its wall time and its log added.  A failed child ends the benchmark with the end of its log.  (The three
+    training benchmarks, qlora_memory, train_throughput and dpo_throughput, measure their runs with it.)"""
     started = time.time()
     with open(log_file, "w", encoding="utf-8") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         _, status, usage = os.wait4(child.pid, 0)  # rusage of this child alone
-        child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
         tail = log_file.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise SystemExit(f"{method}: the child failed (exit {child.returncode}); the end of {log_file}:\n{tail}")
+        raise SystemExit(f"{name}: the child failed (exit {code}); the end of {log_file}:\n{tail}")
     result = json.loads(result_file.read_text())
-    result.update(method=method, peak_rss_bytes=usage.ru_maxrss * 1024, wall_s=time.time() - started,
-                  log=shown(log_file))
-    result["median_step_s"] = statistics.median(result["step_s"]) if result["step_s"] else None
+    result.update(peak_rss_bytes=usage.ru_maxrss * 1024, wall_s=time.time() - started, log=shown(log_file))
     return result
+
+
+def run_workload_child(script: str, name: str, raw: dict, work: Path, log_dir: Path) -> dict:
+    """`script --child NAME` on the workload `raw` (a config dict, written to a JSON file the child reads), measured
+    by `run_measured` (the child's result JSON with its peak RSS, wall time and log); train_throughput's and
+    dpo_throughput's runs."""
+    result_file, config_file = work / f"{name}.json", work / f"{name}.config.json"
+    config_file.write_text(json.dumps(raw))
+    command = [sys.executable, str(Path(script).resolve()), "--child", name, "--config-json", str(config_file),
+               "--run-dir", str(work / f"run-{name}"), "--result", str(result_file)]
+    print(f"{name}: training {raw['training']['max_steps']} steps in a child process ...", file=sys.stderr, flush=True)
+    return run_measured(name, command, result_file, log_dir / f"{name}.log")
 
 
 def shown(path: Path) -> str:
