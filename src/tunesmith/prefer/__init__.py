@@ -19,9 +19,8 @@ def make_recipe(cfg):
     kind = cfg.objective.type
     if kind == "sft":
         return None, None
-    if kind == "grpo":
-        recipe = GrpoRecipe(cfg)
-        return recipe, recipe.evaluation
+    if kind == "grpo":  # evaluated by the standard before/after (generation, exact match), which adds mean_reward
+        return GrpoRecipe(cfg), None
     recipe = PreferenceRecipe(cfg)
 
     def evaluation(cfg, bundle, tokenizer, task, device, objective):

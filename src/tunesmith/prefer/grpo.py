@@ -98,7 +98,7 @@ class GrpoRecipe:
         bundle.stats["prompts"] = len(bundle.train)
         return bundle
 
-    def start(self, model, run_dir, main: bool, packed: bool, device, batch_size: int, bundle, parallel) -> None:
+    def start(self, model, run_dir, main: bool, packed: bool, device, batch_size: int, bundle) -> None:
         self.model, self.packed, self.device = model, packed, device
         if peft_model(model) is None and self.beta:
             raise UserError("objective.type: grpo needs an adapter to switch off for its reference model.")
@@ -195,5 +195,3 @@ class GrpoRecipe:
                 "temperature": o.temperature, "top_p": o.top_p, "clip_epsilon": o.clip_epsilon,
                 "rewards": [{"type": r.type, "weight": r.weight} for r in o.rewards],
                 "reference": "base with the adapter switched off" if self.beta else None}
-
-    evaluation = None  # the loop's standard before/after (generation, exact match) plus api's mean reward

@@ -104,7 +104,7 @@ class PreferenceRecipe:
 
     # --- the run starts
 
-    def start(self, model, run_dir: Path, main: bool, packed: bool, device, batch_size: int, bundle, parallel) -> None:
+    def start(self, model, run_dir: Path, main: bool, packed: bool, device, batch_size: int, bundle) -> None:
         """Before the first step: the precomputed reference (computed now, or read back on a resume)."""
         self.packed = packed
         if not (self.needs_reference and self.precompute):

@@ -220,7 +220,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     training, progress = _setup_training(cfg, run_dir, setup, parallel, model, checkpoint, distiller)
     if recipe is not None:
         recipe.start(parallel.unwrap(training.model), run_dir, parallel.world.main, setup.packing, parallel.device,
-                     cfg.training.eval_batch_size, setup.bundle, parallel)
+                     cfg.training.eval_batch_size, setup.bundle)
     del model  # the loop's (in `training`) from here: a sharded run drops it before loading the base again
 
     _train(training, progress)
