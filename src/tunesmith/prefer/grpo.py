@@ -146,7 +146,7 @@ class GrpoRecipe:
         per_token = losses.grpo_token_losses(logp, logp.detach(), ref, advantages, self.cfg.objective.clip_epsilon,
                                              self.beta)
         n = len(unit.rows)
-        lengths = torch.zeros(n, device=logp.device).index_add(0, rows_of, torch.ones_like(logp))
+        lengths = unit.answer_lengths().to(logp.device)  # the answers' trained tokens, as rows_of counts them
         per_answer = torch.zeros(n, device=logp.device).index_add(0, rows_of, per_token) / lengths.clamp(min=1)
         self._record(unit, logp.detach(), ref, rows_of, lengths)
         return per_answer.sum()

@@ -43,7 +43,7 @@ class AnswerUnit:
 
     @property
     def n_trained(self) -> int:
-        return sum(sum(1 for t in r.labels[1:] if t != IGNORE_INDEX) for r in self.rows)
+        return int(self.answer_lengths().sum())
 
     def answer_lengths(self) -> torch.Tensor:
         """Tokens in each answer [A] (float, for averaging)."""
