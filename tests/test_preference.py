@@ -65,6 +65,12 @@ def test_dpo_starts_at_log_2_learns_the_chosen_answer_and_reports_base_vs_tuned(
     assert summary["validation"]["reward_accuracy"] == 1.0
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| preference_accuracy | 0.5 | 1 |" in report
+    # `tunesmith eval` on the run: the base with the adapter off, then on, scored the same way as at the end of training
+    again = api.evaluate(tmp_path / "run")
+    assert again["files"] == ["preference.json"]
+    assert again["base"] == base
+    assert again["tuned"]["preference_accuracy"] == tuned["preference_accuracy"]
+    assert again["tuned"]["reward_margin"] == pytest.approx(tuned["reward_margin"], rel=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["ipo", "simpo", "orpo", "kto"])

@@ -82,22 +82,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
         log.info(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in result[0].items() if k not in ("rows", "loss_tokens")))
         return result
 
-    base_model = load_base(handle, dtype, task).to(device)
-    release_free_memory()
-    if kind == "adapter":
-        with without_bitsandbytes():
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(base_model, str(tuned_dir), is_trainable=False)
-        with model.disable_adapter():
-            base, base_answers = run(model, "base")
-        tuned, tuned_answers = run(model, "tuned")
-    else:
-        base, base_answers = run(base_model, "base")
-        del base_model
-        gc.collect()
-        release_free_memory()
-        tuned, tuned_answers = run(load_model(str(tuned_dir), cfg, dtype, task, for_training=False).to(device), "tuned")
+    (base, base_answers), (tuned, tuned_answers) = _base_then_tuned(handle, cfg, dtype, task, device, run)
     if task == MASKED_LM:
         log.info("eval: a masked-language model does not generate; only the held-out loss is compared.")
 
@@ -106,6 +91,26 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     eval_dir = run_dir / "eval"
     write_eval_folder(eval_dir, base, tuned, inputs, base_answers, tuned_answers, about, scorer.notes)
     return {"base": base, "tuned": tuned, "notes": dict(scorer.notes), "eval_dir": str(eval_dir)}
+
+
+def _base_then_tuned(handle, cfg, dtype, task: str, device, score):
+    """(score(base model, "base"), score(tuned model, "tuned")).  An adapter run loads the base once and scores it
+    with the adapter switched off, then on; a full fine-tune scores the base, frees it, then loads the tuned weights."""
+    base_model = load_base(handle, dtype, task).to(device)
+    release_free_memory()
+    if handle.kind == "adapter":
+        with without_bitsandbytes():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base_model, str(handle.weights), is_trainable=False)
+        with model.disable_adapter():
+            base = score(model, "base")
+        return base, score(model, "tuned")
+    base = score(base_model, "base")
+    del base_model
+    gc.collect()
+    release_free_memory()
+    return base, score(load_model(str(handle.weights), cfg, dtype, task, for_training=False).to(device), "tuned")
 
 
 def _evaluate_preferences(handle, cfg, tokenizer, task: str, device, dtype, data: str | None, limit: int | None) -> dict:
@@ -125,20 +130,13 @@ def _evaluate_preferences(handle, cfg, tokenizer, task: str, device, dtype, data
         raise UserError(f"nothing to evaluate: {data or 'the run'} gave no held-out preference rows; give --data FILE.")
     log.info(f"eval: {cfg.model.name} ({handle.kind}: {handle.weights}), {cfg.objective.type}, on {len(scoring.rows)} "
              f"held-out {'pairs' if recipe.paired else 'answers'}{f' of {data}' if data else ''}")
-    base_model = load_base(handle, dtype, task).to(device)
-    if handle.kind == "adapter":
-        with without_bitsandbytes():
-            from peft import PeftModel
+    seen: dict = {}
 
-            model = PeftModel.from_pretrained(base_model, str(handle.weights), is_trainable=False)
-        with model.disable_adapter():
-            base = scoring.before(model)
-        tuned_model = model
-    else:
-        base = scoring.before(base_model)
-        del base_model
-        gc.collect()
-        release_free_memory()
-        tuned_model = load_model(str(handle.weights), cfg, dtype, task, for_training=False).to(device)
-    section, _ = scoring.after(tuned_model, base, handle.path)
+    def score(model, label: str):
+        if label == "base":
+            seen["base"] = scoring.before(model)
+            return seen["base"]
+        return scoring.after(model, seen["base"], handle.path)[0]
+
+    _, section = _base_then_tuned(handle, cfg, dtype, task, device, score)
     return {**section, "notes": {}, "eval_dir": str(handle.path / "eval"), "files": ["preference.json"]}
