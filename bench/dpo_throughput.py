@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -191,19 +190,14 @@ def measure(name: str, raw: dict, work: Path, log_dir: Path) -> dict:
 
 
 def cpu_summary() -> dict:
-    """The CPU's model name (lscpu) and whether it has the bf16 matmul instructions."""
+    """Whether the CPU has the bf16 matmul instructions (machine() names the CPU), and TRL's version."""
+    import trl
+
     from tunesmith.hardware import cpu_features
 
     flags = cpu_features()
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), None)
-    except OSError:
-        name = None
-    import trl
-
-    return {"lscpu_model_name": name, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "trl": trl.__version__}
+    return {"avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "trl": trl.__version__}
 
 
 def table(report: dict) -> str:
