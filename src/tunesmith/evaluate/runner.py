@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from tunesmith.data import build_datasets
 from tunesmith.data.build import load_eval_rows
 from tunesmith.data.heldout import build_inputs
 from tunesmith.errors import UserError
-from tunesmith.evaluate.suite import Scorer, evaluate_model, write_eval_folder
+from tunesmith.evaluate.suite import Scorer, evaluate_model, run_rewards, write_eval_folder
 from tunesmith.hardware import cpu_threads, detect_device, release_free_memory, resolve_dtype
 from tunesmith.models import tunesmith_home, without_bitsandbytes
 from tunesmith.models.loader import load_model, model_task
@@ -28,7 +27,6 @@ from tunesmith.models.run_folder import load_base, load_tokenizer_for, open_run
 from tunesmith.models.tasks import MASKED_LM
 from tunesmith.prefer.evaluate import PreferenceEval
 from tunesmith.prefer.recipe import PreferenceRecipe
-from tunesmith.prefer.rewards import make_rewards
 from tunesmith.train.objective import Objective
 
 log = logging.getLogger(__name__)
@@ -73,12 +71,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     scorer = Scorer(cfg.eval, device=device)
     loss_batch = cfg.training.eval_batch_size
 
-    rewards = make_rewards(cfg.objective, cfg.eval.answer_regex) if cfg.objective.type == "grpo" else None
+    rewards = run_rewards(cfg)
 
     def run(model, label: str):
-        result = evaluate_model(model, tokenizer, inputs, cfg.eval, device, label, objective, scorer, loss_batch)
-        if rewards is not None and result[1]:  # GRPO: the run's reward functions on the greedy answers
-            result[0]["mean_reward"] = statistics.fmean(rewards(inputs.prompt_texts, result[1], inputs.references)[0])
+        result = evaluate_model(model, tokenizer, inputs, cfg.eval, device, label, objective, scorer, loss_batch,
+                                rewards)
         log.info(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in result[0].items() if k not in ("rows", "loss_tokens")))
         return result
 

@@ -80,9 +80,15 @@ class Scorer:
         return out
 
 
+def run_rewards(cfg):
+    """A GRPO run's reward functions (prefer/rewards.py), which its evaluation scores answers with too; else None."""
+    return make_rewards(cfg.objective, cfg.eval.answer_regex) if cfg.objective.type == "grpo" else None
+
+
 def evaluate_model(model, tokenizer, inputs: EvalInputs, cfg: EvalConfig, device, label: str, objective,
-                   scorer: Scorer, loss_batch_size: int = 1) -> tuple[dict, list[str]]:
-    """One model state on the inputs: held-out loss and perplexity, greedy answers and their scores."""
+                   scorer: Scorer, loss_batch_size: int = 1, rewards=None) -> tuple[dict, list[str]]:
+    """One model state on the inputs: held-out loss and perplexity, greedy answers and their scores (with
+    `rewards`, a GRPO run's, their mean as `mean_reward`)."""
     metrics: dict = {}
     if inputs.rows and "perplexity" in cfg.metrics:
         held = heldout_loss(model, inputs.rows, loss_batch_size, device, objective)
@@ -93,6 +99,8 @@ def evaluate_model(model, tokenizer, inputs: EvalInputs, cfg: EvalConfig, device
             model, tokenizer, inputs.prompts, cfg.max_new_tokens, cfg.batch_size, device, desc=f"generating ({label})"
         )
         metrics.update(scorer.score(answers, inputs.references))
+        if rewards is not None:
+            metrics["mean_reward"] = statistics.fmean(rewards(inputs.prompt_texts, answers, inputs.references)[0])
         metrics["rows"] = len(answers)
     return metrics, answers
 
@@ -181,15 +189,11 @@ class BeforeAfter:
         self.inputs = build_inputs(bundle.test_samples, bundle.test, tokenizer, cfg.data.max_length, task,
                                    bundle.format == "text", cfg.eval.limit)
         self.scorer = Scorer(cfg.eval, device=str(device))
-        self.rewards = make_rewards(cfg.objective, cfg.eval.answer_regex) if cfg.objective.type == "grpo" else None
+        self.rewards = run_rewards(cfg)
 
     def _score(self, model, label: str) -> tuple[dict, list[str]]:
-        metrics, answers = evaluate_model(model, self.tokenizer, self.inputs, self.cfg.eval, self.device, label,
-                                          self.objective, self.scorer, self.cfg.training.eval_batch_size)
-        if self.rewards is not None and answers:  # GRPO: the reward functions it trained on, on the greedy answers
-            inputs = self.inputs
-            metrics["mean_reward"] = statistics.fmean(self.rewards(inputs.prompt_texts, answers, inputs.references)[0])
-        return metrics, answers
+        return evaluate_model(model, self.tokenizer, self.inputs, self.cfg.eval, self.device, label, self.objective,
+                              self.scorer, self.cfg.training.eval_batch_size, self.rewards)
 
     def before(self, model) -> dict:
         rows = max(len(self.inputs.rows), len(self.inputs.prompts))
