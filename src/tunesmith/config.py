@@ -109,9 +109,33 @@ class ModelConfig(_Section):
     )
 
 
+DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]
+
+
+class DataSourceConfig(_Section):
+    """One of several data sets mixed into one run (`data.sources`), as axolotl's `datasets:` list and
+    LLaMA-Factory's `dataset: a,b` are."""
+    path: PathText = Field(
+        description="A data file (.jsonl, .json, .csv, .parquet, .arrow), a folder saved with Hugging Face datasets' "
+        "save_to_disk or of Parquet/Arrow shards, or a hub data set id (read only where the network allows).")
+    format: DataFormat = Field("auto", description="How this source's rows are read (as data.format).")
+    columns: dict[str, str] = Field(default_factory=dict, description="This source's column map (as data.columns).")
+    system_prompt: str | None = Field(None, description="System message for this source's rows (as data.system_prompt).")
+    split: str = Field("train", description="Which split of a saved DatasetDict or a hub data set to read.")
+    weight: float | None = Field(
+        None, gt=0, description="This source's share of the mix, relative to the others' weights (default 1).")
+    rows: int | None = Field(
+        None, ge=1, le=INT64_MAX, description="Take exactly this many rows from this source (instead of a weight); "
+        "more than it has repeats rows.")
+
+
 class DataConfig(_Section):
     path: PathText = Field("examples/data/dates-train.jsonl", description="Training data file.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = Field(
+    sources: list[DataSourceConfig] = Field(
+        default_factory=list, description="Several data sets mixed into one run, each with its own path, format, "
+        "columns, system prompt and weight or row count; replaces data.path.  `data: [a.jsonl, b.jsonl]` is the "
+        "short form.")
+    format: DataFormat = Field(
         "auto",
         description="How rows are read: alpaca (instruction, input, output), messages, sharegpt (conversations), "
         "prompt_completion (prompt, completion) or text; auto takes the first of these whose fields the file has.",
@@ -453,6 +477,27 @@ class DistributedConfig(_Section):
         return value
 
 
+class LoggingConfig(_Section):
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that get every metric of metrics.jsonl, the resolved "
+        "config and training.png / report.md: tensorboard (event files in RUN/tensorboard), mlflow (a file store in "
+        "RUN/mlruns unless tracking_uri says where) and wandb (offline files in RUN/wandb unless tracking_uri or "
+        "WANDB_MODE says otherwise).")
+    tracking_uri: str | None = Field(
+        None, description="Where mlflow (a tracking server or store URI) or wandb (a server's base URL) report to.")
+    project: str | None = Field(
+        None, description="The experiment (mlflow) or project (wandb) name; default tunesmith.")
+    run_name: str | None = Field(None, description="The run's name in the trackers; default the run folder's name.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        """`report_to: tensorboard` is a list of one; `none` (the Hugging Face Trainer's word) is the empty list."""
+        if isinstance(value, str):
+            return [] if value.lower() == "none" else [value.lower()]
+        return value
+
+
 class OutputConfig(_Section):
     dir: PathText | None = Field(None, description="Run folder; default runs/<config name>-<date>-<time>.")
 
@@ -480,6 +525,8 @@ class Config(_Section):
         "tuning (dpo, ipo, orpo, simpo, kto, grpo); `objective: dpo` is the short form.")
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="How several training processes share the work.")
+    logging: LoggingConfig = Field(
+        default_factory=LoggingConfig, description="Experiment trackers the metrics also go to (report_to).")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run is written.")
 
     @field_validator("method", mode="before")
