@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import UserError, visible
 from tunesmith.fileio import declared_codec
@@ -128,13 +128,22 @@ class DataSourceConfig(_Section):
         None, ge=1, le=INT64_MAX, description="Take exactly this many rows from this source (instead of a weight); "
         "more than it has repeats rows.")
 
+    @model_validator(mode="after")
+    def _weight_or_rows(self) -> DataSourceConfig:
+        if self.weight is not None and self.rows is not None:
+            raise ValueError("a weight or a row count, not both: rows takes exactly that many rows, a weight a share "
+                             "of the rest; remove one of them")
+        return self
+
 
 class DataConfig(_Section):
-    path: PathText = Field("examples/data/dates-train.jsonl", description="Training data file.")
+    path: PathText | None = Field(
+        "examples/data/dates-train.jsonl", description="Training data file (null when data.sources names the data).")
     sources: list[DataSourceConfig] = Field(
         default_factory=list, description="Several data sets mixed into one run, each with its own path, format, "
         "columns, system prompt and weight or row count; replaces data.path.  `data: [a.jsonl, b.jsonl]` is the "
-        "short form.")
+        "short form.  A source's format, columns and system_prompt default to data.format, data.columns and "
+        "data.system_prompt.")
     format: DataFormat = Field(
         "auto",
         description="How rows are read: alpaca (instruction, input, output), messages, sharegpt (conversations), "
@@ -153,8 +162,37 @@ class DataConfig(_Section):
     test_path: PathText | None = Field(
         None, description="Held-out rows for the before/after evaluation; default: the validation rows."
     )
-    limit: int | None = Field(None, ge=1, le=INT64_MAX, description="Use only the first N rows of the training file.")
-    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of the shuffle that picks the validation rows.")
+    limit: int | None = Field(None, ge=1, le=INT64_MAX, description="Use only the first N rows of the training file "
+                              "(with data.sources: of each source, before they are mixed).")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of the shuffle that picks the validation rows (and, "
+                      "with data.sources, the rows each source gives and their mixed order).")
+    num_workers: Annotated[int, Field(ge=1, le=MAX_THREADS)] | Literal["auto"] = Field(
+        "auto", description="Processes that tokenise a large data set (thousands of rows) side by side; auto: one per "
+        "CPU core; 1 tokenises in the training process.  Small data is always tokenised in the training process.")
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _source_short_forms(cls, value: Any) -> Any:
+        """A source given as a path alone is `{path: PATH}`."""
+        return [{"path": item} if isinstance(item, str) else item for item in value] if isinstance(value, list) \
+            else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_or_sources(cls, value: Any) -> Any:
+        """data.sources replaces data.path: both given is a mistake (which one was meant?); sources alone leave
+        path null, so the resolved config (which writes every key) reads back the same."""
+        if not isinstance(value, dict):
+            return value
+        if value.get("sources"):
+            if value.get("path") is not None:
+                raise ValueError("data.path or data.sources, not both: data.sources names the whole training data, "
+                                 "so remove data.path or make that file one more source (on the command line, "
+                                 "--set data=[a.jsonl, b.jsonl] replaces data.path)")
+            return {**value, "path": None}
+        if "path" in value and value["path"] is None:
+            raise ValueError("a training data file in data.path (or several data sets in data.sources)")
+        return value
 
 
 class LoraConfig(_Section):
@@ -480,9 +518,9 @@ class DistributedConfig(_Section):
 class LoggingConfig(_Section):
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers that get every metric of metrics.jsonl, the resolved "
-        "config and training.png / report.md: tensorboard (event files in RUN/tensorboard), mlflow (a file store in "
-        "RUN/mlruns unless tracking_uri says where) and wandb (offline files in RUN/wandb unless tracking_uri or "
-        "WANDB_MODE says otherwise).")
+        "config and training.png / report.md: tensorboard (event files in RUN/tensorboard), mlflow (a SQLite store in "
+        "RUN/mlruns unless tracking_uri or MLFLOW_TRACKING_URI says where) and wandb (offline files in RUN/wandb unless "
+        "tracking_uri or WANDB_MODE says otherwise); pip install 'tunesmith[trackers]'.")
     tracking_uri: str | None = Field(
         None, description="Where mlflow (a tracking server or store URI) or wandb (a server's base URL) report to.")
     project: str | None = Field(
@@ -543,7 +581,10 @@ class Config(_Section):
     @classmethod
     def _name_and_path_short_forms(cls, value: Any, info) -> Any:
         """`model: NAME` is `model: {name: NAME}` and `data: FILE` is `data: {path: FILE}` (axolotl's and
-        LLaMA-Factory's users write them so)."""
+        LLaMA-Factory's users write them so); `data: [a.jsonl, b.jsonl]` (paths or source mappings) is
+        `data: {sources: [...]}`."""
+        if isinstance(value, list) and info.field_name == "data":
+            return {"sources": value}
         return {SHORT_FORMS[info.field_name]: value} if isinstance(value, str) else value
 
 
@@ -949,6 +990,8 @@ def apply_overrides(raw: Any, overrides: list[str], source: str = "config") -> d
             dotted = ".".join(parts[: i + 1])
             if isinstance(child, str) and dotted in SHORT_FORMS:  # `objective: dpo` in the file, a key of it set
                 child = {SHORT_FORMS[dotted]: child}
+            elif isinstance(child, list) and dotted == "data":  # `data: [a.jsonl, b.jsonl]` in the file
+                child = {"sources": child}
             if child is None:
                 child = {}
             elif isinstance(child, dict):
@@ -961,6 +1004,11 @@ def apply_overrides(raw: Any, overrides: list[str], source: str = "config") -> d
         parsed = parse_value(value, key)
         section = _section_model(parts)
         short = SHORT_FORMS.get(".".join(parts))
+        if parts == ["data"] and isinstance(parsed, (str, list)):  # a file or a list of sources: the data, all of it
+            kept = node.get("data") if isinstance(node.get("data"), dict) else {}
+            given, replaced = ("path", "sources") if isinstance(parsed, str) else ("sources", "path")
+            node["data"] = {**{k: v for k, v in kept.items() if k != replaced}, given: parsed}
+            continue
         if short is not None and isinstance(parsed, str):  # `--set objective=dpo` is `--set objective.type=dpo`
             node[parts[-1]] = {**(node.get(parts[-1]) or {}), short: parsed} if isinstance(node.get(parts[-1]), dict) \
                 else {short: parsed}

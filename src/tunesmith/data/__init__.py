@@ -4,7 +4,9 @@ read_records(path)                     JSON / JSONL / CSV / Parquet → rows tha
 detect_format(records, columns)        alpaca | messages | sharegpt | prompt_completion | text
 to_samples(records, cfg, path)         rows → {"messages": [...]} or {"text": ...}
 tokenize_sample(sample, tokenizer, cfg) → TokenizedRow (prompt tokens masked with -100)
-build_datasets(cfg, tokenizer)         → DataBundle (train / validation / test, stats)
+build_datasets(cfg, tokenizer)         → DataBundle (train / validation / test, stats); with data.sources,
+                                         several data sets read, tokenised and cached one by one, then mixed
+                                         (data/sources.py; tokenising in a pool of processes: data/tokenizing.py)
 inspect_file(path, tokenizer, cfg)     → a report for `tunesmith data inspect`
 """
 

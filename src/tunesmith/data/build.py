@@ -16,6 +16,12 @@ normalised samples (which covers the files, format, columns, system prompt, limi
 split and seed), the tokenizer, max_length and train_on_prompt, so a second run on
 the same data skips tokenising.  The cache holds plain integer arrays (.npz, no pickle)
 and is written to a temporary name, then renamed.
+
+With `data.sources` (several data sets mixed, data/sources.py), each source is read, normalised and
+cleaned on its own, tokenised whole and cached on its own (keyed by that source's normalised samples, the
+tokenizer, max_length and train_on_prompt), and only then are its rows picked and mixed: a new weight or one
+more source re-tokenises nothing that was tokenised before.  A large data set is tokenised by a pool of
+processes (data/tokenizing.py).
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.config import DataConfig
+from tunesmith.config import DataConfig, DataSourceConfig
 from tunesmith.data.formats import control_token_in, control_tokens, has_blank_answer, normalise_rows
 from tunesmith.data.read import check_data_file, read_records, visible, where
+from tunesmith.data.sources import about_source, describe_mix, mix, read_source, source_config, source_key
+from tunesmith.data.tokenizing import tokenize_rows
 from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow, ensure_chat_template, tokenize_sample
 from tunesmith.errors import UserError
 
@@ -140,15 +148,12 @@ def _leave_out_control_tokens(samples: list[dict], places: list[str], key: str, 
 
 
 def _tokenize_all(
-    samples: list[dict], places: list[str], tokenizer, cfg: DataConfig, task: str = "causal_lm"
+    samples: list[dict], places: list[str], tokenizer, cfg: DataConfig, task: str = "causal_lm",
+    desc: str = "tokenising",
 ) -> tuple[list[TokenizedRow], int, int]:
     """(rows that have something to train on, truncated count, dropped count)."""
     rows, truncated, dropped = [], 0, 0
-    for sample, place in zip(samples, places):
-        try:
-            row = tokenize_sample(sample, tokenizer, cfg, task)
-        except UserError as exc:
-            raise UserError(f"{place}: {exc}") from None
+    for row in tokenize_rows(samples, places, tokenizer, cfg, task, desc, tokenize_sample):
         truncated += row.truncated
         if has_trained_tokens(row, task):
             rows.append(row)
@@ -174,6 +179,8 @@ def build_datasets(
 ) -> DataBundle:
     """Read, normalise, split and tokenise the data the config names (see the module docstring), for a
     model of kind `task` (causal_lm, seq2seq or masked_lm; see tunesmith.models.tasks)."""
+    if cfg.sources:
+        return _build_from_sources(cfg, tokenizer, cache_dir, task)
     fmt, samples, places, rows_read = _load_samples(cfg.path, "data.path", cfg, cfg.limit)
     tokens = control_tokens(tokenizer)
     samples, places, blank = _leave_out_blank_answers(samples, places, "data.path")
@@ -208,7 +215,8 @@ def build_datasets(
     tokenized = _read_cache(cache_file) if cache_file is not None else None
     cache_state = "off" if cache_file is None else ("hit" if tokenized is not None else "miss")
     if tokenized is None:
-        tokenized = {name: _tokenize_all(s, p, tokenizer, cfg, task) for name, (s, p) in splits.items()}
+        tokenized = {name: _tokenize_all(s, p, tokenizer, cfg, task, f"tokenising {name}")
+                     for name, (s, p) in splits.items()}
         if cache_file is not None:
             _write_cache(cache_file, tokenized)
     if "test" not in tokenized:
@@ -224,6 +232,16 @@ def build_datasets(
         "rows_used": len(samples),
         "blank_answers": blank,  # rows left out of every split because their answer is empty
         "control_token_rows": controlled,  # rows left out because their text holds a tokenizer control token
+        **_split_stats(cfg, train, validation, test, truncated, dropped),
+        "cache": cache_state,
+    }
+    return DataBundle(train=train, validation=validation, test_samples=test_samples, test=test, format=fmt, stats=stats,
+                      train_samples=train_samples, validation_samples=val_samples)
+
+
+def _split_stats(cfg: DataConfig, train: list, validation: list, test: list, truncated: int, dropped: int) -> dict:
+    """The stats of the tokenised splits that a run logs and summary.json keeps."""
+    return {
         "train": len(train),
         "validation": len(validation),
         "test": len(test),
@@ -239,10 +257,181 @@ def build_datasets(
         ),
         "train_token_lengths": percentiles([len(r.input_ids) for r in train]),
         "trained_tokens": sum(sum(1 for label in r.labels if label != IGNORE_INDEX) for r in train),
-        "cache": cache_state,
     }
-    return DataBundle(train=train, validation=validation, test_samples=test_samples, test=test, format=fmt, stats=stats,
-                      train_samples=train_samples, validation_samples=val_samples)
+
+
+# --- several sources (data.sources) ---------------------------------------------------------------------
+
+
+@dataclass
+class SourceRows:
+    """One source read, normalised and cleaned: its samples, where each came from, and (once tokenised) its rows."""
+
+    key: str  # data.sources[1]
+    source: DataSourceConfig
+    cfg: DataConfig  # the run's data settings with this source's format, columns and system prompt
+    format: str
+    samples: list[dict]
+    places: list[str]
+    rows_read: int
+    blank: int
+    controlled: int
+    rows: list[TokenizedRow] = field(default_factory=list)  # one per sample, untrainable ones included
+    cache: str = "off"
+
+
+def load_source(index: int, source: DataSourceConfig, cfg: DataConfig, tokens: list[str] | None) -> SourceRows:
+    """Source `index`'s usable samples: its first data.limit rows in the row shape, less blank answers (and, with
+    the tokenizer's control `tokens`, rows holding them); a source with none left is a UserError."""
+    key = source_key(index)
+    own = source_config(cfg, source)
+    records = read_source(source, key)
+    rows_read = len(records)
+    if not records:
+        raise UserError(f"{key}.path: {visible(source.path, None)} holds no rows; point it at data with rows.")
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    with about_source(key):
+        fmt, samples, kept = normalise_rows(records, own)
+    places = [where(records, i) for i in kept]
+    samples, places, blank = _leave_out_blank_answers(samples, places, f"{key}.path")
+    controlled = 0
+    if tokens is not None:
+        samples, places, controlled = _leave_out_control_tokens(samples, places, f"{key}.path", tokens)
+    if not samples:
+        raise UserError(f"{key}.path: {visible(source.path, None)} has no rows left to train on ({rows_read} read, "
+                        "every one left out; the warnings above say why).")
+    return SourceRows(key, source, own, fmt, samples, places, rows_read, blank, controlled)
+
+
+def mixed_samples(cfg: DataConfig, tokens: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(training samples, validation samples) of data.sources, mixed and split as build_datasets does, untokenised
+    (with the control `tokens` of no tokenizer unless given): what sequence-level distillation has the teacher
+    answer."""
+    parts = [load_source(i, source, cfg, tokens) for i, source in enumerate(cfg.sources)]
+    mixed = mix([len(p.samples) for p in parts], cfg.sources, cfg.seed, 0.0 if cfg.validation_path else
+                cfg.validation_split)
+    log.info(describe_mix(mixed, cfg.sources))
+    train = [parts[i].samples[j] for i, j in mixed.train]
+    if cfg.validation_path:
+        return train, _load_samples(cfg.validation_path, "data.validation_path", cfg)[1]
+    return train, [parts[i].samples[j] for i, j in mixed.validation]
+
+
+def _tokenize_cached(samples: list[dict], places: list[str], tokenizer, cfg: DataConfig, task: str,
+                     cache_dir: str | Path | None, desc: str) -> tuple[list[TokenizedRow], str]:
+    """(every sample's row, untrainable ones included, in order; the cache's state: off, hit or miss), cached under
+    a key of these samples alone, so that other sources and the mix play no part in it."""
+    if cache_dir is None:
+        return tokenize_rows(samples, places, tokenizer, cfg, task, desc, tokenize_sample), "off"
+    cache_file = Path(cache_dir) / f"{_cache_key({'source': (samples, places)}, tokenizer, cfg, task)}.npz"
+    cached = _read_cache(cache_file)
+    if cached is not None and len(cached.get("source", ((),))[0]) == len(samples):
+        return cached["source"][0], "hit"
+    rows = tokenize_rows(samples, places, tokenizer, cfg, task, desc, tokenize_sample)
+    untrainable = sum(1 for row in rows if not has_trained_tokens(row, task))
+    _write_cache(cache_file, {"source": (rows, sum(row.truncated for row in rows), untrainable)})
+    return rows, "miss"
+
+
+def _picked(parts: list[SourceRows], pairs: list[tuple[int, int]], task: str):
+    """(trainable rows, samples, places, truncated, dropped, trainable rows per source) of the (source, row) pairs."""
+    rows, samples, places, truncated, dropped = [], [], [], 0, 0
+    per_source = [0] * len(parts)
+    for i, j in pairs:
+        row = parts[i].rows[j]
+        samples.append(parts[i].samples[j])
+        places.append(parts[i].places[j])
+        truncated += row.truncated
+        if has_trained_tokens(row, task):
+            rows.append(row)
+            per_source[i] += 1
+        else:
+            dropped += 1
+    return rows, samples, places, truncated, dropped, per_source
+
+
+def _held_out_file(value: str, key: str, cfg: DataConfig, tokenizer, tokens: list[str], task: str,
+                   cache_dir: str | Path | None):
+    """(samples, trainable rows, truncated, dropped, blank, controlled, cache state) of data.validation_path or
+    data.test_path beside sources: read with the run's own format, columns and system prompt."""
+    _, samples, places, _ = _load_samples(value, key, cfg)
+    samples, places, blank = _leave_out_blank_answers(samples, places, key)
+    samples, places, controlled = _leave_out_control_tokens(samples, places, key, tokens)
+    rows, state = _tokenize_cached(samples, places, tokenizer, cfg, task, cache_dir, f"tokenising {key}")
+    trainable = [row for row in rows if has_trained_tokens(row, task)]
+    truncated = sum(row.truncated for row in rows)
+    return samples, trainable, truncated, len(rows) - len(trainable), blank, controlled, state
+
+
+def _build_from_sources(cfg: DataConfig, tokenizer, cache_dir: str | Path | None, task: str) -> DataBundle:
+    """build_datasets for data.sources: read and clean each source, tokenise each (cached on its own), mix, split."""
+    if task == "causal_lm":
+        ensure_chat_template(tokenizer)  # before hashing: the template is part of each cache key
+    tokens = control_tokens(tokenizer)
+    parts = [load_source(i, source, cfg, tokens) for i, source in enumerate(cfg.sources)]
+    mixed = mix([len(p.samples) for p in parts], cfg.sources, cfg.seed, 0.0 if cfg.validation_path else
+                cfg.validation_split)
+    log.info(describe_mix(mixed, cfg.sources))
+    for part in parts:
+        with about_source(part.key):
+            part.rows, part.cache = _tokenize_cached(part.samples, part.places, tokenizer, part.cfg, task, cache_dir,
+                                                     f"tokenising {part.key}")
+    train, train_samples, _, truncated, dropped, train_per_source = _picked(parts, mixed.train, task)
+    validation, val_samples, _, val_truncated, val_dropped, val_per_source = _picked(parts, mixed.validation, task)
+    truncated, dropped = truncated + val_truncated, dropped + val_dropped
+    blank = sum(p.blank for p in parts)
+    controlled = sum(p.controlled for p in parts)
+    states = [p.cache for p in parts]
+    if cfg.validation_path:
+        val_samples, validation, *counts, state = _held_out_file(
+            cfg.validation_path, "data.validation_path", cfg, tokenizer, tokens, task, cache_dir)
+        truncated, dropped, blank, controlled = (a + b for a, b in zip((truncated, dropped, blank, controlled), counts))
+        states.append(state)
+    formats = sorted({p.format for p in parts})
+    fmt = formats[0] if len(formats) == 1 else "mixed"
+    if cfg.test_path:
+        test_samples, test, *counts, state = _held_out_file(
+            cfg.test_path, "data.test_path", cfg, tokenizer, tokens, task, cache_dir)
+        truncated, dropped, blank, controlled = (a + b for a, b in zip((truncated, dropped, blank, controlled), counts))
+        states.append(state)
+    else:
+        # plain text has no answer to generate: with text and conversation sources mixed, generation uses the
+        # conversations (every held-out row still counts in the loss)
+        test = validation
+        test_samples = [s for s in val_samples if "messages" in s] if fmt == "mixed" else val_samples
+    if not train:
+        raise UserError(f"data.sources: the mix of {len(parts)} sources gave no rows to train on ({dropped} cut to "
+                        f"nothing by data.max_length={cfg.max_length}); raise data.max_length, or run `tunesmith data "
+                        "inspect PATH --config CONFIG` on each source to see why.")
+    stats = {
+        "path": None,
+        "format": fmt,
+        "rows_read": sum(p.rows_read for p in parts),
+        "rows_used": len(mixed.train) + len(mixed.validation),
+        "blank_answers": blank,
+        "control_token_rows": controlled,
+        **_split_stats(cfg, train, validation, test, truncated, dropped),
+        "cache": "off" if cache_dir is None else ("hit" if all(s == "hit" for s in states) else "miss"),
+        "sources": [
+            {
+                "path": p.source.path,
+                "format": p.format,
+                "rows_read": p.rows_read,
+                "rows_available": len(p.samples),  # after data.limit and the rows left out
+                "rows_used": mixed.drawn[i],  # copies included
+                "weight": None if p.source.rows is not None else (p.source.weight or 1.0),
+                "rows": p.source.rows,
+                "repeated": mixed.repeated(i),
+                "train": train_per_source[i],  # trainable rows in each split
+                "validation": val_per_source[i],
+                "cache": p.cache,
+            }
+            for i, p in enumerate(parts)
+        ],
+    }
+    return DataBundle(train=train, validation=validation, test_samples=test_samples, test=test, format=fmt,
+                      stats=stats, train_samples=train_samples, validation_samples=val_samples)
 
 
 # --- the tokenised-data cache ---------------------------------------------------------------

@@ -8,6 +8,7 @@ values cut), and the problem sentences are built the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tunesmith.data.formats import (
 )
 from tunesmith.data.preference import detect_preference_format, pair_samples
 from tunesmith.data.read import Records, _read, visible, visible_names
+from tunesmith.data.sources import about_source, named_source, needs_source_reader, read_path, source_config, source_key
 from tunesmith.data.tokens import tokenize_sample
 from tunesmith.errors import UserError
 
@@ -41,11 +43,21 @@ def _rows(n: int) -> str:
 
 
 def inspect_file(path: str | Path, tokenizer=None, cfg: DataConfig | None = None) -> dict:
-    """A report on one data file: format, rows, columns, token lengths (with a tokenizer) and problems."""
+    """A report on one data file: format, rows, columns, token lengths (with a tokenizer) and problems.
+
+    `path` may also be anything a data source reads (a save_to_disk or shards folder, an .arrow file, a hub id);
+    when it is one of cfg.sources, that source's format, columns, system prompt and split apply."""
     cfg = cfg or DataConfig()
-    path = Path(path)
+    named = named_source(str(path), cfg)
+    if named is not None:
+        cfg = source_config(cfg, named[1])
     row_problems: list[str] = []
-    records = _read(path, problems=row_problems)  # bad JSONL lines are noted, not raised
+    if needs_source_reader(str(path)):
+        with about_source(source_key(named[0])) if named is not None else contextlib.nullcontext():
+            records = read_path(str(path), named[1].split if named is not None else "train")
+    else:
+        records = _read(Path(path), problems=row_problems)  # bad JSONL lines are noted, not raised
+    path = Path(path)
     bad_lines = len(row_problems)
     report: dict = {
         "path": str(path),
@@ -63,6 +75,8 @@ def inspect_file(path: str | Path, tokenizer=None, cfg: DataConfig | None = None
         "example": None,
         "problems": [],
     }
+    if named is not None:
+        report["source"] = source_key(named[0])  # read with that source's settings
     if _preference_format(records, cfg) is not None:  # pairs or KTO rows (objective dpo, kto, ...)
         return _inspect_preferences(report, records, cfg, path, row_problems)
     try:
@@ -273,7 +287,7 @@ def _column_holding(record: dict, text: str) -> str | None:
 
 def format_inspection(report: dict) -> str:
     """The report as text for the terminal."""
-    lines = [visible(report["path"], None)]
+    lines = [visible(report["path"], None) + (f" (read as {report['source']})" if report.get("source") else "")]
     lines.append(f"  format:   {report['format'] or 'not recognised'}")
     rows = f"  rows:     {report['rows']}"
     if report["malformed_rows"]:

@@ -69,6 +69,7 @@ from tunesmith.data.formats import (
     control_tokens,
 )
 from tunesmith.data.read import _kind, read_records, visible, visible_names, where
+from tunesmith.data.sources import about_source, describe_mix, mix, read_source, source_config, source_key
 from tunesmith.data.tokens import _end_of_turn_ids, chat_ids, ensure_chat_template
 from tunesmith.errors import UserError
 
@@ -413,7 +414,11 @@ def pair_samples(records, cfg: DataConfig, path=None) -> tuple[str, list[dict], 
 
 def _load(value: str, key: str, cfg: DataConfig, kind: str, tokens: list[str], limit: int | None = None):
     """(format, samples, 'file, line N' of each, rows read, rows left out by reason) of the file at config key `key`."""
-    records = read_records(resolve_data_path(value, key))
+    return _load_records(read_records(resolve_data_path(value, key)), key, cfg, kind, tokens, limit)
+
+
+def _load_records(records, key: str, cfg: DataConfig, kind: str, tokens: list[str], limit: int | None = None):
+    """`_load` for rows already read (a file, or one of data.sources)."""
     rows_read = len(records)
     if limit is not None:
         records = records[:limit]
@@ -483,6 +488,55 @@ def _answer_length(row: PairRow | UnpairedRow) -> int:
     return len(row.chosen_ids) if isinstance(row, PairRow) else len(row.completion_ids)
 
 
+@dataclass
+class _MixedSamples:
+    format: str
+    rows_read: int
+    left_out: dict[str, int]
+    stats: list[dict]  # one per source
+    train_samples: list[dict]
+    train_places: list[str]
+    val_samples: list[dict]
+    val_places: list[str]
+
+
+def _mixed_sources(cfg: DataConfig, kind: str, tokens: list[str]) -> _MixedSamples:
+    """data.sources as preference data: each source read with its own columns and system prompt, checked and
+    cleaned as one file is, then mixed and split by data/sources.py's rule."""
+    parts = []  # (format, samples, places, rows read, rows left out by reason) of each source
+    for i, source in enumerate(cfg.sources):
+        key = source_key(i)
+        records = read_source(source, key)
+        with about_source(key):
+            part = _load_records(records, f"{key}.path", source_config(cfg, source), kind, tokens, cfg.limit)
+        if not part[1]:
+            raise UserError(f"{key}.path: {visible(source.path, None)} has no rows left to train on ({part[3]} "
+                            "read, every one left out; the warnings above say why).")
+        parts.append(part)
+    mixed = mix([len(p[1]) for p in parts], cfg.sources, cfg.seed, 0.0 if cfg.validation_path else
+                cfg.validation_split)
+    log.info(describe_mix(mixed, cfg.sources))
+    formats = sorted({p[0] for p in parts})
+    stats = [
+        {"path": source.path, "format": fmt, "rows_read": rows_read, "rows_available": len(samples),
+         "rows_used": mixed.drawn[i], "weight": None if source.rows is not None else (source.weight or 1.0),
+         "rows": source.rows, "repeated": mixed.repeated(i),
+         "train": sum(1 for pair in mixed.train if pair[0] == i),
+         "validation": sum(1 for pair in mixed.validation if pair[0] == i)}
+        for i, (source, (fmt, samples, _, rows_read, _)) in enumerate(zip(cfg.sources, parts))
+    ]
+    return _MixedSamples(
+        format=formats[0] if len(formats) == 1 else "mixed",
+        rows_read=sum(p[3] for p in parts),
+        left_out={reason: sum(p[4][reason] for p in parts) for reason in parts[0][4]},
+        stats=stats,
+        train_samples=[parts[i][1][j] for i, j in mixed.train],
+        train_places=[parts[i][2][j] for i, j in mixed.train],
+        val_samples=[parts[i][1][j] for i, j in mixed.validation],
+        val_places=[parts[i][2][j] for i, j in mixed.validation],
+    )
+
+
 def build_preference_data(cfg: DataConfig, tokenizer, kind: str) -> PreferenceBundle:
     """Read, check, split and tokenise the preference data the config names (see the module docstring), for a
     paired objective (`kind` "paired": DPO, IPO, ORPO, SimPO) or an unpaired one ("unpaired": KTO)."""
@@ -490,21 +544,30 @@ def build_preference_data(cfg: DataConfig, tokenizer, kind: str) -> PreferenceBu
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     ensure_chat_template(tokenizer)
     tokens = control_tokens(tokenizer)
-    fmt, samples, places, rows_read, left_out = _load(cfg.path, "data.path", cfg, kind, tokens, cfg.limit)
-    if not samples:
-        raise UserError(
-            f"data.path: {visible(cfg.path, None)} has no rows left to train on ({rows_read} read, every one left "
-            "out; the warnings above say why)."
-        )
-    rows_used = len(samples)
+    source_stats = None
+    if cfg.sources:
+        mixed = _mixed_sources(cfg, kind, tokens)
+        fmt, rows_read, left_out, source_stats = mixed.format, mixed.rows_read, mixed.left_out, mixed.stats
+        train_samples, train_places = mixed.train_samples, mixed.train_places
+        val_samples, val_places = mixed.val_samples, mixed.val_places
+        rows_used = len(train_samples) + len(val_samples)
+    else:
+        fmt, samples, places, rows_read, left_out = _load(cfg.path, "data.path", cfg, kind, tokens, cfg.limit)
+        if not samples:
+            raise UserError(
+                f"data.path: {visible(cfg.path, None)} has no rows left to train on ({rows_read} read, every one left "
+                "out; the warnings above say why)."
+            )
+        rows_used = len(samples)
+        if cfg.validation_path:
+            train_samples, train_places = samples, places
+        else:
+            train_idx, val_idx = split_indices(len(samples), cfg.validation_split, cfg.seed)
+            train_samples, train_places = [samples[i] for i in train_idx], [places[i] for i in train_idx]
+            val_samples, val_places = [samples[i] for i in val_idx], [places[i] for i in val_idx]
     if cfg.validation_path:
-        train_samples, train_places = samples, places
         _, val_samples, val_places, _, more = _load(cfg.validation_path, "data.validation_path", cfg, kind, tokens)
         left_out = {reason: n + more[reason] for reason, n in left_out.items()}
-    else:
-        train_idx, val_idx = split_indices(len(samples), cfg.validation_split, cfg.seed)
-        train_samples, train_places = [samples[i] for i in train_idx], [places[i] for i in train_idx]
-        val_samples, val_places = [samples[i] for i in val_idx], [places[i] for i in val_idx]
 
     train = _tokenize_all(train_samples, train_places, tokenizer, cfg)
     validation = _tokenize_all(val_samples, val_places, tokenizer, cfg)
@@ -524,7 +587,7 @@ def build_preference_data(cfg: DataConfig, tokenizer, kind: str) -> PreferenceBu
         f"{n} row{'s' if n != 1 else ''} with {reasons[reason]}" for reason, n in left_out.items() if n
     )
     stats = {
-        "path": str(cfg.path),
+        "path": str(cfg.path) if cfg.path is not None else None,
         "format": fmt,
         "rows_read": rows_read,
         "rows_used": rows_used,
@@ -537,6 +600,8 @@ def build_preference_data(cfg: DataConfig, tokenizer, kind: str) -> PreferenceBu
         "left_out_reason": left_out_reason or None,
         "train_token_lengths": percentiles([len(r.prompt_ids) + _answer_length(r) for r in train]),
     }
+    if source_stats is not None:
+        stats["sources"] = source_stats
     return PreferenceBundle(
         train=train, validation=validation, test=test, test_samples=test_samples, format=fmt, stats=stats
     )

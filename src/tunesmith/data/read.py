@@ -34,20 +34,25 @@ _FILE_KINDS = "a JSON, JSONL, CSV or Parquet file"
 class Records(list):
     """Rows read from one file, with `path`, `row_numbers` (1-based) and `unit` ("line" or "row").
 
-    Slicing keeps the row numbers, so `records[:100]` still points at the right lines.
+    Rows read from a folder of several files (data/sources.py: shards) also know each row's own file
+    (`row_paths`), and their numbers count within that file.  Slicing keeps the row numbers (and files),
+    so `records[:100]` still points at the right lines.
     """
 
     def __init__(
-        self, rows=(), path: str | Path | None = None, row_numbers: list[int] | None = None, unit: str = "row"
+        self, rows=(), path: str | Path | None = None, row_numbers: list[int] | None = None, unit: str = "row",
+        row_paths: list[str] | None = None,
     ):
         super().__init__(rows)
         self.path = str(path) if path is not None else "data"
         self.row_numbers = list(row_numbers) if row_numbers is not None else list(range(1, len(self) + 1))
         self.unit = unit
+        self.row_paths = list(row_paths) if row_paths is not None else None
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return Records(list.__getitem__(self, index), self.path, self.row_numbers[index], self.unit)
+            paths = self.row_paths[index] if self.row_paths is not None else None
+            return Records(list.__getitem__(self, index), self.path, self.row_numbers[index], self.unit, paths)
         return list.__getitem__(self, index)
 
     def label(self, i: int) -> str:
@@ -56,7 +61,8 @@ class Records(list):
 
     def where(self, i: int) -> str:
         """Where row `i` (0-based index) is, in words: 'data.jsonl, line 7'."""
-        return f"{visible(self.path, None)}, {self.label(i)}"
+        path = self.row_paths[i] if self.row_paths is not None else self.path
+        return f"{visible(path, None)}, {self.label(i)}"
 
 
 def where(records, i: int, path: str | Path | None = None) -> str:

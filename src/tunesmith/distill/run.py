@@ -26,7 +26,7 @@ import torch
 
 from tunesmith.data import build_datasets
 from tunesmith.data.batching import collate, iter_batches
-from tunesmith.data.build import _load_samples, _tokenizer_fingerprint, split_indices
+from tunesmith.data.build import _load_samples, _tokenizer_fingerprint, mixed_samples, split_indices
 from tunesmith.data.formats import prompt_and_reference
 from tunesmith.data.heldout import build_inputs
 from tunesmith.data.tokens import IGNORE_INDEX, encode_prompt
@@ -244,15 +244,19 @@ def write_teacher_answers(cfg, student_cfg, teacher: Teacher, student_tokenizer,
     trains the student on them."""
 
     data = cfg.data
-    _, samples, _, _ = _load_samples(data.path, "data.path", data, data.limit)
-    if data.validation_path:
-        train_samples = samples
-        _, val_samples, _, _ = _load_samples(data.validation_path, "data.validation_path", data)
+    if data.sources:  # the mixed rows (data/sources.py)
+        train_samples, val_samples = mixed_samples(data)
     else:
-        train_idx, val_idx = split_indices(len(samples), data.validation_split, data.seed)
-        train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+        _, samples, _, _ = _load_samples(data.path, "data.path", data, data.limit)
+        if data.validation_path:
+            train_samples = samples
+            _, val_samples, _, _ = _load_samples(data.validation_path, "data.validation_path", data)
+        else:
+            train_idx, val_idx = split_indices(len(samples), data.validation_split, data.seed)
+            train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
     if any("messages" not in s for s in train_samples):
-        raise UserError(f"data.path: {data.path} holds plain text rows; sequence-level distillation needs prompts "
+        where = "data.sources: a source" if data.sources else f"data.path: {data.path}"
+        raise UserError(f"{where} holds plain text rows; sequence-level distillation needs prompts "
                         "for the teacher to answer (alpaca, messages, sharegpt or prompt/completion rows).")
     prompts, conversations = [], []
     for sample in train_samples:
@@ -264,8 +268,8 @@ def write_teacher_answers(cfg, student_cfg, teacher: Teacher, student_tokenizer,
                                cfg.distill.generation_batch_size, device, desc="teacher answers")
     rows = [{"messages": m + [{"role": "assistant", "content": a}]} for m, a in zip(conversations, answers)]
     atomic_write_text(run_dir / "teacher-answers.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    update = {"path": str((run_dir / "teacher-answers.jsonl").resolve()), "format": "messages", "columns": {},
-              "system_prompt": None, "limit": None, "validation_split": 0.0}
+    update = {"path": str((run_dir / "teacher-answers.jsonl").resolve()), "sources": [], "format": "messages",
+              "columns": {}, "system_prompt": None, "limit": None, "validation_split": 0.0}
     if val_samples:
         val_rows = [{"messages": s["messages"]} for s in val_samples]
         atomic_write_text(run_dir / "validation.jsonl",

@@ -116,7 +116,8 @@ def _evaluate_preferences(handle, cfg, tokenizer, task: str, device, dtype, data
     recipe = PreferenceRecipe(cfg)
     if data:  # every row of the file, read with the run's data settings
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"path": data, "validation_split": 0.0, "validation_path": None, "test_path": None, "limit": None})})
+            update={"path": data, "sources": [], "validation_split": 0.0, "validation_path": None, "test_path": None,
+                    "limit": None})})
     bundle = recipe.build_data(cfg, tokenizer, task)
     if data:
         bundle.test = bundle.train

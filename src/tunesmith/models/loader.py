@@ -217,27 +217,33 @@ def _hub_offline() -> bool:
 HUB_PROBE_S = 2.0  # the longest the hub gets to answer whether a model is there, DNS included; no retries
 
 
-def _check_on_hub(repo_id: str, key: str) -> None:
-    """Ask the hub once for `repo_id`'s config.json (a HEAD request), so that a wrong id, a gated model or an
-    unreachable hub is a sentence within HUB_PROBE_S seconds, not after transformers' retries.  The request runs in
-    a thread because its own timeout does not bound the DNS lookup."""
+def ask_hub(ask, seconds: float = HUB_PROBE_S) -> tuple[bool, BaseException | None]:
+    """Run one hub question `ask()` in a thread and wait at most `seconds`: (whether it answered, the exception it
+    raised or None).  A thread, because a request's own timeout does not bound the DNS lookup."""
     outcome: list[BaseException | None] = []
 
-    def ask() -> None:
+    def run() -> None:
         try:
-            url = huggingface_hub.hf_hub_url(repo_id, "config.json")
-            huggingface_hub.get_hf_file_metadata(url, timeout=HUB_PROBE_S, retry_on_errors=False)
-        except Exception as exc:  # sorted into a sentence by the caller's thread below
+            ask()
+        except Exception as exc:  # sorted into a sentence by the caller
             outcome.append(exc)
         else:
             outcome.append(None)
 
-    thread = threading.Thread(target=ask, name="tunesmith-hub-probe", daemon=True)
+    thread = threading.Thread(target=run, name="tunesmith-hub-probe", daemon=True)
     thread.start()
-    thread.join(HUB_PROBE_S)
-    if outcome and outcome[0] is None:
+    thread.join(seconds)
+    return bool(outcome), (outcome[0] if outcome else None)
+
+
+def _check_on_hub(repo_id: str, key: str) -> None:
+    """Ask the hub once for `repo_id`'s config.json (a HEAD request), so that a wrong id, a gated model or an
+    unreachable hub is a sentence within HUB_PROBE_S seconds, not after transformers' retries."""
+    answered, exc = ask_hub(lambda: huggingface_hub.get_hf_file_metadata(
+        huggingface_hub.hf_hub_url(repo_id, "config.json"), timeout=HUB_PROBE_S, retry_on_errors=False))
+    if answered and exc is None:
         return
-    raise UserError(_hub_failure(repo_id, key, outcome[0] if outcome else None))
+    raise UserError(_hub_failure(repo_id, key, exc))
 
 
 def _hub_failure(repo_id: str, key: str, exc: BaseException | None) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
@@ -81,20 +83,38 @@ def run_out(run: Run) -> RunOut:
                   steps=sum(1 for r in records if r.get("type") == "train"), summary=read_summary(run.run_dir))
 
 
-def start_values(project: Project | None, base: Run | None, dataset: Dataset | None, home: Path) -> dict[str, str]:
-    """The form's first values: a run to re-run with changes, else the project's defaults."""
+def start_values(project: Project | None, base: Run | None, dataset: Dataset | None, home: Path,
+                 changes: list[str] | None = None) -> dict[str, str]:
+    """The form's first values: a run to re-run with changes (`changes`: `KEY=VALUE` as `--set` takes them, e.g.
+    from the run page's advice), else the project's defaults."""
     if base is not None:
-        cfg = api.load_config(base.config_file)
+        cfg = api.load_config(base.config_file, changes)
     elif project is not None:
         overrides = [f"model.name={project.base_model}"]
         overrides += [f"data.system_prompt={project.system_prompt}"] if project.system_prompt else []
-        cfg = api.load_config_text(project.settings or "", overrides, source=f"project {project.name!r} settings")
+        cfg = api.load_config_text(project.settings or "", overrides + (changes or []),
+                                   source=f"project {project.name!r} settings")
     else:
-        cfg = api.load_config(None)
+        cfg = api.load_config(None, changes)
     if dataset is not None:
-        cfg.data.path = str(home / "files" / dataset.file)
+        cfg.data = cfg.data.model_copy(update={"path": str(home / "files" / dataset.file), "sources": []})
     cfg.output.dir = None
     return configs.form_values(cfg)
+
+
+def advice_links(run: Run, summary: dict | None) -> list[dict] | None:
+    """The summary's `advice` (what to try next, with its command), each item with `rerun`: the train form filled
+    with this run's config and the item's changes (None when the run has no project to train in); None when the
+    summary has no advice (not finished, or written before advice existed)."""
+    advice = (summary or {}).get("advice")
+    if not isinstance(advice, list):
+        return None
+    out = []
+    for item in advice:
+        # JSON's null, true/false and numbers read back through --set as the same values
+        query = [("from_run", run.id)] + [("set", f"{k}={json.dumps(v)}") for k, v in item.get("set", {}).items()]
+        out.append({**item, "rerun": f"/projects/{run.project_id}/train?{urlencode(query)}" if run.project_id else None})
+    return out
 
 
 def log_tail(run: Run, lines: int = LOG_LINES) -> str:
@@ -127,6 +147,8 @@ def refuse_broken_dataset(s, config_yaml: str, files: Path) -> None:
     """A run on one of the studio's datasets that still holds lines that are not JSON would stop at its first
     row: say so now, with the rows to fix."""
     cfg = api.load_config_text(config_yaml, source="the run's config")
+    if cfg.data.path is None:  # data.sources: files of the user's own, not studio datasets
+        return
     path = Path(cfg.data.path)
     if path.parent != files or not path.is_file():
         return
@@ -141,12 +163,13 @@ def refuse_broken_dataset(s, config_yaml: str, files: Path) -> None:
 
 def register(app: FastAPI) -> None:
     @app.get("/projects/{project_id}/train", include_in_schema=False)
-    def train_page(s: DB, project_id: int, request: Request, from_run: int | None = None, dataset: int | None = None):
+    def train_page(s: DB, project_id: int, request: Request, from_run: int | None = None, dataset: int | None = None,
+                   changes: Annotated[list[str] | None, Query(alias="set", max_length=20)] = None):
         project = get_or_404(s, Project, project_id, "project")
         base = get_or_404(s, Run, from_run, "run") if from_run else None
         chosen = get_or_404(s, Dataset, dataset, "dataset") if dataset else None
         datasets = s.scalars(select(Dataset).where(Dataset.project_id == project_id).order_by(Dataset.id)).all()
-        values = start_values(project, base, chosen, request.app.state.settings.home)
+        values = start_values(project, base, chosen, request.app.state.settings.home, changes)
         return render(request, "train.html", project=project, sections=configs.form_sections(), values=values,
                       datasets=datasets, files=str(files_dir(request)), base=base,
                       yaml_text=configs.short_yaml(configs.config_from_form(values)))
@@ -254,8 +277,9 @@ def register(app: FastAPI) -> None:
         project = s.get(Project, run.project_id) if run.project_id else None
         others = s.scalars(select(Run).where(Run.id != run_id).order_by(Run.id.desc()).limit(20)).all()
         report = Path(run.run_dir) / "report.md"
-        return render(request, "run.html", run=run, project=project, summary=read_summary(run.run_dir),
-                      resumable=resumable(run), log=log_tail(run), others=others,
+        summary = read_summary(run.run_dir)
+        return render(request, "run.html", run=run, project=project, summary=summary,
+                      advice=advice_links(run, summary), resumable=resumable(run), log=log_tail(run), others=others,
                       report=report.read_text(errors="replace") if report.is_file() else None)
 
     @app.get("/runs/{run_id}/training.png", include_in_schema=False)
