@@ -48,7 +48,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,6 +74,7 @@ from tunesmith.models.loader import model_task
 from tunesmith.models.tasks import MASKED_LM, SEQ2SEQ
 from tunesmith.train import distributed
 from tunesmith.train import loss as loss_fns
+from tunesmith.train.advice import advise
 from tunesmith.train.checkpoint import (
     STATE_FILE,
     list_checkpoints,
@@ -92,6 +93,7 @@ from tunesmith.train.parallel import Parallel, choose_parallel
 from tunesmith.train.progress import Progress
 from tunesmith.train.report import health_check, plot_training, render_report
 from tunesmith.train.status import write_status
+from tunesmith.train.trackers import finish_trackers, open_trackers, start_trackers
 from tunesmith.train.validation import heldout_loss
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,7 @@ class Setup:
     total_params: int = 0
     estimate: dict | None = None  # what tunesmith.plan.estimate said before the run (put beside what it measured)
     recipe: object = None  # a preference/reward objective's hooks (tunesmith.prefer), or None for SFT
+    trackers: list = field(default_factory=list)  # logging.report_to's (train/trackers.py), on the first process
 
 
 @dataclass
@@ -204,31 +207,49 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, distiller=Non
     micro-batch runs as and what its loss is, through the hooks `build_data`, `start`, `units`, `counts`,
     `begin_step`, `loss_sum`, `step_metrics`, `heldout` and `summary` (see tunesmith/prefer/recipe.py); the step
     then averages the loss over the recipe's examples (pairs, answers, groups) instead of over tokens.
+
+    `cfg.logging.report_to` names experiment trackers (train/trackers.py): the first process starts their runs once
+    the run folder exists, hands them every metrics.jsonl record, and at the end the summary and the run's files;
+    a run that fails or is stopped ends their runs as failed or killed.
     """
     started = time.time()
     seed_everything(cfg.training.seed)
     cfg, setup, parallel = _setup_processes(cfg)
     setup.estimate = estimate
     setup.recipe = recipe
+    # logging.report_to: the first process reports; a missing package is a sentence before anything loads
+    setup.trackers = open_trackers(cfg.logging, run_dir) if parallel.world.main else []
     checkpoint, saved = _setup_resume(run_dir, resume)
     setup.window = _setup_window(cfg, parallel.world, saved)
-    _setup_data(cfg, run_dir, setup, parallel, distiller)
-    model = _setup_model(cfg, setup, parallel.device)
-    _setup_evaluation(evaluation, cfg, setup, parallel, model, saved)
-    _setup_levers(cfg, setup, model)
-    model = _setup_trainable(cfg, setup, parallel, model)
-    training, progress = _setup_training(cfg, run_dir, setup, parallel, model, checkpoint, distiller)
-    if recipe is not None:
-        recipe.start(parallel.unwrap(training.model), run_dir, parallel.world.main, setup.packing, parallel.device,
-                     cfg.training.eval_batch_size, setup.bundle)
-    del model  # the loop's (in `training`) from here: a sharded run drops it before loading the base again
+    try:
+        _setup_data(cfg, run_dir, setup, parallel, distiller)
+        start_trackers(setup.trackers, cfg, run_dir, saved.step if saved is not None else None)
+        model = _setup_model(cfg, setup, parallel.device)
+        _setup_evaluation(evaluation, cfg, setup, parallel, model, saved)
+        _setup_levers(cfg, setup, model)
+        model = _setup_trainable(cfg, setup, parallel, model)
+        training, progress = _setup_training(cfg, run_dir, setup, parallel, model, checkpoint, distiller)
+        if recipe is not None:
+            recipe.start(parallel.unwrap(training.model), run_dir, parallel.world.main, setup.packing,
+                         parallel.device, cfg.training.eval_batch_size, setup.bundle)
+        del model  # the loop's (in `training`) from here: a sharded run drops it before loading the base again
 
-    _train(training, progress)
+        _train(training, progress)
 
-    model = _whole_model(training)
-    if not parallel.world.main:  # what follows (best weights, saving, evaluating, the report) is the first process's
-        return {"run_dir": str(run_dir), "rank": parallel.world.rank, "train": progress.train_stats(setup.per_epoch)}
-    return _finish(cfg, run_dir, setup, parallel, model, progress, started)
+        model = _whole_model(training)
+        if not parallel.world.main:  # what follows (best weights, saving, evaluating, the report) is the first's
+            return {"run_dir": str(run_dir), "rank": parallel.world.rank,
+                    "train": progress.train_stats(setup.per_epoch)}
+        return _finish(cfg, run_dir, setup, parallel, model, progress, started)
+    except BaseException as exc:  # the trackers' runs end too, marked as stopped or failed
+        _abandon_trackers(setup.trackers, exc)
+        raise
+
+
+def _abandon_trackers(trackers: list, exc: BaseException) -> None:
+    """Close the trackers' runs of a run that stopped (a signal: killed) or failed (a tracker's own failure to
+    close is a warning, so the run's error is the one raised)."""
+    finish_trackers(trackers, None, [], "killed" if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
 
 
 # --- setup, in the order run_training calls it
@@ -400,7 +421,7 @@ def _setup_training(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel
                 else functools.partial(_loss_sum, objective=setup.objective, distiller=distiller))
     half = setup.half
     autocast = torch.autocast(parallel.device.type, dtype=half) if half is not None else contextlib.nullcontext()
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl" if parallel.world.main else None)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl" if parallel.world.main else None, setup.trackers)
     training = Training(cfg, run_dir, setup, parallel, model, optimizer, scheduler, loss_sum, autocast, metrics_log,
                         last_saved=progress.step)
     return training, progress
@@ -731,7 +752,8 @@ def _whole_model(run: Training) -> torch.nn.Module | None:
 def _finish(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, model, progress: Progress,
             started: float) -> dict:
     """The first process, after training: the best weights (if asked), the trained weights saved, the tuned model
-    evaluated; summary.json, training.png and report.md written.  Returns the summary."""
+    evaluated; summary.json, training.png and report.md written, then handed to the trackers with the summary's
+    numbers.  Returns the summary."""
     t = cfg.training
     train_stats = progress.train_stats(setup.per_epoch)
     if t.load_best_at_end and progress.best_step is not None and progress.best_step != progress.step:
@@ -759,6 +781,8 @@ def _finish(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, model,
     plot_training(train_records, progress.val_records, run_dir / "training.png")
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "report.md", render_report(summary, samples))
+    finish_trackers(setup.trackers, summary, [run_dir / name for name in ("training.png", "report.md", "summary.json")],
+                    "finished")
     return summary
 
 
@@ -778,7 +802,8 @@ def estimate_vs_measured(estimate: dict, peak_bytes: int, wall_s: float) -> dict
 
 def _summary(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, train_stats: dict, val_records: list,
              train_records: list, started: float) -> dict:
-    """summary.json's content: what ran where, how training went, and what to run next."""
+    """summary.json's content: what ran where, how training went, what to try next (`advice`, train/advice.py)
+    and what to run next."""
     t, world, half = cfg.training, parallel.world, setup.half
     val_final = val_records[-1] if val_records else None
     return {
@@ -800,6 +825,7 @@ def _summary(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, train
         "memory": {"peak_rss_bytes": peak_rss_bytes(),
                    **{k: v for k, v in memory_snapshot(setup.device).items() if k != "rss_bytes"}},
         "health": health_check(train_records),
+        "advice": advise(train_records + val_records, cfg, run_dir),
         "wall_s": time.time() - started,
         **({"estimate": estimate_vs_measured(setup.estimate, peak_rss_bytes(), time.time() - started)}
            if setup.estimate else {}),

@@ -1,4 +1,5 @@
-"""What a finished run says about itself: training.png, a health verdict and report.md."""
+"""What a finished run says about itself: training.png, a health verdict and report.md (with the advice of
+train/advice.py)."""
 
 from __future__ import annotations
 
@@ -168,5 +169,18 @@ def render_report(summary: dict, samples: list[dict]) -> str:
                 f"- base: {sample['base']}",
                 f"- tuned: {sample['tuned']}",
             ]
+    lines += _advice_lines(summary.get("advice"))
     lines += ["", "## Next", ""] + [f"    {cmd}" for cmd in summary["next_commands"]] + [""]
     return "\n".join(lines)
+
+
+def _advice_lines(advice: list[dict] | None) -> list[str]:
+    """report.md's "What to try next": each item of summary.json's `advice` (train/advice.py) with its command."""
+    if advice is None:  # a summary written before advice existed
+        return []
+    lines = ["", "## What to try next", ""]
+    if not advice:
+        return lines + ["Nothing in the curves calls for a change."]
+    for item in advice:
+        lines += [f"- **{item['rule'].replace('_', ' ')}**: {item['why']}", "", f"      {item['command']}", ""]
+    return lines[:-1]

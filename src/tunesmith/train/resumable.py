@@ -3,8 +3,9 @@
 A resumed run must be the run that was stopped: its checkpoint holds tensors shaped by the model, the method
 and its rank, and a position in an order drawn from the data and the seeds.  So the config given for a resume
 is compared with the run's own `config.yaml`, key by key; only keys that change how long the run goes on, how
-often it saves or validates, how it is evaluated, or how many processes share it may differ.  A finished run
-(its summary.json written) is not continued: that would rewrite its summary and report.
+often it saves or validates, how it is evaluated, how many processes share it, or which trackers get its
+metrics may differ.  A finished run (its summary.json written) is not continued: that would rewrite its summary
+and report.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from tunesmith.train.status import read_status
 SAFE_TO_CHANGE = (
     "training.max_steps", "training.epochs", "training.save_steps", "training.save_total_limit",
     "training.eval_steps", "training.num_threads", "eval.", "distributed.", "output.dir",
+    "logging.",  # where the metrics also go: a resume may add or drop a tracker
 )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+def dotted_keys(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested dict (a config's `model_dump`, a summary) as {"training.learning_rate": value, ...}: the keys
+    `--set` takes; lists and empty dicts stay values."""
     out: dict[str, object] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(dotted_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -35,7 +39,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def changed_keys(saved: Config, given: Config) -> dict[str, tuple[object, object]]:
     """{dotted key: (the run's value, the given value)} for every key whose values differ."""
-    a, b = _flat(saved.model_dump(mode="json")), _flat(given.model_dump(mode="json"))
+    a, b = dotted_keys(saved.model_dump(mode="json")), dotted_keys(given.model_dump(mode="json"))
     return {key: (a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
 
 
