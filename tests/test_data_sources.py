@@ -159,6 +159,12 @@ def test_a_save_to_disk_folder_and_a_jsonl_file_train_the_tiny_model(tmp_path):
     assert train["steps"] == 4 and math.isfinite(train["final_loss"])
     assert train["final_loss"] < train["first_loss"], train
 
+    # a sentence about the rows names the sources, not the data.path the config left empty
+    too_big = cfg.model_copy(update={"training": cfg.training.model_copy(update={"batch_size": 64})})
+    with pytest.raises(UserError, match=r"but data\.sources \(.*saved, .*more\.jsonl\) gives 6 training rows"):
+        api.train(too_big, tmp_path / "run-too-big")
+    assert not (tmp_path / "run-too-big").exists()
+
 
 def test_parquet_shards_arrow_files_and_a_dataset_dict_split_read(tmp_path):
     import pyarrow as pa

@@ -14,6 +14,7 @@ from tunesmith.data.build import DataBundle, build_datasets, percentiles, resolv
 from tunesmith.data.formats import FORMATS, detect_format, prompt_and_reference, prompt_and_references, to_samples
 from tunesmith.data.inspection import format_inspection, inspect_file
 from tunesmith.data.read import Records, read_records
+from tunesmith.data.sources import data_origin
 from tunesmith.data.tokens import (
     IGNORE_INDEX,
     TokenizedRow,
@@ -30,6 +31,7 @@ __all__ = [
     "Records",
     "TokenizedRow",
     "build_datasets",
+    "data_origin",
     "detect_format",
     "encode_prompt",
     "ensure_chat_template",

@@ -55,6 +55,14 @@ def source_key(index: int) -> str:
     return f"data.sources[{index}]"
 
 
+def data_origin(cfg: DataConfig) -> str:
+    """The config key and files a run's rows come from, for a sentence: `data.path: FILE`, or
+    `data.sources (a.jsonl, b.jsonl)`."""
+    if cfg.sources:
+        return "data.sources (" + ", ".join(source.path for source in cfg.sources) + ")"
+    return f"data.path: {cfg.path}"
+
+
 def source_config(cfg: DataConfig, source: DataSourceConfig) -> DataConfig:
     """The run's data settings with this source's format, columns and system prompt (falling back to the run's)."""
     return cfg.model_copy(update={

@@ -26,7 +26,7 @@ import statistics
 import torch
 
 from tunesmith.config import Config
-from tunesmith.data import build_datasets
+from tunesmith.data import build_datasets, data_origin
 from tunesmith.data.batching import iter_batches
 from tunesmith.data.formats import prompt_and_references
 from tunesmith.data.tokens import encode_prompt
@@ -91,7 +91,7 @@ class GrpoRecipe:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         bundle = build_datasets(cfg.data, tokenizer, cache_dir=tunesmith_home() / "tokenized", task=task)
         if bundle.format == "text":
-            raise UserError(f"data.path: {cfg.data.path} holds plain text; objective grpo needs prompts with reference "
+            raise UserError(f"{data_origin(cfg.data)} holds plain text; objective grpo needs prompts with reference "
                             "answers (alpaca, messages, sharegpt or prompt_completion rows).")
         bundle.train = _group_rows(bundle.train_samples, tokenizer)
         bundle.validation = _group_rows(bundle.validation_samples[: self.cfg.eval.limit or None], tokenizer)

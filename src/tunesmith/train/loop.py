@@ -55,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tunesmith.config import Config, resolved_yaml
-from tunesmith.data import build_datasets
+from tunesmith.data import build_datasets, data_origin
 from tunesmith.data.batching import epoch_order, iter_batches
 from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_dir, atomic_write_json, atomic_write_text
@@ -329,9 +329,9 @@ def _setup_data(cfg: Config, run_dir: Path, setup: Setup, parallel: Parallel, di
         else:
             bundle = build_datasets(cfg.data, setup.tokenizer, cache_dir=tunesmith_home() / "tokenized", task=setup.task)
     if not bundle.train:
-        raise UserError(f"data.path: {cfg.data.path} gave no trainable rows; `tunesmith data inspect` shows why.")
+        raise UserError(f"{data_origin(cfg.data)} gave no trainable rows; `tunesmith data inspect` shows why.")
     if cfg.training.batch_size > len(bundle.train):
-        raise UserError(f"training.batch_size: {cfg.training.batch_size} rows per micro-batch, but {cfg.data.path} "
+        raise UserError(f"training.batch_size: {cfg.training.batch_size} rows per micro-batch, but {data_origin(cfg.data)} "
                         f"gives {len(bundle.train)} training rows; set training.batch_size to {len(bundle.train)} "
                         "or less (training.gradient_accumulation makes bigger steps without bigger micro-batches).")
     stats = bundle.stats
