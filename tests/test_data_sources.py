@@ -144,7 +144,7 @@ def test_a_save_to_disk_folder_and_a_jsonl_file_train_the_tiny_model(tmp_path):
                                                  for w in words[:4]])
     cfg = load_config_text(
         f"model: {model_dir}\n"
-        f"data: {{sources: [{{path: {saved}, columns: {{prompt: q, completion: a}}}}, {{path: {jsonl}}}], "
+        f"data: {{sources: [{{path: {saved}, columns: {{prompt: q, completion: a}}, weight: 1}}, {{path: {jsonl}}}], "
         "validation_split: 0.25}\n"
         "training: {max_steps: 4, batch_size: 2, learning_rate: 1.0e-2, lr_scheduler: constant}\n"
         "lora: {dropout: 0.0}\neval: {enabled: false}\n")
@@ -231,7 +231,7 @@ def test_a_new_weight_or_one_more_source_retokenises_only_what_is_new(tiny_token
     monkeypatch.setattr("tunesmith.data.build.tokenize_sample", counting)
     again = build_datasets(data_config(f"data: [{a}, {b}]\n"), tiny_tokenizer, cache_dir=cache)
     assert tokenized == [] and again.stats["cache"] == "hit"
-    assert [s["rows_used"] for s in again.stats["sources"]] == [20, 20]  # the new weights, from the cached rows
+    assert [s["rows_used"] for s in again.stats["sources"]] == [30, 20]  # no weights now: every row, from the cache
     assert [s["cache"] for s in again.stats["sources"]] == ["hit", "hit"]
     more = build_datasets(data_config(f"data: [{a}, {b}, {c}]\n"), tiny_tokenizer, cache_dir=cache)
     assert len(tokenized) == 7 and {source_of(s) for s in tokenized} == {"gamma"}  # only the new source
@@ -373,3 +373,14 @@ def test_the_mix_example_mixes_dates_and_times_3_to_1(builtin_tokenizer):
         ("alpaca", 600, 30), ("prompt_completion", 200, 10)]
     times = [s for s in bundle.train_samples if s["messages"][0]["role"] == "system"]
     assert len(times) == 190 and times[0]["messages"][0]["content"].startswith("Reply with the time only")
+
+
+def test_sources_without_weights_are_joined_each_row_once(tiny_tokenizer, tmp_path):
+    """As axolotl's datasets: list and LLaMA-Factory's dataset: a,b do; a weight anywhere turns on the ratio rule."""
+    a = write_rows(tmp_path / "a.jsonl", qa_rows(30, "a"))
+    b = write_rows(tmp_path / "b.jsonl", qa_rows(6, "b"))
+    joined = build_datasets(data_config(f"data: [{a}, {b}]\n"), tiny_tokenizer)
+    assert [s["rows_used"] for s in joined.stats["sources"]] == [30, 6]
+    assert len(joined.train) + len(joined.validation) == 36
+    weighted = build_datasets(data_config(f"data: [{{path: {a}, weight: 1}}, {b}]\n"), tiny_tokenizer)
+    assert [s["rows_used"] for s in weighted.stats["sources"]] == [6, 6]  # equal weights: b runs out first

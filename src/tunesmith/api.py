@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tunesmith import config as _config
 from tunesmith.config import Config
+from tunesmith.convert import Conversion, convert_file, write_conversion
 from tunesmith.data import format_inspection, inspect_file
 from tunesmith.distill.run import run_distillation
 from tunesmith.doctor import doctor_report, format_doctor
@@ -76,6 +77,7 @@ __all__ = [
     "TrainingInterrupted",
     "sweep", "SweepInterrupted", "read_sweep",
     "estimate_matrix", "MatrixResult", "agreement_sweep", "matrix_report", "matrix_json", "estimated_matrix_summary",
+    "convert_config", "Conversion",
 ]
 
 
@@ -90,6 +92,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def load_config_text(text: str, overrides: Sequence[str] = (), source: str = "config") -> Config:
     """`load_config` for YAML held as text (the studio's config view), with the same checks as a file."""
     return _config.load_config_text(text, list(overrides), source)
+
+
+def convert_config(path: str | Path, out: str | Path, tool: str | None = None, model: str | None = None,
+                   data: Sequence[str] = (), force: bool = False) -> Conversion:
+    """Convert an axolotl or LLaMA-Factory training YAML (`tool`: "axolotl" or "llamafactory"; None tells it from
+    the keys) into a tunesmith config written to `out` (validated first; an existing `out` only with `force`, the
+    source never).  `model` replaces the model it names, `data` the paths of its data sets in order.  The result
+    lists the keys not carried over, with the reasons, and the values that took a judgement."""
+    conversion = convert_file(path, tool, model, list(data))
+    write_conversion(conversion, out, force)
+    return conversion
 
 
 def _default_run_dir(config_path: str | Path | None) -> Path:

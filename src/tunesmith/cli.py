@@ -20,7 +20,7 @@ from pathlib import Path
 import tqdm
 
 from tunesmith import api
-from tunesmith.errors import UserError
+from tunesmith.errors import UserError, visible
 from tunesmith.ship.chat import CHAT_HELP, DEFAULT_MAX_NEW_TOKENS
 from tunesmith.ship.gguf_export import QUANTS
 from tunesmith.ship.merge import DTYPE_CHOICES, MERGE_INFO
@@ -46,6 +46,7 @@ EXAMPLES = """examples:
   tunesmith export runs/quickstart-20260101-120000 --format gguf --quant q8_0 --out model.gguf --ollama
   tunesmith serve runs/quickstart-20260101-120000 --port 8000
   tunesmith data inspect examples/data/dates-train.jsonl
+  tunesmith convert axolotl-qlora.yml --out qlora.yaml
 """
 
 
@@ -123,6 +124,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files = result.get("files") or ["metrics.json", "predictions.jsonl", "report.md"]
     print("written: " + ", ".join(str(eval_dir / name) for name in files))
     return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    conversion = api.convert_config(args.config, args.out, args.tool, args.model, args.data, args.force)
+    tool = "axolotl" if conversion.tool == "axolotl" else "LLaMA-Factory"
+    print(f"wrote {visible(args.out, 300)} from the {tool} config {visible(args.config, 300)}")
+    if conversion.not_carried:
+        print(f"not carried over ({len(conversion.not_carried)}):")
+        for _, line in conversion.not_carried:
+            print(f"  - {line}")
+    else:
+        print("every key was carried over")
+    if conversion.notes:
+        print(f"carried with a judgement or a default ({len(conversion.notes)}):")
+        for _, line in conversion.notes:
+            print(f"  - {line}")
+    print(f"next: tunesmith train {visible(shlex.quote(str(args.out)), 300)}")
+    return 0
+
+
+def _add_convert(subparsers) -> None:
+    convert = subparsers.add_parser(
+        "convert",
+        help="turn an axolotl or LLaMA-Factory training YAML into a tunesmith config",
+        description="Read an axolotl or LLaMA-Factory training YAML and write the equivalent tunesmith config to "
+        "--out: model, adapter (LoRA/QLoRA, or full), data sets (axolotl's datasets with their type and field "
+        "mappings; LLaMA-Factory's dataset names looked up in dataset_info.json) as data.path or data.sources, "
+        "objective (rl: / stage: dpo, kto ...), batch, schedule, optimiser, precision, checkpoints and trackers. "
+        "Every key it could not carry over is listed with the reason, in the output's header and here. Relative "
+        "data paths resolve from the source config's folder. The output is checked by tunesmith's own config "
+        "loader before it is written.",
+    )
+    convert.add_argument("config", help="the axolotl or LLaMA-Factory YAML")
+    convert.add_argument("--out", required=True, metavar="FILE", help="the tunesmith config to write")
+    convert.add_argument("--from", dest="tool", choices=["axolotl", "llamafactory"],
+                         help="which tool wrote CONFIG (default: told from its keys)")
+    convert.add_argument("--model", metavar="NAME",
+                         help="train this model instead of the one CONFIG names (a built-in name, a folder, a hub id)")
+    convert.add_argument("--data", action="append", default=[], metavar="PATH",
+                         help="use this data file instead of the one CONFIG names; once per data set, in CONFIG's order "
+                         "(format and column mapping are kept)")
+    convert.add_argument("--force", action="store_true", help="replace --out if it exists (never the source config)")
+    convert.set_defaults(func=cmd_convert)
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -212,10 +256,11 @@ def _add_export(subparsers) -> None:
         "export",
         help="write a run's model (adapter merged in) as a GGUF file for llama.cpp / Ollama",
         description="Merge RUN_DIR's adapter into its base model and write the result as one GGUF file: the "
-        "weights under llama.cpp's names (f16, or q8_0 for 2-D weights whose rows are whole 32-weight blocks; "
-        "norms and biases f32), the hyper-parameters, the byte-level BPE tokenizer and the chat template the run "
-        "trained with. Supported: the Llama family (Llama, SmolLM; the built-in model), Mistral and Qwen2, with "
-        "byte-level BPE tokenizers. The file is written under a temporary name and renamed; an existing file is "
+        "weights under llama.cpp's names (f16, f32, or q8_0 for 2-D weights whose rows are whole 32-weight blocks; "
+        "norms and biases f32), the hyper-parameters, the tokenizer and the chat template the run trained with. "
+        "Supported: the Llama family (Llama, SmolLM; the built-in model), Mistral, Qwen2, Qwen3, Gemma, Gemma 2, "
+        "Gemma 3 (text) and Phi-3, with byte-level BPE or sentencepiece-style (byte-fallback BPE) tokenizers. "
+        "The file is written under a temporary name and renamed; an existing file is "
         "never written over. The GGUF loads in llama.cpp, in Ollama (see --ollama) and in transformers "
         "(from_pretrained(folder, gguf_file=name)).",
     )
@@ -225,8 +270,9 @@ def _add_export(subparsers) -> None:
     export.add_argument("--format", choices=("gguf",), default="gguf",
                         help="the file format; gguf is the only one (default: gguf)")
     export.add_argument("--quant", choices=QUANTS, default="f16",
-                        help="weight precision: f16 (2 bytes a weight, the default) or q8_0 (8-bit blocks with an "
-                        "f16 scale per 32 weights: about 1.06 bytes a weight, a little less exact)")
+                        help="weight precision: f16 (2 bytes a weight, the default), q8_0 (8-bit blocks with an "
+                        "f16 scale per 32 weights: about 1.06 bytes a weight, a little less exact) or f32 (4 bytes a "
+                        "weight: exactly the merged model, to check against it)")
     export.add_argument("--out", required=True, metavar="FILE",
                         help="the GGUF file to write, e.g. model-f16.gguf; it must not exist yet")
     export.add_argument("--ollama", action="store_true",
@@ -545,8 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model as a YAML config says",
         description="Train as CONFIG says and write a run folder: config.yaml, metrics.jsonl, adapter/ or model/, "
-        "training.png, summary.json, report.md. With an eval: section (on by default) the base and tuned "
-        "models are compared on the held-out rows.",
+        "training.png, summary.json, report.md (with what to try next). With an eval: section (on by default) the "
+        "base and tuned models are compared on the held-out rows. logging.report_to also sends the metrics to "
+        "TensorBoard, MLflow or W&B (local files in the run folder unless told otherwise).",
     )
     _run_arguments(train, "YAML run config, e.g. examples/quickstart.yaml", "training.epochs=1")
     train.add_argument("--resume", action="store_true",
@@ -622,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_studio(sub)
     _add_sweep(sub)
+    _add_convert(sub)
 
     data = sub.add_parser("data", help="look at a data file before training on it",
                           description="Work with data files.")
@@ -630,9 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect",
         help="detected format, rows, token lengths and problems of a data file",
         description="Print a data file's detected format, row count, token-length percentiles (with the "
-        "config's model tokenizer; the built-in model's by default) and the problems found.",
+        "config's model tokenizer; the built-in model's by default) and the problems found. When FILE is one of "
+        "the config's data.sources, that source's format, columns, system prompt and split apply.",
     )
-    inspect.add_argument("file", help="JSON, JSONL, CSV or Parquet file")
+    inspect.add_argument("file", help="JSON, JSONL, CSV, Parquet or Arrow file, a folder saved with datasets' "
+                         "save_to_disk or of shards, or a hub data set id")
     inspect.add_argument("--config", help="a run config whose data: and model: sections apply (column mapping, max_length)")
     inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     inspect.add_argument("--no-tokens", action="store_true", help="skip token counts (no tokenizer is loaded)")

@@ -123,7 +123,8 @@ class DataSourceConfig(_Section):
     system_prompt: str | None = Field(None, description="System message for this source's rows (as data.system_prompt).")
     split: str = Field("train", description="Which split of a saved DatasetDict or a hub data set to read.")
     weight: float | None = Field(
-        None, gt=0, description="This source's share of the mix, relative to the others' weights (default 1).")
+        None, gt=0, description="This source's share of the mix, relative to the others' weights (1 where a source "
+        "has none); with no weights and no rows anywhere, every row of every source is used once.")
     rows: int | None = Field(
         None, ge=1, le=INT64_MAX, description="Take exactly this many rows from this source (instead of a weight); "
         "more than it has repeats rows.")

@@ -20,8 +20,10 @@ with its config key, `data.sources[1].path` (counted from 0, as the list is in Y
 Mixing (`mix`).  Each source offers its usable rows (after `data.limit`, which takes the first N rows of each
 source, and after the rows left out for a blank answer or control tokens).  A source with `rows: N` gives
 exactly N rows: a seeded choice of N when it has more, every row (repeated, in seeded passes) when it has fewer.
-The sources with weights (1 each unless given) share out as many rows as they can without repeating any: the
-source that runs out first sets the total T, and source i gives round(T * w_i / sum w).  The validation split
+With no weight and no `rows` anywhere, every source gives each of its rows once (the sources are joined, as
+axolotl's `datasets:` list and LLaMA-Factory's `dataset: a,b` do).  Once any source has a weight, the sources
+without `rows` (weight 1 unless given) share out as many rows as they can without repeating any: the source that
+runs out first sets the total T, and source i gives round(T * w_i / sum w).  The validation split
 takes round(validation_split * n) of the n distinct rows, each source's share in proportion to its rows, and
 the rows of all sources are shuffled together with `data.seed` (training rows and validation rows), so validation
 holds rows of every source in proportion (shared out by largest remainder).  A repeated row is never split
@@ -281,6 +283,8 @@ class Mix:
 
 def source_counts(available: list[int], sources: list[DataSourceConfig]) -> list[int]:
     """Rows each source gives (the rule in the module docstring); exact arithmetic, so 3:1 stays 3:1."""
+    if all(source.weight is None and source.rows is None for source in sources):
+        return list(available)  # no ratio asked for: every row of every source once
     counts = [source.rows or 0 for source in sources]
     weighted = [i for i, source in enumerate(sources) if source.rows is None]
     if weighted:
