@@ -1,5 +1,6 @@
 """The command line: errors are sentences with exit code 2, runs are never written over."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -7,16 +8,26 @@ import sys
 import pytest
 
 from tunesmith.api import new_run_dir
-from tunesmith.cli import main
+from tunesmith.cli import build_parser, main
 from tunesmith.config import load_config
+
+
+def _subcommands(parser: argparse.ArgumentParser):
+    """(command, subcommand or None) for every command the parser has, read from the parser itself."""
+    for action in parser._subparsers._group_actions:
+        for name, child in action.choices.items():
+            if child._subparsers is None:
+                yield name, None
+            else:
+                yield from ((name, sub) for sub, _ in _subcommands(child))
 
 
 def test_help_on_every_subcommand(capsys):
     result = subprocess.run([sys.executable, "-m", "tunesmith.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr  # the command itself starts (one process: each takes seconds)
     assert "usage: tunesmith" in result.stdout
-    commands = [["train"], ["distill"], ["eval"], ["chat"], ["generate"], ["merge"], ["export"], ["serve"],
-                ["data", "inspect"], ["models"], ["doctor"]]
+    commands = [[name, *([sub] if sub else [])] for name, sub in _subcommands(build_parser())]
+    assert {"train", "convert", "estimate", "sweep", "studio", "doctor"} <= {argv[0] for argv in commands}
     for argv in commands:  # every subcommand's help, in this process
         with pytest.raises(SystemExit) as done:
             main([*argv, "--help"])
