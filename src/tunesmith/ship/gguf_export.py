@@ -2,26 +2,40 @@
 merged in, as one GGUF file that llama.cpp, Ollama and transformers (`gguf_file=`) load, optionally with an
 Ollama `Modelfile` beside it.
 
-What goes into the file, for the Llama family (SmolLM, the built-in model, is a Llama), Mistral and Qwen2:
+Families: the Llama family (SmolLM, the built-in model, is a Llama), Mistral, Qwen2, Qwen3, Gemma, Gemma 2,
+Gemma 3 (text) and Phi-3, each under the llama.cpp architecture convert_hf_to_gguf.py gives it (Mistral is
+written as `llama`, as the converter does: the two share tensors and rotary layout).  What goes into the file:
 
-- the weights under llama.cpp's tensor names (token_embd, blk.N.attn_q, ..., output_norm, and output when
-  the output projection is not the embedding matrix).  2-D weights are f16, or q8_0 (blocks of 32 weights
-  sharing one f16 scale: 8.5 bits a weight) where a row is a whole number of blocks; norms and biases stay
-  f32, as llama.cpp's own converter keeps them.
-- for the `llama` architecture, the query and key rows of every head reordered (see
-  `interleave_rotary_halves`): llama.cpp rotates neighbouring pairs where Hugging Face's Llama rotates halves.
-  Qwen2 is rotated by halves in llama.cpp too, so it is written as it is (transformers' GGUF loader, which
-  reads llama.cpp's files, undoes the reorder for `llama` files only).
-- the hyper-parameters llama.cpp reads (context length, widths, head counts, RMS-norm epsilon, rope base).
-- the tokenizer as a byte-level BPE ("gpt2") vocabulary: tokens, their types, merges, the special ids, whether
-  a BOS is added, and the chat template the run trained with (`tokenizer.chat_template`).
+- the weights under llama.cpp's tensor names, looked up in the `gguf` package's own tables
+  (gguf.get_tensor_name_map: token_embd, blk.N.attn_q, ..., output_norm, and output when the output projection is
+  not the embedding matrix).  2-D weights are f16, or q8_0 (blocks of 32 weights sharing one f16 scale: 8.5 bits
+  a weight) where a row is a whole number of blocks; norms, biases and rope factors stay f32, as llama.cpp's own
+  converter keeps them.  Per family, what the converter does to them:
+  - `llama`: the query and key rows of every head reordered (see `interleave_rotary_halves`): llama.cpp rotates
+    neighbouring pairs where Hugging Face's Llama rotates halves.  Qwen2/3, Gemma and Phi-3 are rotated by halves
+    in llama.cpp too, so they are written as they are.
+  - Gemma (1, 2, 3): every RMS-norm weight + 1.  Hugging Face's GemmaRMSNorm scales by (1 + weight), llama.cpp's
+    RMS norm by the weight.  The embedding scale (x sqrt(hidden size)) is applied by llama.cpp's Gemma graphs
+    themselves, and Gemma's output projection is always the embedding matrix.
+  - Gemma 2/3: the extra norms (post-attention, pre- and post-feed-forward) under their own names; Qwen3 and
+    Gemma 3: the per-head query/key norms (attn_q_norm, attn_k_norm).
+  - Phi-3: the fused query-key-value projection (attn_qkv) and the fused gate-up projection (ffn_up, gate rows
+    first) kept fused: llama.cpp's phi3 graph splits them itself.  With LongRoPE scaling, the short and long
+    per-frequency factors as rope_factors_short / rope_factors_long.
+- the hyper-parameters llama.cpp reads: context length, widths, head counts, head size, RMS-norm epsilon, rope
+  base and dimension count, linear or LongRoPE rope scaling; Gemma 2's attention and final-logit soft-capping,
+  and for Gemma 2/3 the sliding window with which layers use it (`attention.sliding_window_pattern`, one flag a
+  layer, from the model's `layer_types`) and Gemma 3's rope base for those layers.
+- the tokenizer (see `tunesmith.ship.gguf_vocab`): the vocabulary, the special token ids, whether a BOS is added,
+  and the chat template the run trained with (`tokenizer.chat_template`).
 
-Mistral is written as `llama`, as llama.cpp's converter does (the two share tensors and rotary layout).
+What llama.cpp cannot compute the way the model does is refused with a sentence before anything is written: a
+Gemma 2/3 whose query scale is not the one llama.cpp hard-codes, soft-capping llama.cpp does not apply, rope
+scaling other than linear (and Phi-3's LongRoPE), a Gemma whose output projection is its own matrix.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,39 +44,33 @@ from tunesmith.data.tokens import ensure_chat_template
 from tunesmith.errors import UserError
 from tunesmith.fileio import atomic_write_file, atomic_write_text
 from tunesmith.models.run_folder import load_for_inference, load_tokenizer_for, open_run
+from tunesmith.ship.gguf_vocab import (
+    chatml_layout,
+    gguf_vocabulary,
+    llamacpp_model_name,
+    ollama_modelfile,
+    write_vocabulary,
+)
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported where it is used: `tunesmith --help` should not wait for it
     import torch
 
-QUANTS = ("f16", "q8_0")
+QUANTS = ("f16", "q8_0", "f32")
 
-# Hugging Face model_type -> llama.cpp architecture (a gguf.MODEL_ARCH member name).
-ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
-
-# Hugging Face module (inside model.layers.N) -> llama.cpp tensor kind (a gguf.MODEL_TENSOR member name);
-# the same for all three families.
-_BLOCK_TENSORS = {
-    "input_layernorm": "ATTN_NORM",
-    "self_attn.q_proj": "ATTN_Q",
-    "self_attn.k_proj": "ATTN_K",
-    "self_attn.v_proj": "ATTN_V",
-    "self_attn.o_proj": "ATTN_OUT",
-    "post_attention_layernorm": "FFN_NORM",
-    "mlp.gate_proj": "FFN_GATE",
-    "mlp.up_proj": "FFN_UP",
-    "mlp.down_proj": "FFN_DOWN",
+# Hugging Face model_type -> llama.cpp architecture (a gguf.MODEL_ARCH member name), as convert_hf_to_gguf.py
+# registers them (its LlamaModel, Qwen2Model, Qwen3Model, GemmaModel, Gemma2Model, Gemma3Model, Phi3MiniModel).
+ARCHITECTURES = {
+    "llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3",
+    "gemma": "GEMMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3", "phi3": "PHI3",
 }
-_MODEL_TENSORS = {"model.embed_tokens": "TOKEN_EMBD", "model.norm": "OUTPUT_NORM", "lm_head": "OUTPUT"}
-
-# The split regex of Llama 3's tokenizer.json.  llama.cpp calls it "llama-bpe" and Qwen2's "qwen2": the names
-# transformers' GGUF tokenizer reader maps to these regexes (GGUF_PRE_TOKENIZER_SPLITS in
-# transformers/integrations/gguf/gguf_tokenizer_mapping.py).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+FAMILY_NAMES = "Llama (SmolLM), Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text) and Phi-3"
+_GEMMAS = ("gemma", "gemma2", "gemma3_text")
+# Layer count at which llama.cpp takes a Gemma 2/3 for the 27B model and scales queries by 1/sqrt(hidden / heads)
+# instead of 1/sqrt(head size) (src/models/gemma2.cpp and gemma3.cpp, load_arch_hparams).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+_REFUSE_OTHER = "convert the merged model (`tunesmith merge`) with llama.cpp's convert_hf_to_gguf.py instead."
 
 
 def interleave_rotary_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -82,272 +90,211 @@ def interleave_rotary_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor
     return split.transpose(1, 2).reshape(weight.shape)  # [heads, d/2, 2, ...] -> rows 2i, 2i+1 = i, i + d/2
 
 
-def _pre_tokenizer_name(pre: dict | None) -> str | None:
-    """llama.cpp's name (tokenizer.ggml.pre) for how a byte-level BPE tokenizer splits text before merging,
-    from its tokenizer.json `pre_tokenizer`; None when it is none of the splits named here."""
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
-
-    def byte_level(part: dict, own_regex: bool) -> bool:
-        return (part.get("type") == "ByteLevel" and bool(part.get("use_regex", True)) == own_regex
-                and not part.get("add_prefix_space"))
-
-    if not pre:
-        return None
-    if byte_level(pre, own_regex=True):
-        return "gpt-2"  # GPT-2's split regex, built into ByteLevel
-    parts = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
-    if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[0].get("behavior") == "Isolated"
-            and not parts[0].get("invert") and byte_level(parts[1], own_regex=False)):
-        regex = (parts[0].get("pattern") or {}).get("Regex")
-        return {QWEN2_SPLIT: "qwen2", _LLAMA3_SPLIT: "llama-bpe"}.get(regex)
-    return None
+def _rope(config, layer_type: str = "full_attention") -> dict:
+    """The rotary parameters (rope_type, rope_theta, factor...) of one kind of layer: transformers 5 keeps one
+    dict, or one per layer type (Gemma 3: full_attention, sliding_attention)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in rope or "sliding_attention" in rope:
+        rope = dict(rope.get(layer_type) or rope.get("full_attention") or {})
+    rope.setdefault("rope_type", "default")
+    return rope
 
 
-def gguf_vocabulary(tokenizer, vocab_size: int) -> dict:
-    """The tokenizer as llama.cpp's byte-level BPE ("gpt2") vocabulary, one token for each of the model's
-    `vocab_size` embedding rows (ids the tokenizer does not use become unused "[PADn]" tokens)."""
-    from gguf import TokenType
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise UserError(
-            "the run's tokenizer is not a byte-level BPE (GPT-2 style) tokenizer, the only kind tunesmith writes "
-            "into GGUF (sentencepiece-style ones, as in Llama 2 and older Mistral models, are not supported); "
-            "convert the merged model (`tunesmith merge`) with llama.cpp's convert_hf_to_gguf.py instead."
-        )
-    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
-    if pre is None:
-        raise UserError(
-            "the run's tokenizer splits text before merging in a way tunesmith cannot name for llama.cpp (it "
-            "knows GPT-2's, Qwen2's and Llama 3's splits), so a GGUF would tokenize differently; convert the "
-            "merged model (`tunesmith merge`) with llama.cpp's convert_hf_to_gguf.py instead."
-        )
-    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
-    if max(by_id) >= vocab_size:
-        raise UserError(
-            f"the run's tokenizer has token ids up to {max(by_id)} but the model has only {vocab_size} embedding "
-            "rows, so the GGUF could not embed them; check that the run's tokenizer belongs to its model."
-        )
-    added = tokenizer.added_tokens_decoder  # id -> AddedToken, for the tokens added on top of the merges
-    tokens, types = [], []
-    for index in range(vocab_size):
-        if index not in by_id:
-            tokens.append(f"[PAD{index}]")
-            types.append(TokenType.UNUSED)
-        else:
-            tokens.append(by_id[index])
-            if index in added:
-                types.append(TokenType.CONTROL if added[index].special else TokenType.USER_DEFINED)
-            else:
-                types.append(TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-
-    # Whether the tokenizer adds BOS/EOS to plain text, seen from what it does rather than from a flag.
-    with_special = tokenizer("Hi", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("Hi", add_special_tokens=False)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return {
-        "pre": pre,
-        "tokens": tokens,
-        "types": [int(t) for t in types],
-        "merges": merges,
-        "bos": bos,
-        "eos": eos,
-        "unk": tokenizer.unk_token_id,
-        "pad": tokenizer.pad_token_id,
-        "add_bos": bos is not None and with_special[:1] == [bos] and plain[:1] != [bos],
-        "add_eos": eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos],
-    }
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _chatml_text(messages: list[dict], end: str, system: str | None, add_generation_prompt: bool) -> str:
-    """What the Ollama TEMPLATE that `ollama_modelfile` writes renders for these messages: ChatML with `end`
-    closing each turn, the system turn first (the conversation's own, else `system`)."""
-    system = next((m["content"] for m in messages if m["role"] == "system"), system)
-    text = f"<|im_start|>system\n{system}{end}\n" if system else ""
-    for message in messages:
-        if message["role"] != "system":
-            text += f"<|im_start|>{message['role']}\n{message['content']}{end}\n"
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+def _rope_dims(config) -> int:
+    """How many dimensions of each head rotate (all of them, or Phi-3's `partial_rotary_factor` of them)."""
+    factor = _rope(config).get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    return int(_head_dim(config) * factor)
 
 
-def chatml_layout(tokenizer) -> tuple[str, str | None] | None:
-    """(end-of-turn text, the template's default system message or None) when the tokenizer's chat template
-    is ChatML, checked by rendering a few conversations both ways; None when it is anything else."""
-    from jinja2.exceptions import TemplateError
+def _arch_name(config) -> str:
+    """llama.cpp's name of the architecture the model is written as ("llama", "gemma3", ...)."""
+    import gguf
 
-    def render(messages, add_generation_prompt=False):
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except (TemplateError, ValueError):
-            return None
-
-    user = {"role": "user", "content": "Hello there."}
-    alone = render([user])  # ChatML: [<|im_start|>system\nDEFAULT END\n] <|im_start|>user\nHello there.END\n
-    turn = "<|im_start|>user\nHello there."
-    if not isinstance(alone, str) or turn not in alone or not alone.endswith("\n"):
-        return None
-    before, end = alone[: alone.index(turn)], alone[alone.index(turn) + len(turn) : -1]
-    if not end:
-        return None
-    default_system = None
-    if before:
-        head, tail = "<|im_start|>system\n", end + "\n"
-        if not (before.startswith(head) and before.endswith(tail)) or len(before) <= len(head) + len(tail):
-            return None
-        default_system = before[len(head) : -len(tail)]
-    system = {"role": "system", "content": "Answer briefly."}
-    reply = {"role": "assistant", "content": "Hi! How can I help?"}
-    again = {"role": "user", "content": "Tell me a joke."}
-    for messages in ([user], [system, user], [user, reply, again], [system, user, reply, again]):
-        for add_generation_prompt in (False, True):
-            if render(messages, add_generation_prompt) != _chatml_text(messages, end, default_system,
-                                                                       add_generation_prompt):
-                return None
-    return end, default_system
-
-
-def ollama_modelfile(gguf_name: str, end: str, system: str | None) -> str:
-    """An Ollama Modelfile for a ChatML model: FROM the GGUF beside it, a TEMPLATE in Ollama's Go-template
-    syntax that renders what `_chatml_text` does, stop parameters for the turn markers, and SYSTEM."""
-    # `.System` is the system message (the request's, else SYSTEM below); `.Messages` the conversation, whose
-    # system messages are skipped here because `.System` already carries them. `{{-` trims the newline before.
-    template = (
-        "{{- if .System }}<|im_start|>system\n{{ .System }}" + end + "\n{{ end }}\n"
-        "{{- range .Messages }}\n"
-        '{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}' + end + "\n{{ end }}\n"
-        "{{- end }}<|im_start|>assistant\n"
-    )
-    lines = [
-        "# Written by `tunesmith export`. Make an Ollama model of it with: ollama create NAME -f Modelfile",
-        f"FROM ./{gguf_name}",
-        f'TEMPLATE """{template}"""',
-    ]
-    for stop in dict.fromkeys([end, "<|im_start|>"]):
-        lines.append(f'PARAMETER stop "{stop}"')
-    if system:
-        lines.append(f'SYSTEM """{system}"""')
-    return "\n".join(lines) + "\n"
+    return gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[ARCHITECTURES[config.model_type]]]
 
 
 def _model_config(handle):
     """The run's model config (of the base for an adapter run), read without loading weights."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     source = handle.source if handle.kind == "adapter" else str(handle.weights)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=handle.cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not read the model config of {source} ({exc}); check that the folder is complete.") \
-            from None
+    except (OSError, ValueError, KeyError, StrictDataclassError) as exc:  # transformers validates rope_parameters
+        reason = " ".join(str(exc).split())  # transformers' validation messages span lines
+        raise UserError(f"could not read the model config of {source} ({reason}); check that the folder is complete "
+                        "and its config.json valid.") from None
 
 
 def _check_architecture(config) -> None:
+    """Refuse, with a sentence, a model llama.cpp would read but compute differently."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise UserError(
-            f"GGUF export supports the Llama family (Llama, SmolLM), Mistral and Qwen2, and this run's model is "
-            f"{model_type or 'of an unknown type'}; merge it with `tunesmith merge` and convert that folder with "
-            "llama.cpp's convert_hf_to_gguf.py instead."
+            f"GGUF export supports {FAMILY_NAMES}, and this run's model is {model_type or 'of an unknown type'}; "
+            f"{_REFUSE_OTHER}"
         )
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
+    rope = _rope(config)
+    allowed = ("default", "linear", "longrope") if model_type == "phi3" else ("default", "linear")
+    if rope["rope_type"] not in allowed:
         raise UserError(
-            f"the model uses {rope['rope_type']!r} rotary scaling, which tunesmith's GGUF export does not write "
-            "(it writes plain rotary embeddings only); convert the merged model (`tunesmith merge`) with "
-            "llama.cpp's convert_hf_to_gguf.py instead."
+            f"the model uses {rope['rope_type']!r} rotary scaling, which tunesmith's GGUF export does not write (it "
+            f"writes plain and linear rotary embeddings, and Phi-3's LongRoPE); {_REFUSE_OTHER}"
         )
+    if model_type in ("gemma", "gemma2") and not config.tie_word_embeddings:
+        raise UserError(
+            f"this {model_type} model has an output projection of its own (tie_word_embeddings is false), and "
+            f"llama.cpp's {model_type} architecture always reuses the embedding matrix; {_REFUSE_OTHER}"
+        )
+    if model_type == "gemma3_text" and _rope(config, "sliding_attention")["rope_type"] != "default":
+        raise UserError(f"the model scales the rotary embeddings of its sliding-window layers, which llama.cpp's "
+                        f"gemma3 architecture does not; {_REFUSE_OTHER}")
+    if model_type in _GEMMA_27B_LAYERS:
+        big = config.num_hidden_layers == _GEMMA_27B_LAYERS[model_type]
+        expected = config.hidden_size // config.num_attention_heads if big else _head_dim(config)
+        if config.query_pre_attn_scalar != expected:
+            raise UserError(
+                f"the model scales queries by 1/sqrt(query_pre_attn_scalar = {config.query_pre_attn_scalar}), and "
+                f"llama.cpp scales a {config.num_hidden_layers}-layer {model_type} by 1/sqrt({expected}); the GGUF "
+                "would compute a different model. Export a model whose query_pre_attn_scalar is "
+                f"{expected}, or {_REFUSE_OTHER}"
+            )
+    if model_type == "gemma2" and (config.attn_logit_softcapping is None or config.final_logit_softcapping is None):
+        raise UserError(
+            "this Gemma 2 model turns attention or final-logit soft-capping off, and llama.cpp's gemma2 "
+            f"architecture always applies both; {_REFUSE_OTHER}"
+        )
+    if model_type == "gemma3_text" and getattr(config, "attn_logit_softcapping", None) is not None:
+        raise UserError(f"this Gemma 3 model soft-caps attention logits, which llama.cpp's gemma3 architecture "
+                        f"does not; {_REFUSE_OTHER}")
 
 
-def _tensors(model, arch, quant: str):
-    """(GGUF name, array, ggml type) for every weight, renamed, reordered and converted."""
-    import gguf
-    import numpy as np
-    import torch
-
-    config = model.config
-    heads = config.num_attention_heads
-    kv_heads = config.num_key_value_heads or heads
-    permute = arch == gguf.MODEL_ARCH.LLAMA
-    types = gguf.GGMLQuantizationType
-    block = gguf.GGML_QUANT_SIZES[types.Q8_0][0]  # 32 weights share a scale
-    for name, tensor in model.state_dict().items():
-        module, _, leaf = name.rpartition(".")  # "model.layers.3.self_attn.q_proj", "weight"
-        bid, part = None, module
-        if module.startswith("model.layers."):
-            bid, _, part = module[len("model.layers."):].partition(".")
-            kind = _BLOCK_TENSORS.get(part)
-        else:
-            kind = _MODEL_TENSORS.get(module)
-        if kind is None or leaf not in ("weight", "bias"):
-            raise UserError(f"the model has a tensor {name} that the GGUF {gguf.MODEL_ARCH_NAMES[arch]} layout has "
-                            "no place for; convert the merged model with llama.cpp's convert_hf_to_gguf.py instead.")
-        if module == "lm_head" and config.tie_word_embeddings:
-            continue  # llama.cpp reuses token_embd when there is no output tensor
-        data = tensor.detach().to("cpu", torch.float32)
-        if permute and part == "self_attn.q_proj":
-            data = interleave_rotary_halves(data, heads)
-        elif permute and part == "self_attn.k_proj":
-            data = interleave_rotary_halves(data, kv_heads)
-        gguf_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kind]].format(bid=bid) + "." + leaf
-        array = data.numpy()
-        if array.ndim == 1:
-            yield gguf_name, array, types.F32  # norms and biases
-        elif quant == "q8_0" and array.shape[-1] % block == 0:
-            yield gguf_name, gguf.quants.quantize(array, types.Q8_0), types.Q8_0  # uint8 [rows, row bytes]
-        else:
-            yield gguf_name, array.astype(np.float16), types.F16
+def _sliding_layers(config) -> list[bool]:
+    """One flag a layer: True where the layer attends over a sliding window (Gemma 2/3's `layer_types`)."""
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [kind == "sliding_attention" for kind in types]
 
 
-def write_gguf(path: Path, model, tokenizer, name: str, quant: str) -> dict:
-    """Write `model` (a merged Llama / Mistral / Qwen2) and `tokenizer` to the GGUF file `path`; returns how
-    many tensors of each type went in."""
+def _write_hyperparameters(writer, config, quant: str) -> None:
+    """The architecture's keys (`{arch}.context_length`, ...), through gguf.GGUFWriter's add_* methods, which
+    spell them from gguf.Keys."""
     import gguf
 
-    config = model.config
-    arch = gguf.MODEL_ARCH[ARCHITECTURES[config.model_type]]
-    vocab = gguf_vocabulary(tokenizer, config.vocab_size)
+    model_type = config.model_type
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
-
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(name)
-    writer.add_type(gguf.GGUFType.MODEL)
+    head_dim = _head_dim(config)
+    rope = _rope(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
-    writer.add_head_count_kv(config.num_key_value_heads or heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta") or getattr(config, "rope_theta", 10000.0)))
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    if head_dim != config.hidden_size // heads:  # llama.cpp assumes hidden_size / heads otherwise
+    writer.add_rope_dimension_count(_rope_dims(config))
+    writer.add_rope_freq_base(float(rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0))
+    if head_dim != config.hidden_size // heads or model_type in _GEMMAS:  # llama.cpp assumes hidden / heads otherwise
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "f32": gguf.LlamaFileType.ALL_F32}[quant]
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre(vocab["pre"])
-    writer.add_token_list(vocab["tokens"])
-    writer.add_token_types(vocab["types"])
-    writer.add_token_merges(vocab["merges"])
-    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
-        if vocab[key] is not None:
-            add(vocab[key])
-    writer.add_add_bos_token(vocab["add_bos"])
-    writer.add_add_eos_token(vocab["add_eos"])
-    template = tokenizer.chat_template
-    if isinstance(template, dict):  # named templates
-        template = [{"name": key, "template": value} for key, value in template.items()]
-    if template:
-        writer.add_chat_template(template)
+    if model_type == "phi3":  # as Phi3MiniModel.set_gguf_parameters writes them
+        original = rope.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))  # llama.cpp ignores it for phi3
+        if rope["rope_type"] == "longrope":
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+            # cos and sin are multiplied by this in both (transformers' _compute_longrope_parameters, llama.cpp's
+            # rope_attn_factor)
+            writer.add_rope_scaling_attn_factors(float(ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")[1]))
+    if model_type == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    if model_type == "gemma3_text" and config.final_logit_softcapping is not None:
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    if model_type in _GEMMA_27B_LAYERS:
+        # written even when no layer slides: without them llama.cpp's gemma2 slides every other layer over 4096
+        writer.add_sliding_window(int(config.sliding_window or 0))
+        writer.add_sliding_window_pattern(_sliding_layers(config))
+    if model_type == "gemma3_text":
+        writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention")["rope_theta"]))
+
+
+def _tensors(model, arch, quant: str):
+    """(GGUF name, array, ggml type) for every weight, renamed by the gguf package's name map, reordered or
+    shifted as llama.cpp's converter does for the family, and converted."""
+    import gguf
+    import numpy as np
+    import torch
+
+    config = model.config
+    model_type = config.model_type
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    types = gguf.GGMLQuantizationType
+    block = gguf.GGML_QUANT_SIZES[types.Q8_0][0]  # 32 weights share a scale
+
+    def converted(gguf_name: str, array):
+        if array.ndim == 1 or quant == "f32":
+            return gguf_name, array, types.F32  # norms, biases, rope factors; everything for f32
+        if quant == "q8_0" and array.shape[-1] % block == 0:
+            return gguf_name, gguf.quants.quantize(array, types.Q8_0), types.Q8_0  # uint8 [rows, row bytes]
+        return gguf_name, array.astype(np.float16), types.F16
+
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and (config.tie_word_embeddings or model_type in ("gemma", "gemma2")):
+            continue  # llama.cpp reuses token_embd when there is no output tensor
+        found = names.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise UserError(f"the model has a tensor {name} that the GGUF {gguf.MODEL_ARCH_NAMES[arch]} layout has "
+                            f"no place for; {_REFUSE_OTHER}")
+        kind, gguf_name = found
+        data = tensor.detach().to("cpu", torch.float32)
+        if arch == gguf.MODEL_ARCH.LLAMA and kind == gguf.MODEL_TENSOR.ATTN_Q:
+            data = interleave_rotary_halves(data, heads)
+        elif arch == gguf.MODEL_ARCH.LLAMA and kind == gguf.MODEL_TENSOR.ATTN_K:
+            data = interleave_rotary_halves(data, kv_heads)
+        if model_type in _GEMMAS and name.endswith("norm.weight"):
+            data = data + 1  # GemmaRMSNorm: x * (1 + weight)
+        yield converted(gguf_name, data.numpy())
+
+    rope = _rope(config)
+    if rope["rope_type"] == "longrope":  # Phi3MiniModel.generate_extra_tensors
+        for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                          (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor")):
+            yield converted(gguf.TENSOR_NAMES[kind] + ".weight", np.asarray(rope[key], dtype=np.float32))
+
+
+def write_gguf(path: Path, model, tokenizer, name: str, quant: str) -> dict:
+    """Write `model` (a merged model of one of the families in ARCHITECTURES) and `tokenizer` to the GGUF file
+    `path`; returns how many tensors of each type went in."""
+    import gguf
+
+    config = model.config
+    arch = gguf.MODEL_ARCH[ARCHITECTURES[config.model_type]]
+    vocab = gguf_vocabulary(tokenizer, config.vocab_size, config)
+
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(llamacpp_model_name(name, tokenizer, config.model_type))
+    writer.add_type(gguf.GGUFType.MODEL)
+    _write_hyperparameters(writer, config, quant)
+    write_vocabulary(writer, vocab)
 
     counts: dict[str, int] = {}
     for gguf_name, array, ggml_type in _tensors(model, arch, quant):
@@ -365,7 +312,6 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", o
     (f16 or q8_0), written at a temporary name and then renamed; with `ollama`, also a Modelfile beside it.
     Nothing that exists is written over.  Returns where things went and what the file holds."""
     import torch
-
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: give one of {', '.join(QUANTS)}.")
@@ -400,11 +346,11 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", o
                             "remove it from the system prompt.")
 
     window = getattr(config, "sliding_window", None)
-    if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)) \
-            and window < config.max_position_embeddings:
+    windowed = config.model_type in ("mistral", "phi3") or getattr(config, "use_sliding_window", False)
+    if window and windowed and window < config.max_position_embeddings:
         log.info(f"export: note: the model attends over a sliding window of {window} tokens; llama.cpp's "
-               f"{ARCHITECTURES[config.model_type].lower()} architecture has none, so prompts longer than that are "
-               "read with full attention (as llama.cpp's own converter does).")
+                 f"{_arch_name(config)} architecture has none, so prompts longer than that are read with full "
+                 "attention (as llama.cpp's own converter does).")
 
     log.info(f"export: loading {handle.path} ({handle.kind}{', merging the adapter' if handle.kind == 'adapter' else ''})")
     model, _, _ = load_for_inference(handle, dtype=torch.float32, device="cpu", merged=True)
@@ -419,7 +365,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", o
         "path": str(out_file),
         "quant": quant,
         "bytes": out_file.stat().st_size,
-        "architecture": ARCHITECTURES[config.model_type].lower(),
+        "architecture": _arch_name(config),
         "tensor_types": counts,
         "modelfile": None,
     }
