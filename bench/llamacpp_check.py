@@ -5,7 +5,7 @@ llama.cpp is what Ollama and LM Studio run a GGUF with.  This script installs it
 bench/.llamacpp (git-ignored; the .venv is not touched) and imports it from there.  Then, on the built-in
 model (smollm2-135m-instruct):
 
-1. a tuned run: the README's quickstart cut to 10 steps (or the run given with --run);
+1. a tuned run: the README's quickstart, its own 40 steps (or --steps N, or the run given with --run);
 2. `tunesmith merge` (float32) and `tunesmith export --format gguf` with `--quant f16`, `q8_0` and `f32`;
 3. greedy text: the first --prompts held-out rows of examples/data/dates-test.jsonl, chat-templated by
    tunesmith (`encode_prompt`), the same token ids fed to llama.cpp (`Llama.eval`, no tokenizer in between,
@@ -405,7 +405,8 @@ def write_section(text: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", help="an existing run of the built-in model (default: train one, --steps steps)")
-    parser.add_argument("--steps", type=int, default=10, help="training steps when no --run is given (default 10)")
+    parser.add_argument("--steps", type=int, default=40,
+                        help="training steps when no --run is given (default 40, the quickstart's own)")
     parser.add_argument("--prompts", type=int, default=10, help="held-out prompts for greedy text (default 10)")
     parser.add_argument("--new-tokens", type=int, default=32, help="argmax tokens a prompt (default 32)")
     parser.add_argument("--work", default=str(REPO / "runs" / "llamacpp-check"),
