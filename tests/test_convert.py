@@ -420,7 +420,7 @@ def test_convert_command_prints_the_list(tmp_path, capsys):
     assert main(["convert", str(source), "--out", str(out)]) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "missing.yml"), "--out", str(tmp_path / "x.yaml")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "no such config file" in capsys.readouterr().err
 
 
 def test_role_names_agree_with_the_data_readers():

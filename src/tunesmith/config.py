@@ -903,24 +903,24 @@ def _config_text(data: bytes, name: str) -> str:
                         "save the config as UTF-8 (it is probably in Latin-1 or Windows-1252, or not text).") from None
 
 
-def _read_config_file(path: Path) -> str:
-    """The text of the config file at `path`; a sentence for a path that is missing, a folder, a named pipe or a
+def read_config_file(path: Path, wanted: str = "a YAML file such as examples/quickstart.yaml") -> str:
+    """The text of the config file at `path` (tunesmith's, or another tool's that `tunesmith convert` reads:
+    `wanted` says which in the sentences); a sentence for a path that is missing, a folder, a named pipe or a
     device (looked at with stat before anything opens it, so nothing blocks), too large, or not text."""
     name = visible(str(path), 300)
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise UserError(f"{name}: no such config file; give the path to a YAML file such as "
-                        "examples/quickstart.yaml.") from None
+        raise UserError(f"{name}: no such config file; give the path to {wanted}.") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL character in the path
-        raise UserError(f"{name}: cannot look at this path ({visible(str(exc), 200)}); give the path to a YAML "
-                        "file such as examples/quickstart.yaml.") from None
+        raise UserError(f"{name}: cannot look at this path ({visible(str(exc), 200)}); give the path to "
+                        f"{wanted}.") from None
     if stat.S_ISDIR(info.st_mode):
         raise UserError(f"{name} is a folder, not a config file; give the YAML file in it (in a run folder: "
                         f"{name}/config.yaml).")
     if not stat.S_ISREG(info.st_mode):
-        raise UserError(f"{name} is not a regular file (a named pipe, device or socket); give the path to a YAML "
-                        "config file.")
+        raise UserError(f"{name} is not a regular file (a named pipe, device or socket); give the path to "
+                        f"{wanted}.")
     too_large = (f"{name} is over {MAX_CONFIG_BYTES // 1024} KiB, and a config is a few KB "
                  "(examples/quickstart.yaml: 1 KB); is this a data file? Give data files as data.path.")
     if info.st_size > MAX_CONFIG_BYTES:
@@ -1044,7 +1044,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = "defaults"
     if path is not None:
         source = visible(str(path), 300)
-        raw = read_yaml_text(_read_config_file(Path(path)), source)
+        raw = read_yaml_text(read_config_file(Path(path)), source)
     raw = apply_overrides(raw, overrides or [], source)
     return config_from_dict(raw, source)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from tunesmith.config import Config, config_from_dict, load_config_text, read_yaml_text
+from tunesmith.config import Config, config_from_dict, load_config_text, read_config_file, read_yaml_text
 from tunesmith.convert import axolotl, llamafactory
-from tunesmith.convert.common import Builder, read_source_text
+from tunesmith.convert.common import Builder
 from tunesmith.errors import UserError, visible
 from tunesmith.fileio import atomic_write_text
 
@@ -91,7 +91,7 @@ def convert_file(path: str | Path, tool: str | None = None, model: str | None = 
     value it cannot carry at all (an unknown data set type, a stage tunesmith has no equivalent for)."""
     source = Path(path).expanduser().absolute()
     name = visible(str(path), 300)
-    raw = read_yaml_text(read_source_text(source), name)
+    raw = read_yaml_text(read_config_file(source, "the axolotl or LLaMA-Factory YAML config to convert"), name)
     if not isinstance(raw, dict) or not raw:
         kind = "empty" if raw in (None, {}) else f"a {type(raw).__name__}, not a mapping of keys"
         raise UserError(f"{name} is {kind}; give an axolotl or LLaMA-Factory training config (a YAML mapping such as "

@@ -246,15 +246,9 @@ def _method(b: Builder) -> None:
             if value is not None and value is not False:
                 b.drop(key, "method full trains every weight and has no adapter", value)
         return
-    if b.has("lora_r"):
-        b.put("lora.r", b.number("lora_r", b.take("lora_r"), whole=True), "lora_r")
-    if b.has("lora_alpha"):
-        b.put("lora.alpha", b.number("lora_alpha", b.take("lora_alpha")), "lora_alpha")
-    if b.has("lora_dropout"):
-        b.put("lora.dropout", b.number("lora_dropout", b.take("lora_dropout")), "lora_dropout")
-    else:
-        b.put("lora.dropout", DEFAULTS["lora_dropout"], "lora_dropout")
-        b.note("lora_dropout", "not in the source; axolotl's default 0.0 -> lora.dropout: 0.0")
+    b.carry_number("lora_r", "lora.r", whole=True)
+    b.carry_number("lora_alpha", "lora.alpha")
+    b.carry_number("lora_dropout", "lora.dropout", default=DEFAULTS["lora_dropout"])
     for key in ("lora_r", "lora_alpha", "lora_dropout"):
         b.take(key)
     linear = b.flag("lora_target_linear", b.take("lora_target_linear")) if b.has("lora_target_linear") else False
@@ -331,9 +325,7 @@ def _objective(b: Builder) -> str:
 
 
 def _data(b: Builder, objective: str, replacements: list[str]) -> None:
-    if b.has("sequence_len"):
-        b.put("data.max_length", b.number("sequence_len", b.take("sequence_len"), whole=True), "sequence_len")
-    b.take("sequence_len")
+    b.carry_number("sequence_len", "data.max_length", whole=True)
     if b.has("sample_packing"):
         b.put("training.packing", b.flag("sample_packing", b.take("sample_packing")), "sample_packing")
     b.take("sample_packing")
@@ -595,26 +587,13 @@ def _preference_type(b: Builder, key: str, entry: dict, objective: str) -> tuple
 
 
 def _training(b: Builder) -> None:
-    if b.has("micro_batch_size"):
-        b.put("training.batch_size", b.number("micro_batch_size", b.take("micro_batch_size"), whole=True),
-              "micro_batch_size")
-    else:
-        b.put("training.batch_size", DEFAULTS["micro_batch_size"], "micro_batch_size")
-        b.note("micro_batch_size", "not in the source; axolotl's default 1 -> training.batch_size: 1")
-    b.take("micro_batch_size")
+    b.carry_number("micro_batch_size", "training.batch_size", whole=True, default=DEFAULTS["micro_batch_size"])
     if b.has("batch_size"):
         b.drop("batch_size", "the whole batch: tunesmith sets micro_batch_size (training.batch_size) and "
                "gradient_accumulation_steps (training.gradient_accumulation)", b.take("batch_size"))
     b.take("batch_size")
-    if b.has("eval_batch_size"):
-        b.put("training.eval_batch_size", b.number("eval_batch_size", b.take("eval_batch_size"), whole=True),
-              "eval_batch_size")
-    b.take("eval_batch_size")
-    if b.has("num_epochs"):
-        b.put("training.epochs", b.number("num_epochs", b.take("num_epochs")), "num_epochs")
-    else:
-        b.put("training.epochs", DEFAULTS["num_epochs"], "num_epochs")
-        b.note("num_epochs", "not in the source; axolotl's default 1 -> training.epochs: 1.0")
+    b.carry_number("eval_batch_size", "training.eval_batch_size", whole=True)
+    b.carry_number("num_epochs", "training.epochs", default=DEFAULTS["num_epochs"])
     b.take("num_epochs")
     if not b.has("learning_rate"):
         b.note("learning_rate", "not in the source -> tunesmith's default training.learning_rate: 1e-4")
@@ -628,10 +607,7 @@ def _training(b: Builder) -> None:
     strategy = b.take("eval_strategy") or b.take("evaluation_strategy")
     b.take("evaluation_strategy")
     same_strategies(b, strategy)
-    if b.has("eval_max_new_tokens"):
-        b.put("eval.max_new_tokens", b.number("eval_max_new_tokens", b.take("eval_max_new_tokens"), whole=True),
-              "eval_max_new_tokens")
-    b.take("eval_max_new_tokens")
+    b.carry_number("eval_max_new_tokens", "eval.max_new_tokens", whole=True)
 
 
 def _trackers(b: Builder) -> None:

@@ -15,14 +15,12 @@ import json
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import MAX_CONFIG_BYTES, MAX_TIMEOUT_S
+from tunesmith.config import MAX_TIMEOUT_S
 from tunesmith.errors import UserError, visible
-from tunesmith.fileio import declared_codec
 
 # The roles tunesmith's readers take (data/formats.py: CHAT_ROLES for `messages`, SHAREGPT_ROLES for `sharegpt`;
 # the convert layer sits below data/, so the names are repeated here and tests/test_convert.py checks they agree).
@@ -127,6 +125,23 @@ class Builder:
                 article = "an" if self.name[0].lower() in "aeiou" else "a"
                 self.drop(str(key), f"not {article} {self.name} key tunesmith's converter knows{hint}", value)
 
+    def carry_number(self, key: str, dotted: str, whole: bool = False, default: int | float | None = None,
+                     default_from: str | None = None) -> int | float | None:
+        """Carry the number the source gives under `key` into tunesmith key `dotted`.  Absent: `default` (the source
+        tool's own default, where it differs from tunesmith's), noted as `default_from` ("LLaMA-Factory's default"
+        unless told), or nothing.  Returns what was set."""
+        if self.has(key):
+            value = self.number(key, self.take(key), whole=whole)
+        else:
+            self.take(key)
+            if default is None:
+                return None
+            value = default
+            self.note(key, f"not in the source; {default_from or self.name + chr(39) + 's default'} {default} -> "
+                      f"{dotted}: {default}")
+        self.put(dotted, value, key)
+        return value
+
     # --- values
 
     def number(self, key: str, value: Any, whole: bool = False) -> int | float:
@@ -213,33 +228,6 @@ def shown_value(key: str, value: Any) -> str:
     return visible(value, 80)
 
 
-def read_source_text(path: Path) -> str:
-    """The text of the source config: a regular file (looked at with stat first, so a named pipe never blocks)
-    under tunesmith's size limit for configs, UTF-8 or UTF-16/32 with a byte-order mark."""
-    name = visible(str(path), 300)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise UserError(f"{name}: no such file; give the axolotl or LLaMA-Factory YAML config to convert.") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{name}: cannot look at this path ({visible(str(exc), 200)}).") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UserError(f"{name} is not a regular file (a folder, a named pipe or a device); give the YAML config "
-                        "to convert.")
-    if info.st_size > MAX_CONFIG_BYTES:
-        raise UserError(f"{name} is over {MAX_CONFIG_BYTES // 1024} KiB, and a training config is a few KB; is "
-                        "this a data file?")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{name}: cannot be read ({exc.strerror or exc}); check its permissions.") from None
-    codec = declared_codec(data) or "utf-8"
-    try:
-        return data.decode(codec)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{name}: byte {exc.start} is not {codec.upper()} text; save the config as UTF-8.") from None
-
-
 def read_json_file(path: Path, key: str) -> Any:
     """A JSON file the source config points to (LLaMA-Factory's dataset_info.json), or a sentence naming it."""
     name = visible(str(path), 300)
@@ -276,20 +264,23 @@ _NEAR_OPTIMIZER = {
 
 def optimizer(builder: Builder, key: str) -> None:
     name = builder.take(key)
-    if name is None:
-        return
-    name = builder.text(key, name)
+    if name is not None:
+        _named(builder, key, builder.text(key, name), "training.optimizer", _SAME_OPTIMIZER, _NEAR_OPTIMIZER, "adamw",
+               "tunesmith trains with AdamW, 8-bit AdamW or paged 8-bit AdamW; the learning rate tuned for another "
+               "optimiser may need tuning again")
+
+
+def _named(builder: Builder, key: str, name: str, dotted: str, same: dict[str, str],
+           near: dict[str, tuple[str, str]], fallback: str, why_fallback: str) -> None:
+    """A name the source tool gives (an optimiser, a schedule) as tunesmith's: the same thing under another name,
+    a near one (noted with what differs), or tunesmith's `fallback` (noted with `why_fallback`)."""
     low = name.lower()
-    if low in _SAME_OPTIMIZER:
-        builder.put("training.optimizer", _SAME_OPTIMIZER[low], key)
-    elif low in _NEAR_OPTIMIZER:
-        ours, why = _NEAR_OPTIMIZER[low]
-        builder.put("training.optimizer", ours, key)
-        builder.note(key, f"{visible(name, 60)} -> training.optimizer: {ours} ({why})")
-    else:
-        builder.put("training.optimizer", "adamw", key)
-        builder.note(key, f"{visible(name, 60)} -> training.optimizer: adamw (tunesmith trains with AdamW, 8-bit AdamW "
-                     "or paged 8-bit AdamW; the learning rate tuned for another optimiser may need tuning again)")
+    if low in same:
+        builder.put(dotted, same[low], key)
+        return
+    ours, why = near.get(low, (fallback, why_fallback))
+    builder.put(dotted, ours, key)
+    builder.note(key, f"{visible(name, 60)} -> {dotted}: {ours} ({why})")
 
 
 _NEAR_SCHEDULER = {
@@ -309,20 +300,10 @@ def scheduler(builder: Builder, key: str, default: str | None = None) -> None:
             builder.note(key, f"not in the source; {builder.name}'s default {default} -> training.lr_scheduler: "
                          f"{default}")
         return
-    name = builder.text(key, name)
-    low = name.lower()
-    if low in ("cosine", "linear", "constant"):
-        builder.put("training.lr_scheduler", low, key)
-    elif low == "constant_with_warmup":  # tunesmith warms up (warmup_steps/ratio) before every schedule
-        builder.put("training.lr_scheduler", "constant", key)
-    elif low in _NEAR_SCHEDULER:
-        ours, why = _NEAR_SCHEDULER[low]
-        builder.put("training.lr_scheduler", ours, key)
-        builder.note(key, f"{visible(name, 60)} -> training.lr_scheduler: {ours} ({why})")
-    else:
-        builder.put("training.lr_scheduler", "cosine", key)
-        builder.note(key, f"{visible(name, 60)} -> training.lr_scheduler: cosine (tunesmith's schedules are cosine, "
-                     "linear and constant after warmup)")
+    # tunesmith warms up (warmup_steps/ratio) before every schedule, so constant_with_warmup is its constant
+    same = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
+    _named(builder, key, builder.text(key, name), "training.lr_scheduler", same, _NEAR_SCHEDULER, "cosine",
+           "tunesmith's schedules are cosine, linear and constant after warmup")
 
 
 def model_and_code(b: Builder, key: str, model: str | None) -> None:

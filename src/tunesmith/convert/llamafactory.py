@@ -282,22 +282,10 @@ def _method(b: Builder) -> None:
             if value is not None and value is not False:
                 b.drop(key, "method full trains every weight and has no adapter", value)
         return
-    rank = b.number("lora_rank", b.take("lora_rank"), whole=True) if b.has("lora_rank") else DEFAULTS["lora_rank"]
-    b.put("lora.r", rank, "lora_rank")
-    if not b.has("lora_rank"):
-        b.note("lora_rank", f"not in the source; LLaMA-Factory's default {rank} -> lora.r: {rank}")
-    b.take("lora_rank")
-    if b.has("lora_alpha"):
-        b.put("lora.alpha", b.number("lora_alpha", b.take("lora_alpha")), "lora_alpha")
-    else:  # LLaMA-Factory's default alpha is twice the rank (finetuning_args.py)
-        b.put("lora.alpha", rank * 2, "lora_alpha")
-        b.note("lora_alpha", f"not in the source; LLaMA-Factory's default (2 x lora_rank) -> lora.alpha: {rank * 2}")
-    b.take("lora_alpha")
-    dropout = b.number("lora_dropout", b.take("lora_dropout")) if b.has("lora_dropout") else DEFAULTS["lora_dropout"]
-    b.put("lora.dropout", dropout, "lora_dropout")
-    if not b.has("lora_dropout"):
-        b.note("lora_dropout", f"not in the source; LLaMA-Factory's default {dropout} -> lora.dropout: {dropout}")
-    b.take("lora_dropout")
+    rank = b.carry_number("lora_rank", "lora.r", whole=True, default=DEFAULTS["lora_rank"])
+    # LLaMA-Factory's default alpha is twice the rank (finetuning_args.py)
+    b.carry_number("lora_alpha", "lora.alpha", default=rank * 2, default_from="LLaMA-Factory's default (2 x lora_rank)")
+    b.carry_number("lora_dropout", "lora.dropout", default=DEFAULTS["lora_dropout"])
     target = b.take("lora_target", "all")
     names = [t.strip() for t in target.split(",") if t.strip()] if isinstance(target, str) else target
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
@@ -313,11 +301,7 @@ def _method(b: Builder) -> None:
 
 
 def _data(b: Builder, stage: str, objective: str, replacements: list[str]) -> None:
-    length = b.number("cutoff_len", b.take("cutoff_len"), whole=True) if b.has("cutoff_len") else DEFAULTS["cutoff_len"]
-    b.put("data.max_length", length, "cutoff_len")
-    if not b.has("cutoff_len"):
-        b.note("cutoff_len", f"not in the source; LLaMA-Factory's default {length} -> data.max_length: {length}")
-    b.take("cutoff_len")
+    b.carry_number("cutoff_len", "data.max_length", whole=True, default=DEFAULTS["cutoff_len"])
     if b.has("train_on_prompt"):
         b.put("data.train_on_prompt", b.flag("train_on_prompt", b.take("train_on_prompt")), "train_on_prompt")
     b.take("train_on_prompt")
@@ -334,9 +318,7 @@ def _data(b: Builder, stage: str, objective: str, replacements: list[str]) -> No
         if on:
             b.note("packing", "true -> training.packing: true, where each packed row attends only to itself (as "
                    "LLaMA-Factory's neat_packing; its plain packing lets rows see each other)")
-    if b.has("max_samples"):
-        b.put("data.limit", b.number("max_samples", b.take("max_samples"), whole=True), "max_samples")
-    b.take("max_samples")
+    b.carry_number("max_samples", "data.limit", whole=True)
     held_out(b, "val_size")
 
     names = b.take("dataset")
@@ -530,20 +512,13 @@ def _format(b: Builder, key: str, entry: dict, stage: str, objective: str) -> tu
 
 
 def _training(b: Builder) -> None:
-    size = (b.number("per_device_train_batch_size", b.take("per_device_train_batch_size"), whole=True)
-            if b.has("per_device_train_batch_size") else DEFAULTS["per_device_train_batch_size"])
-    b.put("training.batch_size", size, "per_device_train_batch_size")
-    if not b.has("per_device_train_batch_size"):
-        b.note("per_device_train_batch_size", f"not in the source; the Trainer's default {size} -> "
-               f"training.batch_size: {size}")
-    b.take("per_device_train_batch_size")
+    b.carry_number("per_device_train_batch_size", "training.batch_size", whole=True,
+                   default=DEFAULTS["per_device_train_batch_size"], default_from="the Trainer's default")
     if b.has("per_device_eval_batch_size"):
         b.put("training.eval_batch_size", b.number("per_device_eval_batch_size", b.take("per_device_eval_batch_size"),
                                                    whole=True), "per_device_eval_batch_size")
     b.take("per_device_eval_batch_size")
-    if b.has("num_train_epochs"):
-        b.put("training.epochs", b.number("num_train_epochs", b.take("num_train_epochs")), "num_train_epochs")
-    b.take("num_train_epochs")
+    b.carry_number("num_train_epochs", "training.epochs")
     if not b.has("learning_rate"):
         b.put("training.learning_rate", DEFAULTS["learning_rate"], "learning_rate")
         b.note("learning_rate", f"not in the source; the Trainer's default {DEFAULTS['learning_rate']} -> "
