@@ -85,6 +85,18 @@ def test_loss_diverged_when_the_loss_jumps_up():
     assert _rules(nan) == ["loss_diverged"] and nan[0]["set"]["training.warmup_steps"] == 20
 
 
+def test_a_spike_the_loss_comes_back_from_is_no_divergence():
+    """The losses of a real 20-step run on examples/mix.yaml (dates and times 3:1, lr 1e-3): one hard batch at step
+    12 (0.72 after 0.14), then back down; the run is healthy and advice must not call it diverged."""
+    losses = [0.963, 1.099, 0.814, 0.47, 0.38, 0.278, 0.205, 0.023, 0.211, 0.211, 0.139, 0.721, 0.338, 0.224, 0.221,
+              0.131, 0.201, 0.242, 0.081, 0.31]
+    items = advice.advise(_run(losses), _config("training.learning_rate=1e-3"), "runs/a")
+    assert "loss_diverged" not in _rules(items)
+    # the same run that stays up after the jump is one
+    stayed = losses[:12] + [0.72, 0.75, 0.7, 0.74, 0.73, 0.76, 0.72, 0.75]
+    assert "loss_diverged" in _rules(advice.advise(_run(stayed), _config("training.learning_rate=1e-3"), "runs/a"))
+
+
 def test_grad_spikes():
     norms = [1.0 + 0.1 * math.sin(i) for i in range(N)]
     for i in (15, 30, 45):

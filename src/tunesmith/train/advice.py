@@ -24,6 +24,7 @@ value in `set`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import shlex
 import statistics
@@ -56,8 +57,8 @@ MIN_VALIDATIONS = 3
 # taken from the run's own norm history is AutoClip's idea (Seetharaman et al., 2020).
 SPIKE = 10.0
 CLIP_OVER_MEDIAN = 3.0
-# Ours: the smoothed training loss rising above its lowest point so far by more than a quarter of its starting
-# level is a divergence, not noise (smoothing: the mean of the last SMOOTH_SHARE of the steps, at least 3).
+# Ours: the smoothed training loss ending above its lowest point by more than a quarter of its starting level
+# (and staying there since it passed that bar) is a divergence, not noise (smoothing: the mean of the last SMOOTH_SHARE of the steps, at least 3).
 JUMP = 0.25
 SMOOTH_SHARE = 0.05
 
@@ -147,18 +148,20 @@ def _finite(curves: Curves) -> bool:
 
 
 def _jump(curves: Curves) -> tuple[float, int] | None:
-    """(the most the smoothed loss rose above its lowest point so far, the first step where the rise passed
-    JUMP x the starting level) when it did, else None."""
+    """(how far the smoothed loss ends above its lowest point, the step from which it stayed more than JUMP x the
+    starting level above it) when it ends so, else None.  A rise the loss comes back down from is a spike (a hard
+    batch of a mixed data set, say: grad_spikes' business), not a divergence."""
     smooth = curves.smoothed()
     if smooth[0] <= 0:
         return None  # no level to measure a jump against
-    lowest, worst, at = smooth[0], 0.0, None
-    for i, value in enumerate(smooth):
-        lowest = min(lowest, value)
-        worst = max(worst, value - lowest)
-        if at is None and value - lowest > JUMP * smooth[0]:
-            at = i
-    return (worst, curves.steps[at]) if at is not None else None
+    bar = JUMP * smooth[0]
+    lowest = list(itertools.accumulate(smooth, min))  # the lowest point up to each step
+    if smooth[-1] - lowest[-1] <= bar:
+        return None
+    at = len(smooth) - 1
+    while at > 0 and smooth[at - 1] - lowest[at - 1] > bar:
+        at -= 1
+    return smooth[-1] - lowest[-1], curves.steps[at]
 
 
 def _generalisation_loss(curves: Curves) -> tuple[float, dict] | None:
@@ -200,8 +203,8 @@ def loss_diverged(curves: Curves, cfg: Config) -> list[dict]:
         if jump is None:
             return []
         rise, step = jump
-        what = (f"the training loss jumped up at step {step}, to {rise:.3g} above its lowest point (smoothed over "
-                "a few steps)")
+        what = (f"the training loss jumped up at step {step} and stayed up, ending {rise:.3g} above its lowest "
+                "point (smoothed over a few steps)")
     else:
         what = "the loss became NaN or infinite"
     settings = {"training.learning_rate": _round(t.learning_rate * 0.5)}
