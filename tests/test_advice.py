@@ -64,7 +64,8 @@ def test_a_healthy_run_gets_no_advice():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["training.max_steps=6"], {"training.max_steps": 100}),
+    (["training.max_steps=6", "training.epochs=30"], {"training.max_steps": 100}),
+    (["training.max_steps=6"], {"training.max_steps": 100, "training.epochs": 25}),  # 3 epochs stop at 12 steps
     ([], {"training.epochs": 25}),  # 4 steps an epoch here: 25 epochs make about 100 steps
 ])
 def test_too_few_steps(overrides, expected):
@@ -131,8 +132,12 @@ def test_still_falling_at_the_end():
     assert _rules(items) == ["still_falling"]
     assert items[0]["set"] == {"training.epochs": 6}  # twice the steps, at 20 an epoch
     assert "30,000 tokens" in items[0]["why"]
-    limited = advice.advise(_run(_decay(N, tau=N)), _config("training.max_steps=60"), "runs/a")
+    limited = advice.advise(_run(_decay(N, tau=N)), _config("training.max_steps=60", "training.epochs=10"), "runs/a")
     assert limited[0]["set"] == {"training.max_steps": 120}
+    # max_steps ended the run, but twice the steps would outrun training.epochs (3 epochs of 20 = 60): epochs too
+    # (the quickstart's case: max_steps 40 of an epoch of 72 steps, epochs 1; 80 steps need 2 epochs)
+    capped = advice.advise(_run(_decay(N, tau=N)), _config("training.max_steps=60"), "runs/a")
+    assert capped[0]["set"] == {"training.max_steps": 120, "training.epochs": 6}
 
 
 def test_plateau_with_the_learning_rate_still_high():

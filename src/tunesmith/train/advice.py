@@ -134,11 +134,15 @@ def _limited_by_max_steps(curves: Curves, cfg: Config) -> bool:
 
 
 def _longer(curves: Curves, cfg: Config, steps: int) -> dict:
-    """Settings that make the run about `steps` optimiser steps long: max_steps when it was what ended the run,
-    else epochs (the run's own steps per epoch)."""
-    if _limited_by_max_steps(curves, cfg):
-        return {"training.max_steps": steps}
+    """Settings that make the run about `steps` optimiser steps long: max_steps when it was what ended the run
+    (with epochs raised too where training.epochs would stop the run first), else epochs (the run's own steps per
+    epoch)."""
     per_epoch = curves.steps_per_epoch()
+    if _limited_by_max_steps(curves, cfg):
+        settings: dict = {"training.max_steps": steps}
+        if per_epoch and steps > per_epoch * cfg.training.epochs + 0.5:  # the quickstart: 40 of 72 steps an epoch
+            settings["training.epochs"] = math.ceil(steps / per_epoch)
+        return settings
     epochs = math.ceil(steps / per_epoch) if per_epoch else cfg.training.epochs * 2
     return {"training.epochs": max(epochs, math.floor(cfg.training.epochs) + 1)}
 
