@@ -247,6 +247,8 @@ class WandbTracker:
             # the system-stats and metadata threads probe cloud metadata addresses: nothing on the network offline
             options.update(x_disable_stats=True, x_disable_meta=True)
         run_id = previous.get("id") if previous and resumed_at is not None else None
+        if run_id:
+            self._next_second(run_id)
         # wandb puts its files in dir/wandb/; offline, a resumed run is a second offline-run-* folder with the same
         # id, which `wandb sync` adds to the first
         try:
@@ -259,6 +261,16 @@ class WandbTracker:
             raise UserError(f"logging.report_to: wandb could not start its run ({exc}); check logging.tracking_uri "
                             "and WANDB_API_KEY, or set WANDB_MODE=offline.") from None
         return {"id": self.run.id}
+
+    def _next_second(self, run_id: str) -> None:
+        """wandb names a run's folder offline-run-<start time to the second>-<id>: a resume started within the same
+        second as the part before it would write into that part's folder, over its .wandb file.  Wait until the
+        name is a new one (a second at most)."""
+        used = {folder.name.split("-")[-2] for folder in (self.run_dir / "wandb").glob(f"*run-*-{run_id}")}
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline and {time.strftime("%Y%m%d_%H%M%S", time.localtime()),
+                                                time.strftime("%Y%m%d_%H%M%S", time.gmtime())} & used:
+            time.sleep(0.05)
 
     def log(self, record: dict) -> None:
         step, values = scalars(record)
