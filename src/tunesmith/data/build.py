@@ -39,7 +39,7 @@ from pathlib import Path
 from tunesmith.config import DataConfig, DataSourceConfig
 from tunesmith.data.formats import control_token_in, control_tokens, has_blank_answer, normalise_rows
 from tunesmith.data.read import check_data_file, read_records, visible, where
-from tunesmith.data.sources import about_source, describe_mix, mix, read_source, source_config, source_key
+from tunesmith.data.sources import Mix, about_source, describe_mix, mix, read_source, source_config, source_key
 from tunesmith.data.tokenizing import tokenize_rows
 from tunesmith.data.tokens import IGNORE_INDEX, TokenizedRow, ensure_chat_template, tokenize_sample
 from tunesmith.errors import UserError
@@ -152,14 +152,13 @@ def _tokenize_all(
     desc: str = "tokenising",
 ) -> tuple[list[TokenizedRow], int, int]:
     """(rows that have something to train on, truncated count, dropped count)."""
-    rows, truncated, dropped = [], 0, 0
-    for row in tokenize_rows(samples, places, tokenizer, cfg, task, desc, tokenize_sample):
-        truncated += row.truncated
-        if has_trained_tokens(row, task):
-            rows.append(row)
-        else:
-            dropped += 1
-    return rows, truncated, dropped
+    return _keep_trainable(tokenize_rows(samples, places, tokenizer, cfg, task, desc, tokenize_sample), task)
+
+
+def _keep_trainable(rows: list[TokenizedRow], task: str) -> tuple[list[TokenizedRow], int, int]:
+    """(the rows that have something to train on, how many of all were truncated, how many were dropped)."""
+    trainable = [row for row in rows if has_trained_tokens(row, task)]
+    return trainable, sum(row.truncated for row in rows), len(rows) - len(trainable)
 
 
 def load_eval_rows(path: str, key: str, cfg: DataConfig, tokenizer, task: str = "causal_lm"):
@@ -304,14 +303,21 @@ def load_source(index: int, source: DataSourceConfig, cfg: DataConfig, tokens: l
     return SourceRows(key, source, own, fmt, samples, places, rows_read, blank, controlled)
 
 
-def mixed_samples(cfg: DataConfig, tokens: list[str] | None = None) -> tuple[list[dict], list[dict]]:
-    """(training samples, validation samples) of data.sources, mixed and split as build_datasets does, untokenised
-    (with the control `tokens` of no tokenizer unless given): what sequence-level distillation has the teacher
-    answer."""
+def _load_and_mix(cfg: DataConfig, tokens: list[str] | None) -> tuple[list[SourceRows], Mix]:
+    """Every source read and cleaned, then the seeded mix of their rows and its split (none with
+    data.validation_path, which holds the validation rows), logged."""
     parts = [load_source(i, source, cfg, tokens) for i, source in enumerate(cfg.sources)]
     mixed = mix([len(p.samples) for p in parts], cfg.sources, cfg.seed, 0.0 if cfg.validation_path else
                 cfg.validation_split)
     log.info(describe_mix(mixed, cfg.sources))
+    return parts, mixed
+
+
+def mixed_samples(cfg: DataConfig, tokens: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(training samples, validation samples) of data.sources, mixed and split as build_datasets does, untokenised
+    (with the control `tokens` of no tokenizer unless given): what sequence-level distillation has the teacher
+    answer."""
+    parts, mixed = _load_and_mix(cfg, tokens)
     train = [parts[i].samples[j] for i, j in mixed.train]
     if cfg.validation_path:
         return train, _load_samples(cfg.validation_path, "data.validation_path", cfg)[1]
@@ -329,8 +335,8 @@ def _tokenize_cached(samples: list[dict], places: list[str], tokenizer, cfg: Dat
     if cached is not None and len(cached.get("source", ((),))[0]) == len(samples):
         return cached["source"][0], "hit"
     rows = tokenize_rows(samples, places, tokenizer, cfg, task, desc, tokenize_sample)
-    untrainable = sum(1 for row in rows if not has_trained_tokens(row, task))
-    _write_cache(cache_file, {"source": (rows, sum(row.truncated for row in rows), untrainable)})
+    _, truncated, untrainable = _keep_trainable(rows, task)
+    _write_cache(cache_file, {"source": (rows, truncated, untrainable)})
     return rows, "miss"
 
 
@@ -359,9 +365,8 @@ def _held_out_file(value: str, key: str, cfg: DataConfig, tokenizer, tokens: lis
     samples, places, blank = _leave_out_blank_answers(samples, places, key)
     samples, places, controlled = _leave_out_control_tokens(samples, places, key, tokens)
     rows, state = _tokenize_cached(samples, places, tokenizer, cfg, task, cache_dir, f"tokenising {key}")
-    trainable = [row for row in rows if has_trained_tokens(row, task)]
-    truncated = sum(row.truncated for row in rows)
-    return samples, trainable, truncated, len(rows) - len(trainable), blank, controlled, state
+    trainable, truncated, dropped = _keep_trainable(rows, task)
+    return samples, trainable, truncated, dropped, blank, controlled, state
 
 
 def _build_from_sources(cfg: DataConfig, tokenizer, cache_dir: str | Path | None, task: str) -> DataBundle:
@@ -369,10 +374,7 @@ def _build_from_sources(cfg: DataConfig, tokenizer, cache_dir: str | Path | None
     if task == "causal_lm":
         ensure_chat_template(tokenizer)  # before hashing: the template is part of each cache key
     tokens = control_tokens(tokenizer)
-    parts = [load_source(i, source, cfg, tokens) for i, source in enumerate(cfg.sources)]
-    mixed = mix([len(p.samples) for p in parts], cfg.sources, cfg.seed, 0.0 if cfg.validation_path else
-                cfg.validation_split)
-    log.info(describe_mix(mixed, cfg.sources))
+    parts, mixed = _load_and_mix(cfg, tokens)
     for part in parts:
         with about_source(part.key):
             part.rows, part.cache = _tokenize_cached(part.samples, part.places, tokenizer, part.cfg, task, cache_dir,
