@@ -19,6 +19,7 @@ and a whole number is no float.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -952,6 +953,12 @@ def read_yaml_text(text: str, name: str) -> Any:
 
 
 # --- overrides and loading
+
+
+def set_line(key: str, value: Any) -> str:
+    """`KEY=VALUE` as `--set` (parse_value) reads it back to the same value: JSON is YAML, so a string stays a
+    string ("8" in quotes is text, not the number 8) and a float keeps every digit."""
+    return f"{key}={json.dumps(value)}"
 
 
 def parse_value(text: str, key: str = "") -> Any:

@@ -9,7 +9,7 @@
 `read_space` checks the file's shape (a sentence naming the file and key for anything else); `check_space`
 loads the config with each bound and each choice as a `--set` line, so a key the config does not have or a
 value its schema refuses is found before any trial runs.  A trial passes its values to `tunesmith train` as
-`--set KEY=VALUE` lines (`set_line`).
+`--set KEY=VALUE` lines (config's `set_line`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import load_config, read_yaml_text
+from tunesmith.config import load_config, read_yaml_text, set_line
 from tunesmith.errors import UserError, visible
 
 # A space names a few keys (the example has five lines); 64 KiB is room for thousands of them.
@@ -64,12 +64,6 @@ class Param:
         if self.log:
             shown["log"] = True
         return shown
-
-
-def set_line(key: str, value: Any) -> str:
-    """`KEY=VALUE` as `--set` reads it back to the same value: JSON is YAML, so a string stays a string
-    ("8" in quotes is text, not the number 8) and a float keeps every digit."""
-    return f"{key}={json.dumps(value)}"
 
 
 def read_space(path: str | Path) -> list[Param]:

@@ -56,11 +56,11 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from tunesmith.config import Config, load_config, resolved_yaml
+from tunesmith.config import Config, load_config, resolved_yaml, set_line
 from tunesmith.errors import UserError, visible
 from tunesmith.fileio import atomic_write_file, atomic_write_json, atomic_write_text
 from tunesmith.plan.estimate import estimate_if_possible
-from tunesmith.plan.space import Param, check_space, read_space, set_line
+from tunesmith.plan.space import Param, check_space, read_space
 from tunesmith.train.child import RunProcess, spawn
 from tunesmith.train.folder_lock import LOCK_FILE, hold_run_folder, refuse_if_in_use, refuse_if_used
 

@@ -31,7 +31,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.config import Config
+from tunesmith.config import Config, set_line
 
 # Ours: under 20 optimiser steps the last quarter of the run is at most 5 points, too few to tell a trend from
 # batch-to-batch noise.  TARGET_STEPS is what too_few_steps proposes instead: enough for a warmup and a readable
@@ -330,24 +330,13 @@ def underfitting(curves: Curves, cfg: Config) -> list[dict]:
 RULES = (too_few_steps, loss_diverged, grad_spikes, overfitting, still_falling, plateau_lr_high, underfitting)
 
 
-def set_arg(key: str, value) -> str:
-    """`key=value` as `--set` reads it back to `value` (YAML: null, true/false, numbers as written)."""
-    if value is None:
-        text = "null"
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    else:
-        text = str(value)
-    return f"{key}={text}"
-
-
 def command(run_dir: str | Path, settings: dict) -> str:
     """The `tunesmith train` line that runs this run again, with `settings`, into RUN-next."""
     run_dir = str(run_dir)
     parts = ["tunesmith", "train", shlex.quote(str(Path(run_dir) / "config.yaml")), "--output",
              shlex.quote(f"{run_dir}-next")]
     for key, value in settings.items():
-        parts += ["--set", shlex.quote(set_arg(key, value))]
+        parts += ["--set", shlex.quote(set_line(key, value))]
     return " ".join(parts)
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from tunesmith import api
+from tunesmith.config import set_line
 from tunesmith.errors import UserError
 from tunesmith.studio import configs, datasets
 from tunesmith.studio.db import NAME, Dataset, Project, Run
@@ -111,8 +112,7 @@ def advice_links(run: Run, summary: dict | None) -> list[dict] | None:
         return None
     out = []
     for item in advice:
-        # JSON's null, true/false and numbers read back through --set as the same values
-        query = [("from_run", run.id)] + [("set", f"{k}={json.dumps(v)}") for k, v in item.get("set", {}).items()]
+        query = [("from_run", run.id)] + [("set", set_line(k, v)) for k, v in item.get("set", {}).items()]
         out.append({**item, "rerun": f"/projects/{run.project_id}/train?{urlencode(query)}" if run.project_id else None})
     return out
 
