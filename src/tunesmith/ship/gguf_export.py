@@ -281,14 +281,14 @@ def _tensors(model, arch, quant: str):
             yield converted(gguf.TENSOR_NAMES[kind] + ".weight", np.asarray(rope[key], dtype=np.float32))
 
 
-def write_gguf(path: Path, model, tokenizer, name: str, quant: str) -> dict:
-    """Write `model` (a merged model of one of the families in ARCHITECTURES) and `tokenizer` to the GGUF file
-    `path`; returns how many tensors of each type went in."""
+def write_gguf(path: Path, model, tokenizer, vocab: dict, name: str, quant: str) -> dict:
+    """Write `model` (a merged model of one of the families in ARCHITECTURES) and `tokenizer`, whose llama.cpp
+    vocabulary is `vocab` (gguf_vocabulary), to the GGUF file `path`; returns how many tensors of each type went
+    in."""
     import gguf
 
     config = model.config
     arch = gguf.MODEL_ARCH[ARCHITECTURES[config.model_type]]
-    vocab = gguf_vocabulary(tokenizer, config.vocab_size, config)
 
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(llamacpp_model_name(name, tokenizer, config.model_type))
@@ -330,7 +330,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", o
     # Checked before the weights load: a tokenizer or template that cannot be exported stops here.
     tokenizer = load_tokenizer_for(handle)
     ensure_chat_template(tokenizer)  # what training did, so the file carries the template the run used
-    gguf_vocabulary(tokenizer, config.vocab_size)
+    vocab = gguf_vocabulary(tokenizer, config.vocab_size, config)
     layout = None
     if ollama:
         layout = chatml_layout(tokenizer)
@@ -358,7 +358,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, quant: str = "f16", o
     counts: dict[str, int] = {}
 
     def fill(tmp: Path) -> None:
-        counts.update(write_gguf(tmp, model, tokenizer, handle.path.name, quant))
+        counts.update(write_gguf(tmp, model, tokenizer, vocab, handle.path.name, quant))
 
     atomic_write_file(out_file, fill)
     result = {
