@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.data import build_datasets
+from tunesmith.data import build_datasets, data_origin
 from tunesmith.data.batching import collate, iter_batches
 from tunesmith.data.build import _load_samples, _tokenizer_fingerprint, mixed_samples, split_indices
 from tunesmith.data.formats import prompt_and_reference
@@ -255,8 +255,7 @@ def write_teacher_answers(cfg, student_cfg, teacher: Teacher, student_tokenizer,
             train_idx, val_idx = split_indices(len(samples), data.validation_split, data.seed)
             train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
     if any("messages" not in s for s in train_samples):
-        where = "data.sources: a source" if data.sources else f"data.path: {data.path}"
-        raise UserError(f"{where} holds plain text rows; sequence-level distillation needs prompts "
+        raise UserError(f"{data_origin(data)} holds plain text rows; sequence-level distillation needs prompts "
                         "for the teacher to answer (alpaca, messages, sharegpt or prompt/completion rows).")
     prompts, conversations = [], []
     for sample in train_samples:
